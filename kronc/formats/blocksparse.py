@@ -1,0 +1,109 @@
+"""Block sparse: the weight cut into ``(bh, bw)`` blocks, only the blocks with the largest norms kept.
+
+Stores ``round(density * blocks)`` dense blocks and their grid positions (bitmap or compressed
+rows, whichever is smaller). Applied as one batched matmul over the stored blocks, scattered into
+the output rows; missing blocks cost nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+
+from .base import Factorized, FormatError, FormatSpec, Shape, check_matrix
+from .sparse_index import SparseIndex, count_kept, index_bytes
+from .sparse_overlay import gather_row_entries
+
+
+class BlockSparseSpec(FormatSpec):
+    """Keep a ``density`` fraction of ``block``-shaped tiles, chosen by Frobenius norm."""
+
+    kind: Literal["blocksparse"] = "blocksparse"
+    block: tuple[int, int] = Field(description="Block shape (rows, cols); must divide the weight's shape.")
+    density: float = Field(gt=0.0, le=1.0, description="Fraction of blocks kept.")
+
+    def grid(self, shape: Shape) -> Shape:
+        return shape[0] // self.block[0], shape[1] // self.block[1]
+
+    def check(self, shape: Shape) -> None:
+        bh, bw = self.block
+        if bh < 1 or bw < 1 or shape[0] % bh or shape[1] % bw:
+            raise FormatError(f"blocksparse block={self.block} does not divide a {shape[0]}x{shape[1]} weight")
+
+    def nblocks(self, shape: Shape) -> int:
+        gr, gc = self.grid(shape)
+        return max(1, count_kept(self.density, gr * gc))
+
+    def nparams(self, shape: Shape) -> int:
+        return self.nblocks(shape) * self.block[0] * self.block[1]
+
+    def nbytes(self, shape: Shape, itemsize: int) -> int:
+        return self.nparams(shape) * itemsize + index_bytes(self.grid(shape), self.nblocks(shape))[1]
+
+    def flops_per_token(self, shape: Shape) -> int:
+        return 2 * self.nparams(shape)
+
+    def describe(self) -> str:
+        return f"block({self.block[0]}x{self.block[1]}@{self.density:.4g})"
+
+
+class BlockSparse(Factorized):
+    spec_type = BlockSparseSpec
+
+    def __init__(self, index: SparseIndex, blocks: Tensor, spec: BlockSparseSpec) -> None:
+        bh, bw = spec.block
+        super().__init__(spec, (index.grid[0] * bh, index.grid[1] * bw))
+        if blocks.shape != (index.nnz, bh, bw):
+            raise FormatError(f"blocksparse needs blocks of shape {(index.nnz, bh, bw)}, got {tuple(blocks.shape)}")
+        self.index = index
+        self.blocks = nn.Parameter(blocks.contiguous())
+
+    @classmethod
+    def fit(cls, weight: Tensor, spec: FormatSpec) -> BlockSparse:
+        assert isinstance(spec, BlockSparseSpec)
+        check_matrix(weight)
+        shape: Shape = tuple(weight.shape)  # type: ignore[assignment]
+        spec.check(shape)
+        tiles = to_blocks(weight.detach(), spec.block)  # (gr, gc, bh, bw)
+        norms = tiles.float().pow(2).sum((2, 3)).flatten()
+        keep = torch.argsort(norms, descending=True, stable=True)[: spec.nblocks(shape)]
+        mask = torch.zeros_like(norms, dtype=torch.bool)
+        mask[keep] = True
+        index = SparseIndex.from_mask(mask.reshape(spec.grid(shape)))
+        rows, cols = index.decode()
+        return cls(index, tiles[rows, cols].clone(), spec)
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows, cols = self.index.decode()
+        (gr, gc), (bh, bw) = self.index.grid, self.blocks.shape[1:]
+        lead = x.shape[:-1]
+        xs = x.reshape(-1, gc, bw)[:, cols].transpose(0, 1)  # (nnzb, T, bw)
+        part = torch.bmm(xs, self.blocks.transpose(1, 2))  # (nnzb, T, bh)
+        out = part.new_zeros(gr, part.shape[1], bh).index_add(0, rows, part)
+        return out.permute(1, 0, 2).reshape(*lead, gr * bh)
+
+    def rows(self, index: Tensor) -> Tensor:
+        rows, cols = self.index.decode()
+        (gr, gc), (bh, bw) = self.index.grid, self.blocks.shape[1:]
+        flat = index.reshape(-1)
+        query, entry = gather_row_entries(rows, gr, flat // bh)
+        out = self.blocks.new_zeros(flat.numel(), gc, bw)
+        out = out.index_put((query, cols[entry]), self.blocks[entry, flat[query] % bh])
+        return out.reshape(*index.shape, gc * bw)
+
+    def to_dense(self) -> Tensor:
+        rows, cols = self.index.decode()
+        (gr, gc), (bh, bw) = self.index.grid, self.blocks.shape[1:]
+        tiles = self.blocks.new_zeros(gr, gc, bh, bw).index_put((rows, cols), self.blocks)
+        return tiles.permute(0, 2, 1, 3).reshape(gr * bh, gc * bw)
+
+
+def to_blocks(weight: Tensor, block: tuple[int, int]) -> Tensor:
+    """``(out, in)`` to ``(out/bh, in/bw, bh, bw)`` tiles."""
+    (m, n), (bh, bw) = weight.shape, block
+    if m % bh or n % bw:
+        raise FormatError(f"block {block} does not divide a {m}x{n} weight")
+    return weight.reshape(m // bh, bh, n // bw, bw).permute(0, 2, 1, 3)

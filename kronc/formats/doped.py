@@ -1,0 +1,98 @@
+"""Doping: a structured base plus an extremely sparse overlay ``S`` holding the residual's largest entries.
+
+``W ≈ base + S``. The base is a Kronecker sum (doped Kronecker, Thakker et al.), a low-rank pair
+(the follow-up's variant), or nothing at all, which makes the format plain unstructured magnitude
+pruning. ``S`` keeps ``round(density * out * in)`` entries of ``W - base`` with the largest
+magnitude; its positions are stored as a bitmap or compressed rows, whichever is smaller.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from .base import Factorized, FormatError, FormatSpec, Shape, check_matrix
+from .kronecker import Kronecker, KroneckerSpec
+from .lowrank import LowRank, LowRankSpec
+from .sparse_index import count_kept, index_bytes
+from .sparse_overlay import SparseOverlay
+
+BaseSpec = Annotated[KroneckerSpec | LowRankSpec, Field(discriminator="kind")]
+
+
+class DopedSpec(FormatSpec):
+    """A structured ``base`` (or none) plus a sparse overlay at ``density``."""
+
+    kind: Literal["doped"] = "doped"
+    base: BaseSpec | None = Field(default=None, description="Structured part; None means unstructured pruning.")
+    density: float = Field(ge=0.0, le=1.0, description="Fraction of the weight's entries kept in the overlay.")
+
+    def check(self, shape: Shape) -> None:
+        if self.base is not None:
+            self.base.check(shape)
+        elif self.density == 0.0:
+            raise FormatError("doped with no base needs density > 0 (it would store nothing)")
+
+    def nnz(self, shape: Shape) -> int:
+        return count_kept(self.density, shape[0] * shape[1])
+
+    def nparams(self, shape: Shape) -> int:
+        return (self.base.nparams(shape) if self.base else 0) + self.nnz(shape)
+
+    def nbytes(self, shape: Shape, itemsize: int) -> int:
+        base = self.base.nbytes(shape, itemsize) if self.base else 0
+        nnz = self.nnz(shape)
+        return base + nnz * itemsize + index_bytes(shape, nnz)[1]
+
+    def flops_per_token(self, shape: Shape) -> int:
+        return (self.base.flops_per_token(shape) if self.base else 0) + 2 * self.nnz(shape)
+
+    def describe(self) -> str:
+        base = self.base.describe() if self.base else "none"
+        return f"doped({base}+{self.density:.4g})"
+
+
+class Doped(Factorized):
+    spec_type = DopedSpec
+
+    def __init__(self, base: Kronecker | LowRank | None, overlay: SparseOverlay, spec: DopedSpec) -> None:
+        super().__init__(spec, overlay.shape)
+        self.base = base
+        self.overlay = overlay
+
+    @classmethod
+    def fit(cls, weight: Tensor, spec: FormatSpec) -> Doped:
+        assert isinstance(spec, DopedSpec)
+        check_matrix(weight)
+        shape: Shape = tuple(weight.shape)  # type: ignore[assignment]
+        spec.check(shape)
+        base: Kronecker | LowRank | None = None
+        residual = weight.detach()
+        if spec.base is not None:
+            base = (Kronecker if isinstance(spec.base, KroneckerSpec) else LowRank).fit(weight, spec.base)
+            residual = residual - base.to_dense().detach()
+        mask = top_magnitude_mask(residual, spec.nnz(shape))
+        return cls(base, SparseOverlay.from_dense(residual, mask), spec)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.overlay(x)
+        return out if self.base is None else self.base(x) + out
+
+    def rows(self, index: Tensor) -> Tensor:
+        out = self.overlay.rows(index)
+        return out if self.base is None else self.base.rows(index) + out
+
+    def to_dense(self) -> Tensor:
+        out = self.overlay.to_dense()
+        return out if self.base is None else self.base.to_dense() + out
+
+
+def top_magnitude_mask(matrix: Tensor, keep: int) -> Tensor:
+    """Boolean mask of the ``keep`` largest-magnitude entries (ties broken by position)."""
+    order = torch.argsort(matrix.abs().flatten(), descending=True, stable=True)
+    mask = torch.zeros(matrix.numel(), dtype=torch.bool, device=matrix.device)
+    mask[order[:keep]] = True
+    return mask.reshape(matrix.shape)

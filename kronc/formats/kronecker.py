@@ -1,0 +1,123 @@
+"""Kronecker sum: ``W ≈ Σ_r A_r ⊗ B_r`` with ``A_r`` of shape ``(m1, n1)`` and ``B_r`` of ``(m2, n2)``.
+
+``W`` is ``(m1*m2, n1*n2)``. The nearest sum of ``R`` Kronecker products in Frobenius norm comes
+from the Van Loan–Pitsianis rearrangement: the ``(m1*n1, m2*n2)`` matrix whose row ``(i1, j1)`` is
+the flattened ``(i1, j1)`` block of ``W`` has rank-one terms that are exactly ``vec(A_r) vec(B_r)^T``,
+so its truncated SVD gives the best ``A_r, B_r`` and its tail singular values give the error of
+every term count at once.
+
+Applied to ``x`` as two small matmuls on ``x`` reshaped to ``(n1, n2)``: ``Y = Σ_r A_r X B_r^T``
+(whichever contraction order costs fewer FLOPs), never building ``W``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+
+from .base import Factorized, FormatError, FormatSpec, Shape, check_matrix, svd_dtype
+
+
+class KroneckerSpec(FormatSpec):
+    """Sum of ``terms`` Kronecker products with first factor of shape ``a_shape``."""
+
+    kind: Literal["kronecker"] = "kronecker"
+    a_shape: tuple[int, int] = Field(description="Shape (m1, n1) of each A_r; B_r is (out/m1, in/n1).")
+    terms: int = Field(default=1, ge=1, description="Number of Kronecker products summed.")
+
+    def b_shape(self, shape: Shape) -> Shape:
+        return shape[0] // self.a_shape[0], shape[1] // self.a_shape[1]
+
+    def check(self, shape: Shape) -> None:
+        m1, n1 = self.a_shape
+        if m1 < 1 or n1 < 1 or shape[0] % m1 or shape[1] % n1:
+            raise FormatError(
+                f"kronecker a_shape={self.a_shape} does not divide a {shape[0]}x{shape[1]} weight "
+                f"(m1 must divide {shape[0]} and n1 must divide {shape[1]})"
+            )
+        m2, n2 = self.b_shape(shape)
+        if self.terms > min(m1 * n1, m2 * n2):
+            raise FormatError(
+                f"kronecker terms={self.terms} exceeds the rank bound {min(m1 * n1, m2 * n2)} "
+                f"of a_shape={self.a_shape} on a {shape[0]}x{shape[1]} weight"
+            )
+
+    def nparams(self, shape: Shape) -> int:
+        m2, n2 = self.b_shape(shape)
+        return self.terms * (self.a_shape[0] * self.a_shape[1] + m2 * n2)
+
+    def nbytes(self, shape: Shape, itemsize: int) -> int:
+        return self.nparams(shape) * itemsize
+
+    def flops_per_token(self, shape: Shape) -> int:
+        (m1, n1), (m2, n2) = self.a_shape, self.b_shape(shape)
+        b_first = m2 * n1 * (n2 + m1)
+        a_first = m1 * n2 * (n1 + m2)
+        return 2 * self.terms * min(b_first, a_first)
+
+    def describe(self) -> str:
+        return f"kron({self.a_shape[0]}x{self.a_shape[1]})x{self.terms}"
+
+
+def rearrange(weight: Tensor, a_shape: tuple[int, int]) -> Tensor:
+    """Van Loan–Pitsianis rearrangement: row ``(i1, j1)`` is the flattened ``(i1, j1)`` block."""
+    (m, n), (m1, n1) = weight.shape, a_shape
+    m2, n2 = m // m1, n // n1
+    return weight.reshape(m1, m2, n1, n2).permute(0, 2, 1, 3).reshape(m1 * n1, m2 * n2)
+
+
+class Kronecker(Factorized):
+    spec_type = KroneckerSpec
+
+    def __init__(self, a: Tensor, b: Tensor, spec: KroneckerSpec) -> None:
+        if a.dim() != 3 or b.dim() != 3 or a.shape[0] != b.shape[0] or a.shape[0] != spec.terms:
+            raise FormatError(f"kronecker factors must be (terms, m, n) stacks, got {tuple(a.shape)} and {tuple(b.shape)}")
+        super().__init__(spec, (a.shape[1] * b.shape[1], a.shape[2] * b.shape[2]))
+        self.a = nn.Parameter(a.contiguous())
+        self.b = nn.Parameter(b.contiguous())
+
+    @classmethod
+    def fit(cls, weight: Tensor, spec: FormatSpec) -> Kronecker:
+        assert isinstance(spec, KroneckerSpec)
+        check_matrix(weight)
+        spec.check(tuple(weight.shape))  # type: ignore[arg-type]
+        (m1, n1), (m2, n2) = spec.a_shape, spec.b_shape(tuple(weight.shape))  # type: ignore[arg-type]
+        r = rearrange(weight.detach().to(svd_dtype(weight)), spec.a_shape)
+        u, s, vh = torch.linalg.svd(r, full_matrices=False)
+        root = s[: spec.terms].sqrt()
+        a = (u[:, : spec.terms] * root).T.reshape(spec.terms, m1, n1)
+        b = (root[:, None] * vh[: spec.terms]).reshape(spec.terms, m2, n2)
+        return cls(a.to(weight.dtype), b.to(weight.dtype), spec)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return kronecker_apply(x, self.a, self.b)
+
+    def rows(self, index: Tensor) -> Tensor:
+        m2 = self.b.shape[1]
+        a_rows = self.a[:, index // m2]  # (R, *idx, n1)
+        b_rows = self.b[:, index % m2]  # (R, *idx, n2)
+        out = torch.einsum("r...j,r...k->...jk", a_rows, b_rows)
+        return out.reshape(*index.shape, -1)
+
+    def to_dense(self) -> Tensor:
+        return sum(torch.kron(self.a[r], self.b[r]) for r in range(self.a.shape[0]))  # type: ignore[return-value]
+
+
+def kronecker_apply(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``x @ (Σ_r a[r] ⊗ b[r]).T`` as two matmuls on ``x`` reshaped to ``(n1, n2)`` (reference)."""
+    terms, m1, n1 = a.shape
+    _, m2, n2 = b.shape
+    lead = x.shape[:-1]
+    xs = x.reshape(-1, 1, n1, n2)
+    if m2 * n1 * (n2 + m1) <= m1 * n2 * (n1 + m2):
+        z = xs @ b.transpose(1, 2).unsqueeze(0)  # (T, R, n1, m2)
+        z = z.reshape(-1, terms * n1, m2)
+        y = a.permute(1, 0, 2).reshape(m1, terms * n1) @ z  # (T, m1, m2)
+    else:
+        z = a.unsqueeze(0) @ xs  # (T, R, m1, n2)
+        z = z.permute(0, 2, 1, 3).reshape(-1, m1, terms * n2)
+        y = z @ b.permute(0, 2, 1).reshape(terms * n2, m2)  # (T, m1, m2)
+    return y.reshape(*lead, m1 * m2)

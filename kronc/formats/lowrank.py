@@ -1,0 +1,70 @@
+"""Low rank: ``W ≈ U @ V`` with ``U`` of shape ``(out, r)`` and ``V`` of shape ``(r, in)``.
+
+Fitted by truncated SVD (optimal in Frobenius norm); the singular values are split evenly
+between the factors (``U = U_r sqrt(S_r)``, ``V = sqrt(S_r) V_r^T``) so both train at the same scale.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+
+from .base import Factorized, FormatError, FormatSpec, Shape, check_matrix, svd_dtype
+
+
+class LowRankSpec(FormatSpec):
+    """Truncated SVD with ``rank`` components."""
+
+    kind: Literal["lowrank"] = "lowrank"
+    rank: int = Field(ge=1, description="Number of singular components kept.")
+
+    def check(self, shape: Shape) -> None:
+        if self.rank > min(shape):
+            raise FormatError(f"lowrank rank={self.rank} exceeds min(out, in)={min(shape)} of a {shape[0]}x{shape[1]} weight")
+
+    def nbytes(self, shape: Shape, itemsize: int) -> int:
+        return self.nparams(shape) * itemsize
+
+    def nparams(self, shape: Shape) -> int:
+        return self.rank * (shape[0] + shape[1])
+
+    def flops_per_token(self, shape: Shape) -> int:
+        return 2 * self.rank * (shape[0] + shape[1])
+
+    def describe(self) -> str:
+        return f"lowrank(r={self.rank})"
+
+
+class LowRank(Factorized):
+    spec_type = LowRankSpec
+
+    def __init__(self, u: Tensor, v: Tensor, spec: LowRankSpec) -> None:
+        super().__init__(spec, (u.shape[0], v.shape[1]))
+        if u.shape[1] != spec.rank or v.shape[0] != spec.rank:
+            raise FormatError(f"lowrank factors {tuple(u.shape)} and {tuple(v.shape)} do not have rank {spec.rank}")
+        self.u = nn.Parameter(u.contiguous())
+        self.v = nn.Parameter(v.contiguous())
+
+    @classmethod
+    def fit(cls, weight: Tensor, spec: FormatSpec) -> LowRank:
+        assert isinstance(spec, LowRankSpec)
+        check_matrix(weight)
+        spec.check(tuple(weight.shape))  # type: ignore[arg-type]
+        w = weight.detach().to(svd_dtype(weight))
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        root = s[: spec.rank].sqrt()
+        u = u[:, : spec.rank] * root
+        v = root[:, None] * vh[: spec.rank]
+        return cls(u.to(weight.dtype), v.to(weight.dtype), spec)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x @ self.v.T) @ self.u.T
+
+    def rows(self, index: Tensor) -> Tensor:
+        return self.u[index] @ self.v
+
+    def to_dense(self) -> Tensor:
+        return self.u @ self.v
