@@ -1,0 +1,115 @@
+"""Format choices: which formats a policy rule allows for its sites, and within which limits.
+
+A choice is a *set* of format specs (a search space); the planner enumerates it per site, prices
+every candidate and picks one. Concrete specs live in `kronc.formats`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+FactorShapes = Literal["auto"] | list[tuple[int, int]]
+
+
+class _Choice(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class DenseChoice(_Choice):
+    """Leave the site dense."""
+
+    kind: Literal["dense"] = "dense"
+
+
+class LowRankChoice(_Choice):
+    """Truncated SVD ``U @ V``."""
+
+    kind: Literal["lowrank"] = "lowrank"
+    rank_min: int = Field(default=1, ge=1)
+    """Smallest rank considered."""
+    rank_max: int | None = Field(default=None, ge=1)
+    """Largest rank considered (default: the largest rank that still saves bytes)."""
+    rank_multiple: int = Field(default=8, ge=1)
+    """Only ranks that are multiples of this (plus ``rank_min``) are considered; 8 suits GPU tiles."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> LowRankChoice:
+        if self.rank_max is not None and self.rank_max < self.rank_min:
+            raise ValueError(f"rank_max ({self.rank_max}) must be >= rank_min ({self.rank_min})")
+        return self
+
+
+class KroneckerChoice(_Choice):
+    """Sums of Kronecker products ``Σ A_r ⊗ B_r``."""
+
+    kind: Literal["kronecker"] = "kronecker"
+    a_shapes: FactorShapes = "auto"
+    """Shapes ``(m1, n1)`` of the first factor, or ``auto`` for every divisor pair of the weight's
+    shape whose two factors are both at least ``min_factor`` on each side."""
+    min_factor: int = Field(default=2, ge=1)
+    """With ``a_shapes: auto``, the smallest side either factor may have."""
+    terms_max: int = Field(default=4, ge=1)
+    """Largest number of Kronecker terms summed; every count from 1 to this is considered."""
+
+
+class DopedChoice(_Choice):
+    """A structured base plus a sparse overlay of the residual's largest entries."""
+
+    kind: Literal["doped"] = "doped"
+    base: Literal["kronecker", "lowrank", "none"] = "kronecker"
+    """Structured part: Kronecker (doped Kronecker), low rank, or none (unstructured pruning)."""
+    density_min: float = Field(default=0.001, gt=0, le=0.5)
+    """Smallest overlay density considered."""
+    density_max: float = Field(default=0.05, gt=0, le=0.5)
+    """Largest overlay density considered; at most 0.5, above which dense storage is cheaper."""
+    densities: int = Field(default=8, ge=1)
+    """How many densities to try, spaced geometrically from ``density_min`` to ``density_max``."""
+    a_shapes: FactorShapes = "auto"
+    """Kronecker base only: factor shapes, as in ``kronecker``."""
+    min_factor: int = Field(default=2, ge=1)
+    """Kronecker base only: as in ``kronecker``."""
+    terms_max: int = Field(default=2, ge=1)
+    """Kronecker base only: largest number of terms in the base."""
+    rank_multiple: int = Field(default=8, ge=1)
+    """Low-rank base only: ranks considered are multiples of this."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> DopedChoice:
+        if self.density_max < self.density_min:
+            raise ValueError(f"density_max ({self.density_max}) must be >= density_min ({self.density_min})")
+        return self
+
+
+class BlockSparseChoice(_Choice):
+    """Keep the blocks with the largest norms."""
+
+    kind: Literal["blocksparse"] = "blocksparse"
+    blocks: list[tuple[int, int]] = Field(default_factory=lambda: [(32, 32), (16, 16)])
+    """Block shapes (rows, cols) to try; a shape that does not divide a weight is skipped for it."""
+    density_min: float = Field(default=0.02, gt=0, le=1)
+    """Smallest fraction of blocks kept."""
+    density_max: float = Field(default=0.9, gt=0, le=1)
+    """Largest fraction of blocks kept."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> BlockSparseChoice:
+        if self.density_max < self.density_min:
+            raise ValueError(f"density_max ({self.density_max}) must be >= density_min ({self.density_min})")
+        return self
+
+
+FormatChoice = Annotated[
+    DenseChoice | LowRankChoice | KroneckerChoice | DopedChoice | BlockSparseChoice,
+    Field(discriminator="kind"),
+]
+"""Any format choice, tagged by ``kind``."""
+
+ALL_FORMATS: tuple[FormatChoice, ...] = (
+    LowRankChoice(),
+    KroneckerChoice(),
+    DopedChoice(),
+    BlockSparseChoice(),
+)
+"""What a site may use when no rule narrows it: every compressed format with default limits."""

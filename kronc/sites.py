@@ -1,0 +1,78 @@
+"""Sites: the compressible weights of a model, as found in its captured graph."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+SiteKind = Literal["linear", "conv1d", "functional", "embedding", "lstm"]
+"""How a weight is used.
+
+* ``linear``: an ``nn.Linear`` (weight stored ``(out, in)``);
+* ``conv1d``: a Hugging Face GPT-2 ``Conv1D`` (weight stored ``(in, out)``, so transposed);
+* ``functional``: an ``F.linear`` call on a parameter that is not an ``nn.Linear``'s;
+* ``embedding``: an ``nn.Embedding`` table ``(num, dim)``; tied to an LM head it is still one site;
+* ``lstm``: one input (``weight_ih_l{k}``) or recurrent (``weight_hh_l{k}``) matrix of an ``nn.LSTM``.
+"""
+
+
+@dataclass(frozen=True)
+class Use:
+    """One place in the graph where a site's weight is read."""
+
+    node: str
+    """Name of the graph node (``call_module`` or ``call_function``) that consumes the weight."""
+    role: Literal["linear", "conv1d", "embedding", "lstm"]
+    """How that node uses it: as a linear map, a transposed (Conv1D) map, a lookup table, an LSTM."""
+    module: str | None = None
+    """Qualified name of the module that owns the use, when the use is a module call."""
+
+
+@dataclass(frozen=True)
+class Site:
+    """One compressible weight matrix (tied weights are one site)."""
+
+    name: str
+    """Qualified name of the weight parameter, e.g. ``transformer.h.0.attn.c_attn.weight``."""
+    kind: SiteKind
+    shape: tuple[int, int]
+    """Logical shape: ``(out, in)`` for linear maps (Conv1D weights are transposed to this),
+    ``(num_embeddings, dim)`` for embeddings."""
+    dtype: torch.dtype
+    owner: str
+    """Qualified name of the module holding the parameter (``""`` for the root)."""
+    attr: str
+    """Attribute name of the parameter on its owner (``weight``, ``weight_ih_l0``, ...)."""
+    uses: tuple[Use, ...] = ()
+    aliases: tuple[str, ...] = ()
+    """Other qualified names of the same tensor (tied weights), e.g. ``lm_head.weight``."""
+    tags: frozenset[str] = field(default_factory=frozenset)
+    """Facts policies can match on: ``lm_head``, ``tied``, ``embedding``, ``lstm_ih``, ``lstm_hh``."""
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def itemsize(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def nbytes(self) -> int:
+        """Dense bytes of the weight (the budget's unit)."""
+        return self.numel * self.itemsize
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        return tuple(u.node for u in self.uses)
+
+    @property
+    def module_name(self) -> str:
+        """The site's name without the trailing ``.weight`` (what users usually call the layer)."""
+        return self.name[: -len(".weight")] if self.name.endswith(".weight") else self.name
+
+    def describe(self) -> str:
+        tied = f" (tied: {', '.join(self.aliases)})" if self.aliases else ""
+        return f"{self.name} [{self.kind} {self.shape[0]}x{self.shape[1]} {str(self.dtype).removeprefix('torch.')}]{tied}"
