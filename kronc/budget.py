@@ -67,5 +67,5 @@ class Budget(BaseModel):
         if self.unit == "ratio":
             return f"{self.value:g}x"
         if self.unit == "bytes":
-            return f"{self.value / 1e6:g}MB"
-        return f"{self.value:g} params"
+            return f"{round(self.value)}B"
+        return f"{round(self.value)} params"

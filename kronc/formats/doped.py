@@ -34,7 +34,10 @@ class DopedSpec(FormatSpec):
         if self.base is not None:
             self.base.check(shape)
         elif self.density == 0.0:
-            raise FormatError("doped with no base needs density > 0 (it would store nothing)")
+            raise FormatError(
+                f"doped density={self.density} with no base stores nothing on a {shape[0]}x{shape[1]} weight "
+                "(needs density > 0 or a base)"
+            )
 
     def nnz(self, shape: Shape) -> int:
         return count_kept(self.density, shape[0] * shape[1])

@@ -98,7 +98,7 @@ class Kronecker(Factorized):
     def rows(self, index: Tensor) -> Tensor:
         m2 = self.b.shape[1]
         a_rows = self.a[:, index // m2]  # (R, *idx, n1)
-        b_rows = self.b[:, index % m2]  # (R, *idx, n2)
+        b_rows = self.b[:, index // m2]  # (R, *idx, n2)
         out = torch.einsum("r...j,r...k->...jk", a_rows, b_rows)
         return out.reshape(*index.shape, -1)
 

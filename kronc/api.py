@@ -1,0 +1,176 @@
+"""The public pipeline: capture -> plan -> apply, and `compile`, which is those calls in a row."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from .budget import Budget
+from .capture import Captured, CaptureError, capture
+from .formats import Factorized
+from .passes.base import run_passes
+from .passes.rewrite import compress_sites
+from .passes.swap import swap_modules, swappable
+from .plan import Plan
+from .policies import Policy, load_policy, resolve
+from .sites import Site
+
+Output = Literal["auto", "module", "graph"]
+PolicyLike = Policy | str | Path | Mapping[str, Any]
+
+
+@dataclass
+class CompileReport:
+    """What `compile` did: the plan and the seconds each stage took."""
+
+    plan: Plan
+    seconds: dict[str, float] = field(default_factory=dict)
+    output: str = "module"
+
+    def __str__(self) -> str:
+        stages = ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items())
+        return f"{self.plan.table()}\n\noutput: {self.output}; time: {stages}"
+
+
+def compile(  # noqa: A001 - mirrors torch.compile on purpose
+    model: nn.Module,
+    budget: str | float | Budget | None = None,
+    *,
+    policy: PolicyLike | None = None,
+    example_inputs: Any = None,
+    calibration: Iterable[Any] | None = None,
+    output: Output = "auto",
+    inplace: bool = False,
+    progress: bool = False,
+    report: bool = False,
+) -> nn.Module | tuple[nn.Module, CompileReport]:
+    """Compress ``model`` so its in-scope weights shrink by ``budget``; the original is left untouched.
+
+    ``budget`` (``"25x"``, ``"40MB"``, ``"3M params"``) overrides the policy's. ``policy`` is a
+    `Policy`, a file, or the name of a shipped policy (``"edge-25x"``); by default every linear
+    and LSTM weight is in scope and may use every format. ``calibration`` is an iterable of model
+    inputs (tensors, tuples or dicts) for data-aware planning. ``output="module"`` returns the
+    same class with compressed modules swapped in (Hugging Face models keep ``generate()``);
+    ``"graph"`` returns the rewritten fx graph; ``"auto"`` picks module when every site allows it.
+    With ``report=True`` returns ``(model, CompileReport)``.
+    """
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+    captured = capture(model, example_inputs)  # 1. trace the model, find its sites
+    seconds["capture"] = time.perf_counter() - (t0 := t)
+    t = time.perf_counter()
+    the_plan = plan(captured, policy, budget=budget, calibration=calibration, progress=progress)  # 2. analyse, solve
+    seconds["plan"] = time.perf_counter() - t
+    t = time.perf_counter()
+    out = apply(captured, the_plan, output=output, inplace=inplace, progress=progress)  # 3. fit formats, rewrite
+    seconds["apply"] = time.perf_counter() - t
+    seconds["total"] = time.perf_counter() - t0
+    if report:
+        kind = "graph" if isinstance(out, torch.fx.GraphModule) and not isinstance(model, torch.fx.GraphModule) else "module"
+        return out, CompileReport(the_plan, seconds, kind)
+    return out
+
+
+def plan(
+    model: nn.Module | Captured,
+    policy: PolicyLike | None = None,
+    *,
+    budget: str | float | Budget | None = None,
+    calibration: Iterable[Any] | None = None,
+    example_inputs: Any = None,
+    progress: bool = False,
+) -> Plan:
+    """Choose a format for every in-scope site of ``model`` (no weights are changed)."""
+    from .planning import collect_input_moments, make_plan
+
+    captured = model if isinstance(model, Captured) else capture(model, example_inputs)
+    pol = _policy(policy, budget)
+    resolution = resolve(pol, captured.sites)
+    in_scope = [s for s in captured.sites if resolution[s.name].in_scope]
+    if not captured.sites:
+        raise CaptureError(f"{type(captured.model).__name__} has no compressible weights (Linear, Conv1D, F.linear, Embedding, LSTM)")
+    if not in_scope:
+        raise CaptureError(
+            f"none of the {len(captured.sites)} sites of {type(captured.model).__name__} is in the policy's scope "
+            f"(scope kinds: {', '.join(pol.scope.kinds)}; sites: {', '.join(sorted({s.kind for s in captured.sites}))})"
+        )
+    moments = None
+    if calibration is not None and pol.objective == "data":
+        moments = collect_input_moments(captured.model, in_scope, calibration, progress=progress)
+    spaces = {s.name: list(resolution[s.name].formats) for s in in_scope}
+    rules = {s.name: resolution[s.name].rule_label for s in in_scope}
+    return make_plan(
+        in_scope, {s.name: captured.weight(s) for s in in_scope}, spaces, Budget.parse(pol.budget),
+        moments=moments, rules=rules, progress=progress,
+    )
+
+
+def apply(
+    model: nn.Module | Captured,
+    plan: Plan | str | Path,
+    *,
+    output: Output = "auto",
+    inplace: bool = False,
+    example_inputs: Any = None,
+    moments: Mapping[str, Tensor] | None = None,
+    progress: bool = False,
+) -> nn.Module:
+    """Fit and install the formats of ``plan`` (a `Plan` or a saved plan file) without searching again."""
+    from .planning import fit_site
+
+    the_plan = plan if isinstance(plan, Plan) else Plan.load(plan)
+    captured = model if isinstance(model, Captured) else capture(model, example_inputs)
+    sites = {s.name: s for s in captured.sites}
+    missing = [d.site for d in the_plan.decisions if d.site not in sites]
+    if missing:
+        raise KeyError(f"the plan names sites this model does not have: {', '.join(missing)}")
+    chosen = [sites[d.site] for d in the_plan.decisions if d.spec.kind != "dense"]
+    for d in the_plan.decisions:
+        if tuple(d.shape) != sites[d.site].shape:
+            raise ValueError(f"site {d.site} is {sites[d.site].shape} in this model but {tuple(d.shape)} in the plan")
+    weights: dict[str, Factorized] = {}
+    for site in _progress(chosen, progress, "fit"):
+        weights[site.name] = fit_site(captured.weight(site), the_plan[site.name].spec, (moments or {}).get(site.name))
+    mode = _output_mode(output, captured, chosen)
+    if mode == "module":
+        target = captured.model if inplace else copy.deepcopy(captured.model)
+        return swap_modules(target, chosen, weights)
+    gm = captured.graph_module if inplace else copy.deepcopy(captured.graph_module)
+    return run_passes(gm, [compress_sites(chosen, weights)], captured.example_args, captured.example_kwargs).graph_module
+
+
+def _output_mode(output: Output, captured: Captured, chosen: list[Site]) -> Literal["module", "graph"]:
+    if output not in ("auto", "module", "graph"):
+        raise ValueError(f"output must be 'auto', 'module' or 'graph', got {output!r}")
+    if output != "auto":
+        return output
+    if isinstance(captured.model, torch.fx.GraphModule):
+        return "graph"
+    return "module" if all(swappable(s) for s in chosen) else "graph"
+
+
+def _policy(policy: PolicyLike | None, budget: str | float | Budget | None) -> Policy:
+    if policy is None:
+        if budget is None:
+            raise ValueError("kronc needs a budget (e.g. budget='10x') or a policy (e.g. policy='edge-25x')")
+        pol = Policy(budget=str(Budget.parse(budget)))
+    else:
+        pol = load_policy(policy)  # type: ignore[arg-type]
+    if budget is not None:
+        pol = pol.model_copy(update={"budget": str(Budget.parse(budget))})
+    return pol
+
+
+def _progress(items: list[Site], enabled: bool, desc: str) -> Iterable[Site]:
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit="site")

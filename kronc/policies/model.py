@@ -1,0 +1,164 @@
+"""The policy model: what to compress, into which formats, under which budget.
+
+A policy is plain data (load it from YAML, TOML or JSON with `kronc.load_policy`, or build it in
+Python). For each site (compressible weight) of a model it answers two questions:
+
+1. **Is the site in scope?** `Scope` decides, in this order: its kind must be listed in
+   ``scope.kinds`` (embeddings are the exception: ``include_embeddings`` alone brings them in); an
+   LM head (tag ``lm_head``) needs ``include_lm_head`` and an embedding table (kind ``embedding``
+   or tag ``embedding``) needs ``include_embeddings`` (a tied embedding/LM head needs both); when
+   ``scope.include`` is non-empty the site must match one of its patterns; and it must match none
+   of ``scope.exclude``. Out-of-scope sites stay dense and do not count toward the budget.
+2. **Which formats may it use?** Rules are tried **in the order written; the first rule with a
+   pattern that matches the site wins**, whatever the pattern's syntax (an exact name does not
+   outrank an earlier glob: write specific rules before general ones). Within one rule, any of
+   its patterns matching is enough. In-scope sites that no rule matches may use
+   ``default_formats``.
+
+A rule whose formats are ``[{kind: dense}]`` keeps its sites dense but *in scope*: their dense
+bytes still count in the budget's total (for a ratio budget, the other sites must then shrink
+more). To leave sites out of the budget altogether, use ``scope.exclude``.
+
+Patterns (see `kronc.policies.patterns`): an exact name; a glob with ``*``, ``?`` or ``[...]``
+(``*`` crosses dots); or ``re:`` followed by a regex that must match the whole name. A pattern
+matches a site when it matches its parameter name (``...q_proj.weight``), its module name
+(``...q_proj``) or, for tied weights, an alias in either form.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ..budget import Budget
+from .choices import ALL_FORMATS, FormatChoice
+from .patterns import check_pattern
+
+ScopeKind = Literal["linear", "conv1d", "functional", "lstm"]
+"""Site kinds `Scope.kinds` can list: every `kronc.sites.SiteKind` except ``embedding``, which
+``include_embeddings`` controls."""
+
+Pattern = Annotated[str, AfterValidator(check_pattern)]
+"""A site name pattern: exact name, glob, or ``re:`` regex."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class Scope(_Model):
+    """Which sites take part in compression (and in the budget's total)."""
+
+    kinds: list[ScopeKind] = Field(default_factory=lambda: ["linear", "conv1d", "functional", "lstm"])
+    """Kinds of site in scope: ``linear`` (nn.Linear), ``conv1d`` (Hugging Face Conv1D),
+    ``functional`` (F.linear on a parameter), ``lstm`` (nn.LSTM gate matrices). Embedding tables
+    are brought in by ``include_embeddings`` instead."""
+    include_embeddings: bool = False
+    """Compress embedding tables too (kind ``embedding`` or tag ``embedding``)."""
+    include_lm_head: bool = False
+    """Compress the LM head too (tag ``lm_head``). A head tied to the embedding is one site, in
+    scope only when both ``include_embeddings`` and ``include_lm_head`` are true."""
+    include: list[Pattern] = Field(default_factory=list)
+    """When non-empty, only sites matching one of these patterns are in scope."""
+    exclude: list[Pattern] = Field(default_factory=list)
+    """Sites matching any of these patterns are out of scope (stay dense, not in the budget)."""
+
+
+class Rule(_Model):
+    """Which formats the sites matching a pattern may use."""
+
+    match: str | list[str]
+    """Pattern or list of patterns (any may match): an exact name, a glob (``*``, ``?``,
+    ``[...]``; ``*`` crosses dots) or ``re:`` + a regex matching the whole name. Tried against the
+    parameter name (``x.weight``), the module name (``x``) and tied aliases."""
+    formats: list[FormatChoice] = Field(min_length=1)
+    """Formats the matching sites may use, each with its search limits; the planner picks the best
+    candidate among all of them. ``[{kind: dense}]`` leaves the sites uncompressed."""
+    name: str | None = None
+    """A label for the rule, shown by ``explain`` and recorded in the plan (default ``rules[i]``)."""
+
+    @field_validator("match", mode="before")
+    @classmethod
+    def _patterns(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return check_pattern(value)
+        if not isinstance(value, list):
+            raise ValueError(f"expected a pattern or a list of patterns, got {value!r}")
+        if not value:
+            raise ValueError("needs at least one pattern")
+        for i, p in enumerate(value):
+            if not isinstance(p, str):
+                raise ValueError(f"pattern [{i}] must be a string, got {p!r}")
+            check_pattern(p)
+        return value
+
+    @property
+    def patterns(self) -> tuple[str, ...]:
+        """The patterns as a tuple, whether written as one string or a list."""
+        return (self.match,) if isinstance(self.match, str) else tuple(self.match)
+
+
+class SolverOptions(_Model):
+    """How the planner picks one candidate per site under the budget."""
+
+    method: Literal["lagrangian", "dp"] = "lagrangian"
+    """``lagrangian``: bisect a price per byte on the convex hull of each site's error-vs-bytes
+    curve (fast, near optimal); ``dp``: exact multiple-choice knapsack by dynamic programming over
+    bytes (slower, exact up to the byte resolution)."""
+    max_candidates_per_site: int = Field(default=64, ge=1)
+    """Cap on the candidates kept per site after pruning dominated ones (more bytes, more error)."""
+
+
+class Policy(_Model):
+    """A compression policy: budget, scope, rules, objective and solver options."""
+
+    budget: str = Field(examples=["25x", "40MB", "512KiB", "3M params"])
+    """How small the in-scope weights must become: a ratio (``"25x"``), a size in bytes
+    (``"40MB"``, ``"512KiB"``) or a count of stored values (``"3M params"``)."""
+    name: str = ""
+    """Short name of the policy (shipped policies use their file name)."""
+    description: str = ""
+    """What the policy is for, in a sentence or two."""
+    scope: Scope = Field(default_factory=Scope)
+    """Which sites are compressed and counted in the budget."""
+    rules: list[Rule] = Field(default_factory=list)
+    """Per-site format choices; the first rule (in this order) that matches a site applies."""
+    default_formats: list[FormatChoice] = Field(default_factory=lambda: list(ALL_FORMATS), min_length=1)
+    """Formats for in-scope sites no rule matches (default: low-rank, Kronecker, doped Kronecker
+    and block-sparse with their default limits). ``[{kind: dense}]`` compresses only what rules
+    name."""
+    objective: Literal["weight", "data"] = "weight"
+    """What the planner minimises: ``weight`` error ``||W - W'||`` or ``data``-aware error
+    ``||X (W - W')ᵀ||`` measured on calibration inputs (these must be given when compiling)."""
+    solver: SolverOptions = Field(default_factory=SolverOptions)
+    """Options of the budget solver."""
+
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _budget(cls, value: Any) -> Any:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            raise ValueError(f"write the budget as a string, e.g. '{value:g}x' for a ratio, '40MB' or '3M params'")
+        if isinstance(value, str):
+            Budget.parse(value)  # BudgetError is a ValueError: pydantic reports it at `budget`
+        return value
+
+    @model_validator(mode="after")
+    def _unique_rule_names(self) -> Policy:
+        seen: dict[str, int] = {}
+        for i, rule in enumerate(self.rules):
+            if rule.name is None:
+                continue
+            if rule.name in seen:
+                raise ValueError(f"rules[{i}].name: duplicate rule name {rule.name!r} (also rules[{seen[rule.name]}])")
+            seen[rule.name] = i
+        return self
+
+    @property
+    def parsed_budget(self) -> Budget:
+        """The budget as a `kronc.budget.Budget`."""
+        return Budget.parse(self.budget)
+
+    def rule_label(self, index: int) -> str:
+        """How rule ``index`` is named in explanations and plans: its ``name`` or ``rules[i]``."""
+        return self.rules[index].name or f"rules[{index}]"
