@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .budget import Budget
 from .capture import Captured, CaptureError, capture
-from .formats import Factorized
+from .formats import Factorized, fit
 from .passes.base import run_passes
 from .passes.rewrite import compress_sites
 from .passes.swap import swap_modules, swappable
@@ -62,16 +62,16 @@ def compile(  # noqa: A001 - mirrors torch.compile on purpose
     With ``report=True`` returns ``(model, CompileReport)``.
     """
     seconds: dict[str, float] = {}
-    t = time.perf_counter()
+    t0 = t = time.perf_counter()
+    pol = _policy(policy, budget)  # 0. the policy: a file, a shipped name or an object; budget overrides
     captured = capture(model, example_inputs)  # 1. trace the model, find its sites
-    seconds["capture"] = time.perf_counter() - (t0 := t)
-    t = time.perf_counter()
-    the_plan = plan(captured, policy, budget=budget, calibration=calibration, progress=progress)  # 2. analyse, solve
-    seconds["plan"] = time.perf_counter() - t
-    t = time.perf_counter()
+    seconds["capture"], t = time.perf_counter() - t, time.perf_counter()
+    the_plan = plan(captured, pol, calibration=calibration, progress=progress)  # 2. analyse, solve
+    seconds["plan"], t = time.perf_counter() - t, time.perf_counter()
     out = apply(captured, the_plan, output=output, inplace=inplace, progress=progress)  # 3. fit formats, rewrite
     seconds["apply"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t0
+    out.kronc_policy = pol.model_dump(mode="json")  # type: ignore[assignment]
     if report:
         kind = "graph" if isinstance(out, torch.fx.GraphModule) and not isinstance(model, torch.fx.GraphModule) else "module"
         return out, CompileReport(the_plan, seconds, kind)
@@ -105,7 +105,7 @@ def plan(
     if calibration is not None and pol.objective == "data":
         moments = collect_input_moments(captured.model, in_scope, calibration, progress=progress)
     spaces = {s.name: list(resolution[s.name].formats) for s in in_scope}
-    rules = {s.name: resolution[s.name].rule_label for s in in_scope}
+    rules = {s.name: resolution[s.name].rule for s in in_scope}
     return make_plan(
         in_scope, {s.name: captured.weight(s) for s in in_scope}, spaces, Budget.parse(pol.budget),
         moments=moments, rules=rules, progress=progress,
@@ -121,8 +121,14 @@ def apply(
     example_inputs: Any = None,
     moments: Mapping[str, Tensor] | None = None,
     progress: bool = False,
+    empty: bool = False,
 ) -> nn.Module:
-    """Fit and install the formats of ``plan`` (a `Plan` or a saved plan file) without searching again."""
+    """Fit and install the formats of ``plan`` (a `Plan` or a saved plan file) without searching again.
+
+    ``moments`` (input second moments per site, from calibration) make low-rank fits data-aware.
+    ``empty=True`` installs formats of the planned structure without fitting them (for loading
+    stored values into).
+    """
     from .planning import fit_site
 
     the_plan = plan if isinstance(plan, Plan) else Plan.load(plan)
@@ -137,13 +143,20 @@ def apply(
             raise ValueError(f"site {d.site} is {sites[d.site].shape} in this model but {tuple(d.shape)} in the plan")
     weights: dict[str, Factorized] = {}
     for site in _progress(chosen, progress, "fit"):
-        weights[site.name] = fit_site(captured.weight(site), the_plan[site.name].spec, (moments or {}).get(site.name))
+        weight, spec = captured.weight(site), the_plan[site.name].spec
+        if empty:
+            weights[site.name] = fit(torch.zeros_like(weight), spec)
+        else:
+            weights[site.name] = fit_site(weight, spec, (moments or {}).get(site.name))
     mode = _output_mode(output, captured, chosen)
     if mode == "module":
         target = captured.model if inplace else copy.deepcopy(captured.model)
-        return swap_modules(target, chosen, weights)
-    gm = captured.graph_module if inplace else copy.deepcopy(captured.graph_module)
-    return run_passes(gm, [compress_sites(chosen, weights)], captured.example_args, captured.example_kwargs).graph_module
+        out = swap_modules(target, chosen, weights)
+    else:
+        gm = captured.graph_module if inplace else copy.deepcopy(captured.graph_module)
+        out = run_passes(gm, [compress_sites(chosen, weights)], captured.example_args, captured.example_kwargs).graph_module
+    out.kronc_plan = the_plan  # type: ignore[assignment]
+    return out
 
 
 def _output_mode(output: Output, captured: Captured, chosen: list[Site]) -> Literal["module", "graph"]:

@@ -18,6 +18,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
+from ..codegen import ops as _ops  # noqa: F401  (registers the torch.ops.kronc.* ops used below)
 from .base import Factorized, FormatError, FormatSpec, Shape, check_matrix, svd_dtype
 
 
@@ -98,7 +99,7 @@ class Kronecker(Factorized):
     def rows(self, index: Tensor) -> Tensor:
         m2 = self.b.shape[1]
         a_rows = self.a[:, index // m2]  # (R, *idx, n1)
-        b_rows = self.b[:, index // m2]  # (R, *idx, n2)
+        b_rows = self.b[:, index % m2]  # (R, *idx, n2)
         out = torch.einsum("r...j,r...k->...jk", a_rows, b_rows)
         return out.reshape(*index.shape, -1)
 
@@ -121,3 +122,12 @@ def kronecker_apply(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
         z = z.permute(0, 2, 1, 3).reshape(-1, m1, terms * n2)
         y = z @ b.permute(0, 2, 1).reshape(terms * n2, m2)  # (T, m1, m2)
     return y.reshape(*lead, m1 * m2)
+
+
+def kronecker_rows(index: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """Rows ``index`` of ``Σ_r a[r] ⊗ b[r]``, each from one row of ``a`` and one of ``b`` (reference)."""
+    m2 = b.shape[1]
+    a_rows = a[:, index // m2]  # (R, *idx, n1)
+    b_rows = b[:, index % m2]  # (R, *idx, n2)
+    out = torch.einsum("r...j,r...k->...jk", a_rows, b_rows)
+    return out.reshape(*index.shape, -1)

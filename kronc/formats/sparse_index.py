@@ -95,6 +95,10 @@ class SparseIndex(nn.Module):
         self._cache = None  # device or dtype moves invalidate the decoded copy
         return super()._apply(fn, recurse)
 
+    def _load_from_state_dict(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self._cache = None  # loaded positions replace the decoded copy
+        super()._load_from_state_dict(*args, **kwargs)
+
     def extra_repr(self) -> str:
         return f"grid={self.grid}, nnz={self.nnz}, encoding={self.encoding}"
 
