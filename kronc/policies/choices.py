@@ -21,12 +21,14 @@ class DenseChoice(_Choice):
     """Leave the site dense."""
 
     kind: Literal["dense"] = "dense"
+    """Format tag: ``dense`` keeps the weight as it is."""
 
 
 class LowRankChoice(_Choice):
     """Truncated SVD ``U @ V``."""
 
     kind: Literal["lowrank"] = "lowrank"
+    """Format tag: ``lowrank``."""
     rank_min: int = Field(default=1, ge=1)
     """Smallest rank considered."""
     rank_max: int | None = Field(default=None, ge=1)
@@ -45,6 +47,7 @@ class KroneckerChoice(_Choice):
     """Sums of Kronecker products ``Σ A_r ⊗ B_r``."""
 
     kind: Literal["kronecker"] = "kronecker"
+    """Format tag: ``kronecker``."""
     a_shapes: FactorShapes = "auto"
     """Shapes ``(m1, n1)`` of the first factor, or ``auto`` for every divisor pair of the weight's
     shape whose two factors are both at least ``min_factor`` on each side."""
@@ -58,6 +61,7 @@ class DopedChoice(_Choice):
     """A structured base plus a sparse overlay of the residual's largest entries."""
 
     kind: Literal["doped"] = "doped"
+    """Format tag: ``doped``."""
     base: Literal["kronecker", "lowrank", "none"] = "kronecker"
     """Structured part: Kronecker (doped Kronecker), low rank, or none (unstructured pruning)."""
     density_min: float = Field(default=0.001, gt=0, le=0.5)
@@ -86,6 +90,7 @@ class BlockSparseChoice(_Choice):
     """Keep the blocks with the largest norms."""
 
     kind: Literal["blocksparse"] = "blocksparse"
+    """Format tag: ``blocksparse``."""
     blocks: list[tuple[int, int]] = Field(default_factory=lambda: [(32, 32), (16, 16)])
     """Block shapes (rows, cols) to try; a shape that does not divide a weight is skipped for it."""
     density_min: float = Field(default=0.02, gt=0, le=1)

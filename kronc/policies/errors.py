@@ -16,9 +16,16 @@ class Problem:
     """Key path inside the policy, e.g. ``rules[2].formats[0].density_max`` (``""``: the whole file)."""
     message: str
     """What is wrong, in words."""
+    line: int | None = None
+    """1-based line of a syntax error (validation problems are located by ``path`` instead)."""
+    column: int | None = None
+    """1-based column of a syntax error."""
 
     def __str__(self) -> str:
-        return f"{self.source}: {self.path}: {self.message}" if self.path else f"{self.source}: {self.message}"
+        where = self.source
+        if self.line is not None:
+            where += f":{self.line}" + (f":{self.column}" if self.column is not None else "")
+        return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
 
 
 class PolicyError(ValueError):
