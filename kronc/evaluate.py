@@ -262,7 +262,9 @@ def bits_per_char(
         for start in _progress(starts, len(starts), "bits/char", progress):
             x = inputs[start : start + batch_size].to(device)
             logits = _logits(model(x)).float()
-            total += float(F.cross_entropy(logits, targets[start : start + batch_size].to(device), reduction="sum"))
+            total += float(
+                F.cross_entropy(logits, targets[start : start + batch_size].to(device), reduction="sum")
+            )
     return total / positions.numel() / math.log(2)
 
 
@@ -400,10 +402,12 @@ def probe_accuracy(
     folds: int = 5,
     max_length: int = 256,
     seed: int = 0,
+    c: float = 1.0,
 ) -> float:
     """Cross-validated accuracy of a logistic-regression probe on the model's sentence embeddings.
 
-    Embeddings as in `embed`; the probe is `logistic_regression_cv` (no sklearn needed).
+    Embeddings as in `embed`; the probe is `logistic_regression_cv` (no sklearn needed) with
+    inverse regularisation strength ``c``, folds stratified after a shuffle seeded by ``seed``.
     """
     emb = embed(model, tokenizer, sentences, max_length=max_length)
-    return logistic_regression_cv(emb, labels, folds=folds, seed=seed)
+    return logistic_regression_cv(emb, labels, folds=folds, c=c, seed=seed)

@@ -64,7 +64,10 @@ def require(module: str, pip: str) -> ModuleType:
 
 def package_dir(module: str, pip: str) -> Path:
     """Directory of an installed package, found without importing (running) the package itself."""
-    spec = importlib.util.find_spec(module)
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        spec = None
     if spec is None or not spec.submodule_search_locations:
         raise MissingPackageError(f"package {module!r} is not installed; run: {pip}")
     return Path(next(iter(spec.submodule_search_locations)))
@@ -136,6 +139,7 @@ def load_smollm2(cache_dir: Path | None = None) -> tuple[LlamaForCausalLM, PreTr
         cache_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=cache_dir.name + ".tmp-", dir=cache_dir.parent))
         try:
+            tmp.chmod(0o755)  # mkdtemp makes it private; make it like any other cache folder
             fresh.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             (tmp / _SMOLLM2_MARKER).write_text(json.dumps(source))
