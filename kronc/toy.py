@@ -77,3 +77,24 @@ def toy_inputs(name: str, batch: int = 2, seq: int = 8, seed: int = 0) -> Tensor
     if name == "mlp":
         return torch.randn(batch, 32, generator=g)
     return torch.randint(0, 64, (batch, seq), generator=g)
+
+
+@torch.no_grad()
+def with_decaying_spectra(model: nn.Module, power: float = 1.5, seed: int = 0) -> nn.Module:
+    """Give every weight matrix a power-law spectrum ``s_i ∝ i^-power`` (as trained weights have), in place.
+
+    Random initialisation has flat spectra, which no factorization compresses well; trained
+    models do not. Norms are kept. Returns ``model``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if p.dim() != 2 or "embed" in name or "wte" in name or "wpe" in name:
+            continue
+        m, n = p.shape
+        k = min(m, n)
+        u, _ = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64))
+        v, _ = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))
+        s = torch.arange(1, k + 1, dtype=torch.float64) ** -power
+        w = (u * s) @ v.T
+        p.copy_((w * (p.double().norm() / w.norm())).to(p.dtype))
+    return model

@@ -122,5 +122,5 @@ def test_tied_gpt2_weights_stay_tied_after_swap() -> None:
     weights = {site.name: fit(c.weight(site), KroneckerSpec(a_shape=(8, 8), terms=2))}
     swapped = swap_modules(copy.deepcopy(model), c.sites, weights)
     assert swapped.lm_head.weight_format is swapped.transformer.wte.weight_format
-    out = swapped.generate(toy_inputs("gpt2")[:1, :4], max_new_tokens=3, do_sample=False)
+    out = swapped.generate(toy_inputs("gpt2")[:1, :4], max_new_tokens=3, min_new_tokens=3, do_sample=False)
     assert out.shape == (1, 7)

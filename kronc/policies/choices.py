@@ -112,9 +112,11 @@ FormatChoice = Annotated[
 """Any format choice, tagged by ``kind``."""
 
 ALL_FORMATS: tuple[FormatChoice, ...] = (
+    DenseChoice(),
     LowRankChoice(),
     KroneckerChoice(),
     DopedChoice(),
     BlockSparseChoice(),
 )
-"""What a site may use when no rule narrows it: every compressed format with default limits."""
+"""What a site may use when no rule narrows it: every format with default limits, dense included, so
+the solver can leave the layers that compress worst alone."""
