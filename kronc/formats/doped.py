@@ -80,9 +80,14 @@ class Doped(Factorized):
         mask = top_magnitude_mask(residual, spec.nnz(shape))
         return cls(base, SparseOverlay.from_dense(residual, mask), spec)
 
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.overlay(x)
-        return out if self.base is None else self.base(x) + out
+    def forward(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
+        rows, cols = self.overlay.index.decode()
+        values, out_features = self.overlay.values, self.shape[0]
+        if isinstance(self.base, Kronecker):  # one fused op: the overlay joins the Kronecker output tile
+            return torch.ops.kronc.doped_kron_linear(x, self.base.a, self.base.b, rows, cols, values, bias)
+        if self.base is None:
+            return torch.ops.kronc.sparse_linear(x, rows, cols, values, out_features, bias)
+        return self.base(x, bias) + torch.ops.kronc.sparse_linear(x, rows, cols, values, out_features)
 
     def rows(self, index: Tensor) -> Tensor:
         out = self.overlay.rows(index)

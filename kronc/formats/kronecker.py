@@ -93,34 +93,36 @@ class Kronecker(Factorized):
         b = (root[:, None] * vh[: spec.terms]).reshape(spec.terms, m2, n2)
         return cls(a.to(weight.dtype), b.to(weight.dtype), spec)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return kronecker_apply(x, self.a, self.b)
+    def forward(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
+        return torch.ops.kronc.kron_linear(x, self.a, self.b, bias)
 
     def rows(self, index: Tensor) -> Tensor:
-        m2 = self.b.shape[1]
-        a_rows = self.a[:, index // m2]  # (R, *idx, n1)
-        b_rows = self.b[:, index % m2]  # (R, *idx, n2)
-        out = torch.einsum("r...j,r...k->...jk", a_rows, b_rows)
-        return out.reshape(*index.shape, -1)
+        return torch.ops.kronc.kron_embedding(index, self.a, self.b)
 
     def to_dense(self) -> Tensor:
         return sum(torch.kron(self.a[r], self.b[r]) for r in range(self.a.shape[0]))  # type: ignore[return-value]
 
 
 def kronecker_apply(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    """``x @ (Σ_r a[r] ⊗ b[r]).T`` as two matmuls on ``x`` reshaped to ``(n1, n2)`` (reference)."""
+    """``x @ (Σ_r a[r] ⊗ b[r]).T`` as two matmuls on ``x`` reshaped to ``(n1, n2)`` (reference).
+
+    Whichever factor costs fewer FLOPs goes first; each contraction is one GEMM over all tokens
+    and terms (no factor is broadcast per token).
+    """
     terms, m1, n1 = a.shape
     _, m2, n2 = b.shape
     lead = x.shape[:-1]
-    xs = x.reshape(-1, 1, n1, n2)
+    x2 = x.reshape(-1, n1 * n2)
+    t = x2.shape[0]
     if m2 * n1 * (n2 + m1) <= m1 * n2 * (n1 + m2):
-        z = xs @ b.transpose(1, 2).unsqueeze(0)  # (T, R, n1, m2)
-        z = z.reshape(-1, terms * n1, m2)
-        y = a.permute(1, 0, 2).reshape(m1, terms * n1) @ z  # (T, m1, m2)
+        z = x2.reshape(t * n1, n2) @ b.reshape(terms * m2, n2).T  # Z[t, j1, r, i2] = (X_t B_r^T)[j1, i2]
+        z = z.reshape(t, n1, terms, m2).permute(0, 3, 2, 1).reshape(t * m2, terms * n1)
+        y = (z @ a.permute(0, 2, 1).reshape(terms * n1, m1)).reshape(t, m2, m1).transpose(1, 2)  # (T, m1, m2)
     else:
-        z = a.unsqueeze(0) @ xs  # (T, R, m1, n2)
-        z = z.permute(0, 2, 1, 3).reshape(-1, m1, terms * n2)
-        y = z @ b.permute(0, 2, 1).reshape(terms * n2, m2)  # (T, m1, m2)
+        xt = x2.reshape(t, n1, n2).transpose(1, 2).reshape(t * n2, n1)
+        z = xt @ a.reshape(terms * m1, n1).T  # Z[t, j2, r, i1] = (A_r X_t)[i1, j2]
+        z = z.reshape(t, n2, terms, m1).permute(0, 3, 2, 1).reshape(t * m1, terms * n2)
+        y = z @ b.permute(0, 2, 1).reshape(terms * n2, m2)  # (T*m1, m2)
     return y.reshape(*lead, m1 * m2)
 
 
@@ -130,4 +132,4 @@ def kronecker_rows(index: Tensor, a: Tensor, b: Tensor) -> Tensor:
     a_rows = a[:, index // m2]  # (R, *idx, n1)
     b_rows = b[:, index % m2]  # (R, *idx, n2)
     out = torch.einsum("r...j,r...k->...jk", a_rows, b_rows)
-    return out.reshape(*index.shape, -1)
+    return out.reshape(*index.shape, a.shape[2] * b.shape[2])

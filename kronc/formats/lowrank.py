@@ -12,6 +12,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
+from ..codegen import ops as _ops  # noqa: F401  (registers the torch.ops.kronc.* ops used below)
 from .base import Factorized, FormatError, FormatSpec, Shape, check_matrix, svd_dtype
 
 
@@ -60,11 +61,16 @@ class LowRank(Factorized):
         v = root[:, None] * vh[: spec.rank]
         return cls(u.to(weight.dtype), v.to(weight.dtype), spec)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return (x @ self.v.T) @ self.u.T
+    def forward(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
+        return torch.ops.kronc.lowrank_linear(x, self.u, self.v, bias)
 
     def rows(self, index: Tensor) -> Tensor:
         return self.u[index] @ self.v
 
     def to_dense(self) -> Tensor:
         return self.u @ self.v
+
+
+def lowrank_apply(x: Tensor, u: Tensor, v: Tensor) -> Tensor:
+    """``x @ (u @ v).T`` as two thin matmuls through the rank-``r`` intermediate (reference)."""
+    return (x @ v.T) @ u.T

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..codegen import ops as _ops  # noqa: F401  (registers the torch.ops.kronc.* ops used below)
 from .sparse_index import SparseIndex
 
 _CHUNK_ELEMENTS = 1 << 24  # bound on tokens x nnz materialised at once
@@ -30,16 +31,9 @@ class SparseOverlay(nn.Module):
     def shape(self) -> tuple[int, int]:
         return self.index.grid
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
         rows, cols = self.index.decode()
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1])
-        out = x2.new_zeros(x2.shape[0], self.shape[0])
-        step = max(1, _CHUNK_ELEMENTS // max(1, self.index.nnz))
-        for s in range(0, x2.shape[0], step):
-            prod = x2[s : s + step, cols] * self.values
-            out[s : s + step] = out[s : s + step].index_add(1, rows, prod)
-        return out.reshape(*lead, self.shape[0])
+        return torch.ops.kronc.sparse_linear(x, rows, cols, self.values, self.shape[0], bias)
 
     def rows(self, index: Tensor) -> Tensor:
         rows, cols = self.index.decode()
@@ -53,6 +47,24 @@ class SparseOverlay(nn.Module):
         rows, cols = self.index.decode()
         out = self.values.new_zeros(self.shape)
         return out.index_put((rows, cols), self.values)
+
+
+def overlay_apply(x: Tensor, rows: Tensor, cols: Tensor, values: Tensor, out_features: int, chunk: bool = True) -> Tensor:
+    """``x @ S.T`` for ``S[rows[k], cols[k]] = values[k]``: gather ``x[:, cols]``, scatter-add into rows (reference).
+
+    ``chunk`` bounds the ``tokens x nnz`` product materialised at once (off while tracing, where
+    the token count may be symbolic).
+    """
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    out = x2.new_zeros(x2.shape[0], out_features)
+    if not chunk:
+        return out.index_add(1, rows, x2[:, cols] * values).reshape(*lead, out_features)
+    step = max(1, _CHUNK_ELEMENTS // max(1, values.numel()))
+    for s in range(0, x2.shape[0], step):
+        prod = x2[s : s + step, cols] * values
+        out[s : s + step] = out[s : s + step].index_add(1, rows, prod)
+    return out.reshape(*lead, out_features)
 
 
 def gather_row_entries(entry_rows: Tensor, num_rows: int, query: Tensor) -> tuple[Tensor, Tensor]:
