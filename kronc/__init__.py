@@ -37,3 +37,5 @@ __all__ = [
     "KroncFileError", "KroneckerSpec", "LowRankSpec", "Plan", "Policy", "PolicyError", "Site", "__version__", "apply",
     "capture", "compile", "explain", "load", "load_policy", "plan", "save",
 ]
+
+from .integrations import torch_compile as _torch_compile  # noqa: E402, F401  (registers torch.compile(backend="kronc"))

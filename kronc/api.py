@@ -66,9 +66,10 @@ def compile(  # noqa: A001 - mirrors torch.compile on purpose
     pol = _policy(policy, budget)  # 0. the policy: a file, a shipped name or an object; budget overrides
     captured = capture(model, example_inputs)  # 1. trace the model, find its sites
     seconds["capture"], t = time.perf_counter() - t, time.perf_counter()
-    the_plan = plan(captured, pol, calibration=calibration, progress=progress)  # 2. analyse, solve
+    moments = input_moments(captured, pol, calibration, progress=progress)  # 2. calibrate (data objective only)
+    the_plan = plan(captured, pol, moments=moments, progress=progress)  # 3. analyse, solve
     seconds["plan"], t = time.perf_counter() - t, time.perf_counter()
-    out = apply(captured, the_plan, output=output, inplace=inplace, progress=progress)  # 3. fit formats, rewrite
+    out = apply(captured, the_plan, output=output, inplace=inplace, moments=moments, progress=progress)  # 4. fit, rewrite
     seconds["apply"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t0
     out.kronc_policy = pol.model_dump(mode="json")  # type: ignore[assignment]
@@ -86,13 +87,48 @@ def plan(
     calibration: Iterable[Any] | None = None,
     example_inputs: Any = None,
     progress: bool = False,
+    moments: Mapping[str, Tensor] | None = None,
 ) -> Plan:
-    """Choose a format for every in-scope site of ``model`` (no weights are changed)."""
-    from .planning import collect_input_moments, make_plan
+    """Choose a format for every in-scope site of ``model`` (no weights are changed).
+
+    ``moments`` are input moments already collected by `input_moments` (then ``calibration`` is
+    not run again); pass the same to `apply` so low-rank fits are the data-aware ones planned.
+    """
+    from .planning import make_plan
 
     captured = model if isinstance(model, Captured) else capture(model, example_inputs)
     pol = _policy(policy, budget)
-    resolution = resolve(pol, captured.sites)
+    resolution, in_scope = _scope(captured, pol)
+    if moments is None:
+        moments = input_moments(captured, pol, calibration, progress=progress)
+    spaces = {s.name: list(resolution[s.name].formats) for s in in_scope}
+    rules = {s.name: resolution[s.name].rule for s in in_scope}
+    return make_plan(
+        in_scope, {s.name: captured.weight(s) for s in in_scope}, spaces, Budget.parse(pol.budget),
+        moments=moments, rules=rules, progress=progress,
+    )
+
+
+def input_moments(
+    captured: Captured,
+    policy: PolicyLike,
+    calibration: Iterable[Any] | None,
+    *,
+    progress: bool = False,
+) -> dict[str, Tensor] | None:
+    """Input second moments of the in-scope sites over ``calibration``, when the policy's objective is
+    ``data`` (else None): what both `plan` and `apply` need for data-aware compression."""
+    from .planning import collect_input_moments
+
+    pol = load_policy(policy) if not isinstance(policy, Policy) else policy  # type: ignore[arg-type]
+    if calibration is None or pol.objective != "data":
+        return None
+    return collect_input_moments(captured.model, _scope(captured, pol, warn=False)[1], calibration, progress=progress)
+
+
+def _scope(captured: Captured, pol: Policy, *, warn: bool = True) -> tuple[Any, list[Site]]:
+    """The policy's resolution over the sites, and the in-scope sites (at least one, or CaptureError)."""
+    resolution = resolve(pol, captured.sites, warn=warn)
     in_scope = [s for s in captured.sites if resolution[s.name].in_scope]
     if not captured.sites:
         raise CaptureError(f"{type(captured.model).__name__} has no compressible weights (Linear, Conv1D, F.linear, Embedding, LSTM)")
@@ -101,15 +137,7 @@ def plan(
             f"none of the {len(captured.sites)} sites of {type(captured.model).__name__} is in the policy's scope "
             f"(scope kinds: {', '.join(pol.scope.kinds)}; sites: {', '.join(sorted({s.kind for s in captured.sites}))})"
         )
-    moments = None
-    if calibration is not None and pol.objective == "data":
-        moments = collect_input_moments(captured.model, in_scope, calibration, progress=progress)
-    spaces = {s.name: list(resolution[s.name].formats) for s in in_scope}
-    rules = {s.name: resolution[s.name].rule for s in in_scope}
-    return make_plan(
-        in_scope, {s.name: captured.weight(s) for s in in_scope}, spaces, Budget.parse(pol.budget),
-        moments=moments, rules=rules, progress=progress,
-    )
+    return resolution, in_scope
 
 
 def apply(

@@ -107,8 +107,9 @@ def save(
 
     state = _dedupe(model.state_dict())
     save_file(_unshared(state), str(path / WEIGHTS), metadata={"kronc_format_version": str(FORMAT_VERSION)})
+    (path / EXAMPLES).unlink(missing_ok=True)
     examples = example_inputs if example_inputs is not None else getattr(model, "kronc_example_inputs", None)
-    example_spec = _save_examples(examples, path / EXAMPLES) if examples is not None else None
+    example_spec = _save_examples(examples, path / EXAMPLES) if is_graph and examples is not None else None
 
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in state.values() if t.is_floating_point()})
     manifest = {
@@ -144,10 +145,14 @@ def load(
     Hugging Face models are rebuilt from their saved config (same class; ``generate()`` works).
     Other models need ``model``: the uncompressed architecture as an instance (used and modified
     in place), a zero-argument factory, or a ``"package.module:factory"`` / ``"toy:NAME"`` string;
-    a model saved with ``source="toy:NAME"`` is rebuilt by itself. Graph outputs are re-captured
-    from that architecture, which for exported models needs the example inputs they were captured
-    with (stored in the directory when known, else ``example_inputs``, else Hugging Face dummy
-    inputs). ``verify=False`` skips the SHA-256 check of the weights file.
+    a model saved with ``source="toy:NAME"`` or a built-in name (`kronc.zoo.BUILTIN_MODELS`) is
+    rebuilt by itself. Graph outputs are re-captured from that architecture, which for exported
+    models needs the example inputs they were captured with (stored in the directory when known,
+    else ``example_inputs``, else Hugging Face dummy inputs). ``verify=False`` skips the SHA-256
+    check of the weights file.
+
+    Raises `KroncFileError` when the directory is missing, corrupted, truncated, from another file
+    format version, or does not match the architecture.
     """
     path = _directory(path)
     manifest = read_manifest(path)
@@ -283,8 +288,13 @@ def _rebuild_modules(model: nn.Module, plan: Plan) -> nn.Module:
     """Swap empty compressed modules in, site by site, without tracing the model."""
     from .passes.swap import swap_modules
 
-    sites = [_site_from_module(model, d.site, tuple(d.shape)) for d in plan.decisions if d.spec.kind != "dense"]
-    weights = {s.name: empty_format(plan[s.name].spec, s.shape, s.dtype) for s in sites}
+    sites, weights = [], {}
+    for d in plan.decisions:
+        if d.spec.kind == "dense":
+            continue
+        site = _site_from_module(model, d.site, tuple(d.shape))
+        sites.append(site)
+        weights[site.name] = empty_format(d.spec, site.shape, site.dtype)
     return swap_modules(model, sites, weights)
 
 
@@ -348,9 +358,11 @@ def _base_model(path: Path, manifest: Mapping[str, Any], model: ModelArg) -> nn.
     if model is None and manifest.get("huggingface"):
         return _hf_model(path, manifest)
     if model is None:
+        from .zoo import BUILTIN_MODELS
+
         source = manifest.get("source")
-        if isinstance(source, str) and source.startswith("toy:"):
-            model = source
+        if isinstance(source, str) and (source.startswith("toy:") or source in BUILTIN_MODELS):
+            model = source  # names from kronc's own tables; package.module:factory must be passed explicitly
         else:
             how = f'model="{source}"' if source else "model=MyModel() or model=factory"
             raise KroncFileError(
@@ -397,6 +409,8 @@ def _hf_model(path: Path, manifest: Mapping[str, Any]) -> nn.Module:
     else:
         with no_init_weights():  # every stored weight is overwritten: skip the random init
             model = cls(config)
+        if hasattr(model, "tie_weights"):
+            model.tie_weights()  # no_init_weights skips tying too
     if (path / "generation_config.json").is_file() and hasattr(model, "generation_config"):
         model.generation_config = transformers.GenerationConfig.from_pretrained(str(path))
     return model.eval()

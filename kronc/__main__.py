@@ -1,0 +1,7 @@
+"""``python -m kronc``: the ``kronc`` command (see `kronc.cli`)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,436 @@
+"""Cheap error estimates for every candidate of one site at once.
+
+The error of a candidate is relative: ``||W - W'|| / ||W||`` in the weight metric, or
+``||(W - W') S|| / ||W S||`` in the data-aware metric (``S S^T = H + damping``, see `whiten`), where
+``W'`` is the fit `fit.fit_site` produces. One decomposition serves a whole family of candidates:
+
+* **low rank**: the eigenvalues of the smaller Gram matrix (``W W^T`` or ``W^T W``; ``W H W^T`` or
+  ``S^T W^T W S`` data-aware) are the squared singular values, and the error of rank ``r`` is the
+  tail sum past ``r``. Exact for the truncated (whitened) SVD fit.
+* **Kronecker**: the same for the Van Loan–Pitsianis rearrangement of ``W``, one per factor shape;
+  exact for `Kronecker.fit`. Data-aware, the weight-space fit's error
+  ``||W S||² - 2 Σ <W H, K_i> + Σ <K_i H, K_j>`` is evaluated exactly; each ``<K_i H, K_j>`` is
+  ``Σ H[(c,d),(e,f)] (A_i^T A_j)[c,e] (B_i^T B_j)[d,f]``, one pass over ``H``.
+* **doped**: the residual of the base (materialised once per base) sorted by magnitude; the error of
+  keeping the ``k`` largest entries is the residual energy minus a cumulative sum. Data-aware the
+  error is ``||R S||² - 2 <S_k, R H> + <S_k H, S_k>`` with the first inner product a cumulative sum
+  and the second one sparse product per density. Exact for `Doped.fit`.
+* **block sparse**: sorted block norms, cumulatively summed. Data-aware: a per-block-row quadratic
+  form over the dropped blocks, from one pass over ``W H`` (a coarser block grid sums a finer
+  grid's form). Exact for `BlockSparse.fit`.
+* **dense**: zero.
+
+So every estimate equals the error of the fit it describes up to floating point: weight-space
+decompositions run in float32 and are redone in float64 when an error under 5% is read (float32
+Gram rounding is ~1e-3 of ``||W||``); data-aware products are float64 except the overlay's sparse
+products and the block-sparse Gram (float32, ~1e-6 relative); sums are float64. Overlay entries
+are picked in the order `Doped.fit` uses (magnitude, ties by position); the fit itself rounds its
+residual to the weight's dtype, the estimate does not. It is an *estimate* only of what matters
+downstream: the layer's output error stands in for the model's loss.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..formats import BlockSparseSpec, DenseSpec, DopedSpec, FormatSpec, KroneckerSpec, LowRankSpec
+from ..formats.base import check_matrix
+from ..formats.kronecker import rearrange
+from .whiten import damped, whitener
+
+_F64 = torch.float64
+_CHUNK = 1 << 22  # elements of the largest temporary in the block-sparse data-aware pass
+
+
+def _tails(lam: Tensor) -> Tensor:
+    """``tails[r] = sum(lam[r:])`` for ``r = 0..len(lam)``, with ``lam`` in descending order."""
+    out = torch.zeros(lam.numel() + 1, dtype=_F64)
+    out[:-1] = lam.flip(0).cumsum(0).flip(0)
+    return out
+
+
+def _eig_desc(gram: Tensor, vectors: bool) -> tuple[Tensor, Tensor | None]:
+    if vectors:
+        lam, vec = torch.linalg.eigh(gram)
+        return lam.flip(0).clamp_min(0), vec.flip(1)
+    return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0), None
+
+
+def unrearrange(r: Tensor, shape: tuple[int, int], a_shape: tuple[int, int]) -> Tensor:
+    """Inverse of `kronecker.rearrange`."""
+    (m, n), (m1, n1) = shape, a_shape
+    m2, n2 = m // m1, n // n1
+    return r.reshape(m1, n1, m2, n2).permute(0, 2, 1, 3).reshape(m, n)
+
+
+def kron_times(a: Tensor, b: Tensor, x: Tensor) -> Tensor:
+    """``(a ⊗ b) @ x`` for ``x`` of shape ``(n1 n2, c)`` without building the Kronecker product."""
+    (m1, n1), (m2, n2), c = a.shape, b.shape, x.shape[1]
+    x3 = x.reshape(n1, n2, c)
+    if n1 * m2 * (n2 + m1) <= m1 * n2 * (n1 + m2):
+        t = torch.matmul(b, x3)  # (n1, m2, c)
+        return (a @ t.reshape(n1, m2 * c)).reshape(m1 * m2, c)
+    t = (a @ x3.reshape(n1, n2 * c)).reshape(m1, n2, c)
+    return torch.matmul(b, t).reshape(m1 * m2, c)
+
+
+def _threshold(values: Tensor, k: int, stride: int) -> Tensor | None:
+    """A value a little below the ``k``-th largest, from a strided sample (None: too few to sample)."""
+    sample = values[::stride]
+    per = k / stride
+    rank = math.ceil(per + 4 * per**0.5 + 8)  # ~4 standard deviations more than the expected count
+    if rank >= sample.numel() // 2:
+        return None
+    return torch.topk(sample, rank, sorted=False).values.min()
+
+
+def top_entries(values: Tensor, k: int, stride: int = 16) -> tuple[Tensor, Tensor]:
+    """The ``k`` largest of 1-D ``values`` and their positions, descending, ties by position.
+
+    The same entries ``torch.argsort(values, descending=True, stable=True)[:k]`` picks (the order
+    `Doped.fit` keeps entries in), but faster for large ``k``: a strided sample gives a threshold a
+    little below the ``k``-th largest value; if at least ``k`` values pass it, the top ``k`` are all
+    among them and sorting those suffices. Otherwise (an unlucky sample) everything is sorted.
+    """
+    if k <= 0:
+        return values[:0], torch.zeros(0, dtype=torch.long)
+    thr = _threshold(values, k, stride)
+    where = None if thr is None else torch.nonzero(values >= thr).squeeze(1)
+    if where is None or where.numel() < k:
+        where = torch.arange(values.numel())
+    vals, pos = torch.sort(values[where], descending=True, stable=True)
+    return vals[:k], where[pos[:k]]
+
+
+def _overlay_quadratic(rows: Tensor, cols: Tensor, vals: Tensor, h: Tensor, kept: Sequence[int]) -> dict[int, float]:
+    """``tr(S_k H S_k^T)`` for every ``k`` in ``kept``, ``S_k`` holding the first ``k`` entries given.
+
+    One sparse (CSR) times dense product per ``k``, in float32 (MKL's fast path; the planner's
+    errors need ~1e-6 relative precision, not more).
+    """
+    m = int(rows.max()) + 1 if rows.numel() else 1
+    n = h.shape[0]
+    h32 = h if h.dtype == torch.float32 else h.float()
+    out = {}
+    for k in kept:
+        if k == 0:
+            out[k] = 0.0
+            continue
+        r, c, v = rows[:k], cols[:k], vals[:k].float()
+        order = torch.argsort(r * n + c)
+        crow = torch.zeros(m + 1, dtype=torch.long)
+        crow[1:] = torch.cumsum(torch.bincount(r, minlength=m), 0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+            sparse = torch.sparse_csr_tensor(crow, c[order], v[order], (m, n), check_invariants=False)
+        out[k] = float(((sparse @ h32)[r, c] * v).sum(dtype=_F64))
+    return out
+
+
+class SiteAnalysis:
+    """Decompositions of one weight, cached, and the errors they give for any set of candidates.
+
+    Build one per site (``weight`` of logical shape ``(out, in)``; ``moments`` the ``(in, in)`` input
+    second moment for the data-aware metric) and call `errors`.
+    """
+
+    def __init__(
+        self, weight: Tensor, moments: Tensor | None = None, damping: float = 0.01, refine_below: float = 0.05
+    ) -> None:
+        check_matrix(weight)
+        self.shape: tuple[int, int] = (int(weight.shape[0]), int(weight.shape[1]))
+        self.data = moments is not None
+        # Weight-space decompositions run in float32 and are redone in float64 when an error is small
+        # enough (below ``refine_below``) for float32 rounding (~1e-3 relative) to matter; the
+        # data-aware metric's products and the whitened spectrum are float64.
+        self.w32 = weight.detach().to(device="cpu", dtype=torch.float32)
+        self.w = self.w32.to(_F64) if self.data else self.w32
+        self.energy = float(self.w32.square().sum(dtype=_F64))  # ||W||^2
+        self.refine_below = refine_below
+        self.h: Tensor | None = None
+        self._h32: Tensor | None = None
+        self.p: Tensor | None = None  # W H (data-aware)
+        if moments is not None:
+            if tuple(moments.shape) != (self.shape[1], self.shape[1]):
+                raise ValueError(f"moments of shape {tuple(moments.shape)} do not match a weight with {self.shape[1]} inputs")
+            self.h = damped(moments, damping)
+            self.p = self.w @ self.h
+            self.total = float((self.p * self.w).sum())
+        else:
+            self.total = self.energy
+        self._gram: dict[bool, tuple[Tensor, Tensor | None, bool]] = {}  # whitened? -> (eigenvalues, vectors, f64?)
+        self._kron: dict[tuple[int, int], tuple[Tensor, Tensor | None, bool]] = {}
+        self._grams: dict[tuple[int, int], Tensor] = {}  # block shape -> block Gram (data-aware)
+
+    # ---------------------------------------------------------------- decompositions
+    def _decompose(self, matrix: Tensor, vectors: bool, upto: int) -> tuple[Tensor, Tensor | None, bool]:
+        """Eigen-decomposition of the smaller Gram matrix of ``matrix`` (eigenvalues descending, in
+        float64), redone in float64 when the tail past ``upto`` is small enough to need it. The flag
+        says whether it was computed in float64."""
+        gram = matrix @ matrix.T if matrix.shape[0] <= matrix.shape[1] else matrix.T @ matrix
+        lam, vec = _eig_desc(gram, vectors)
+        if matrix.dtype != _F64 and self._coarse(lam, upto):
+            return self._decompose(matrix.to(_F64), vectors, upto)
+        return lam.to(_F64), vec, matrix.dtype == _F64
+
+    def _coarse(self, lam: Tensor, upto: int) -> bool:
+        return float(lam[upto:].sum()) < self.refine_below**2 * self.energy
+
+    def _cached(
+        self, cache: dict, key: object, vectors: bool, upto: int, compute: Callable[[], tuple[Tensor, Tensor | None, bool]]
+    ) -> tuple[Tensor, Tensor | None]:
+        hit = cache.get(key)
+        if hit is None or (vectors and hit[1] is None) or (not hit[2] and self._coarse(hit[0], upto)):
+            hit = cache[key] = compute()
+        return hit[0], hit[1]
+
+    def spectrum(self, whitened: bool | None = None, vectors: bool = False, upto: int = 0) -> tuple[Tensor, Tensor | None]:
+        """Squared singular values (descending) of ``W`` (or ``W S``), and the smaller side's vectors.
+
+        ``upto``: the largest rank whose error will be read (decides whether float32 is enough).
+        """
+        whitened = self.data if whitened is None else whitened
+        m, n = self.shape
+
+        def compute() -> tuple[Tensor, Tensor | None, bool]:
+            if not whitened:  # weight space: float32 unless the tail needs float64
+                return self._decompose(self.w32, vectors, upto)
+            if m <= n:  # eigenvalues of W H W^T, no Cholesky needed (float64)
+                assert self.p is not None
+                return (*_eig_desc(self.p @ self.w.T, vectors), True)
+            assert self.h is not None
+            ws = self.w @ whitener(self.h)
+            return (*_eig_desc(ws.T @ ws, vectors), True)
+
+        return self._cached(self._gram, whitened, vectors, upto, compute)
+
+    def kron_spectrum(self, a_shape: tuple[int, int], vectors: bool = False, upto: int = 0) -> tuple[Tensor, Tensor | None]:
+        """Squared singular values (descending) of the rearranged ``W``, and the smaller side's vectors."""
+        return self._cached(
+            self._kron, a_shape, vectors, upto, lambda: self._decompose(rearrange(self.w32, a_shape), vectors, upto)
+        )
+
+    def kron_factors(self, a_shape: tuple[int, int], terms: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Unit-norm ``vec(A_i)`` (p, T), ``vec(B_i)`` (q, T) and weights ``s_i`` of the best ``terms``."""
+        lam, vec = self.kron_spectrum(a_shape, vectors=True, upto=terms)
+        assert vec is not None
+        r = rearrange(self.w32.to(vec.dtype), a_shape)
+        s = lam[:terms].sqrt().to(vec.dtype)
+        live = s > s[0] * 1e-12 if s.numel() and s[0] > 0 else torch.zeros_like(s, dtype=torch.bool)
+        inv = torch.where(live, 1.0 / torch.where(live, s, torch.ones_like(s)), torch.zeros_like(s))
+        if r.shape[0] <= r.shape[1]:
+            a = vec[:, :terms]
+            b = (r.T @ a) * inv
+        else:
+            b = vec[:, :terms]
+            a = (r @ b) * inv
+        return a * live, b, s * live
+
+    # ---------------------------------------------------------------- families
+    def lowrank_errors(self, ranks: Sequence[int]) -> dict[int, float]:
+        lam, _ = self.spectrum(upto=max(ranks, default=0))
+        tails = _tails(lam)
+        return {r: self._rel(tails[min(r, lam.numel())]) for r in ranks}
+
+    def kron_errors(
+        self, a_shape: tuple[int, int], terms: Sequence[int], doped: dict[int, Sequence[int]] | None = None
+    ) -> tuple[dict[int, float], dict[tuple[int, int], float]]:
+        """Errors of ``terms``-term sums, and of doped bases ``{terms: [kept entries]}``, for one shape."""
+        doped = doped or {}
+        top = max([*terms, *doped, 0])
+        if not self.data and not doped:
+            lam, _ = self.kron_spectrum(a_shape, upto=top)
+            tails = _tails(lam)
+            return {t: self._rel(tails[min(t, lam.numel())]) for t in terms}, {}
+        a, b, s = self.kron_factors(a_shape, top)
+        dt = torch.promote_types(a.dtype, self.w.dtype)  # float64 data-aware or when refined
+        a, b, s = a.to(dt), b.to(dt), s.to(dt)
+        (m, n), (m1, n1) = self.shape, a_shape
+        m2, n2 = m // m1, n // n1
+        kron_out: dict[int, float] = {}
+        zs: list[Tensor] = []
+        if self.data:
+            assert self.h is not None and self.p is not None
+            lin = s * ((rearrange(self.p, a_shape) @ b) * a).sum(0)  # <W H, K_i>
+            # <K_i H, K_j> = sum H[(c,d),(e,f)] (A_i^T A_j)[c,e] (B_i^T B_j)[d,f]: per pair i <= j,
+            # two small Gram products and one pass over H
+            fa, fb = a.T.reshape(top, m1, n1), b.T.reshape(top, m2, n2)
+            h4 = self.h.reshape(n1, n2, n1, n2).permute(0, 2, 1, 3).reshape(n1 * n1, n2 * n2)
+            quad = torch.zeros(top, top, dtype=dt)
+            for i in range(top):
+                for j in range(i, top):
+                    x, y = (fa[i].T @ fa[j]).reshape(-1), (fb[i].T @ fb[j]).reshape(-1)
+                    quad[i, j] = quad[j, i] = s[i] * s[j] * (x @ h4 @ y)
+            for t in terms:
+                err2 = self.total - 2 * float(lin[:t].sum()) + float(quad[:t, :t].sum())
+                kron_out[t] = self._rel(err2)
+            for i in range(max(doped, default=0)):  # K_i H, for the doped residuals' R H
+                zs.append(kron_times(s[i] * a[:, i].reshape(m1, n1), b[:, i].reshape(m2, n2), self.h))
+        else:
+            lam, _ = self.kron_spectrum(a_shape, upto=top)
+            tails = _tails(lam)
+            kron_out = {t: self._rel(tails[min(t, lam.numel())]) for t in terms}
+        doped_out: dict[tuple[int, int], float] = {}
+        if doped:
+            # residuals for increasing term counts, one term subtracted at a time; in the weight
+            # metric only the multiset of residual entries matters, so it stays rearranged
+            resid = rearrange(self.w.to(dt), a_shape)
+            q = self.p
+            done = 0
+            for t in sorted(doped):
+                resid = resid - (a[:, done:t] * s[done:t]) @ b[:, done:t].T
+                if self.data:
+                    q = q - sum(zs[done:t])  # type: ignore[operator]
+                    errs = self._overlay(unrearrange(resid, self.shape, a_shape), q, doped[t])
+                else:
+                    errs = self._overlay(resid, None, doped[t])
+                done = t
+                doped_out.update({(t, k): e for k, e in errs.items()})
+        return kron_out, doped_out
+
+    def doped_errors(self, base: LowRankSpec | None, kept: Sequence[int]) -> dict[int, float]:
+        """Errors of a low-rank (weight-space fit) or empty base plus the ``kept`` largest residual entries."""
+        if base is None:
+            return self._overlay(self.w, self.p, kept)
+        _, vec = self.spectrum(whitened=False, vectors=True, upto=base.rank)
+        assert vec is not None
+        dt = torch.promote_types(vec.dtype, self.w.dtype)
+        v = vec[:, : base.rank].to(dt)
+        m, n = self.shape
+        w = self.w.to(dt)
+        if m <= n:
+            resid = w - v @ (v.T @ w)
+            q = None if self.p is None else self.p - v @ (v.T @ self.p)
+        else:
+            wv = w @ v
+            resid = w - wv @ v.T
+            q = None if self.h is None or self.p is None else self.p - wv @ (v.T @ self.h)
+        return self._overlay(resid, q, kept)
+
+    def blocksparse_errors(self, block: tuple[int, int], kept: Sequence[int]) -> dict[int, float]:
+        """Errors of keeping the ``kept`` blocks with the largest Frobenius norms."""
+        (m, n), (bh, bw) = self.shape, block
+        gr, gc = m // bh, n // bw
+        norms = self.w32.reshape(gr, bh, gc, bw).to(_F64).square().sum((1, 3)).flatten()  # row-major grid
+        order = torch.argsort(norms.float(), descending=True, stable=True)
+        if not self.data:
+            tails = self.total - torch.cat([torch.zeros(1, dtype=_F64), norms[order].cumsum(0)])
+            return {k: self._rel(tails[k]) for k in kept}
+        g = self._block_gram(block)
+        out = {}
+        for k in kept:
+            dropped = torch.ones(gr * gc, dtype=_F64)
+            dropped[order[:k]] = 0
+            d = dropped.reshape(gr, gc)
+            out[k] = self._rel(float(torch.einsum("ij,ijk,ik->", d, g, d)))
+        return out
+
+    def _block_gram(self, block: tuple[int, int]) -> Tensor:
+        """``g[I, J, K] = <W_IJ H_JK, W_IK>`` over the block grid (float32 products, float64 result).
+
+        Built from an already computed finer grid when one divides this one (sums of its entries),
+        else in one pass of ``W H`` split by column block.
+        """
+        (m, n), (bh, bw) = self.shape, block
+        gr, gc = m // bh, n // bw
+        for (fh, fw), fine in self._grams.items():
+            if bh % fh == 0 and bw % fw == 0:
+                rh, rw = bh // fh, bw // fw
+                return fine.reshape(gr, rh, gc, rw, gc, rw).sum((1, 3, 5))
+        assert self.h is not None
+        if self._h32 is None:
+            self._h32 = self.h.float()
+        wb32, hb = self.w32.reshape(gr, bh, gc, bw), self._h32.reshape(gc, bw, n)
+        g = torch.empty(gr, gc, gc, dtype=_F64)
+        step = max(1, _CHUNK // (m * n))
+        for j0 in range(0, gc, step):
+            j1 = min(gc, j0 + step)
+            wj = wb32[:, :, j0:j1, :].permute(2, 0, 1, 3).reshape(j1 - j0, m, bw)
+            x = torch.bmm(wj, hb[j0:j1]).reshape(j1 - j0, gr, bh, gc, bw)
+            g[:, j0:j1, :] = torch.einsum("jirkb,irkb->ijk", x, wb32)
+        self._grams[block] = g
+        return g
+
+    # ---------------------------------------------------------------- helpers
+    def _rel(self, err2: float | Tensor) -> float:
+        return float(np.sqrt(max(float(err2), 0.0) / self.total)) if self.total > 0 else 0.0
+
+    def _overlay(self, resid: Tensor, q: Tensor | None, kept: Sequence[int]) -> dict[int, float]:
+        """Errors of ``resid`` minus its ``k`` largest-magnitude entries, for each ``k`` in ``kept``."""
+        flat = resid.reshape(-1)
+        mags, idx = top_entries(flat.abs(), max(kept, default=0))
+        if q is None:
+            cum = torch.cat([torch.zeros(1, dtype=_F64), mags.to(_F64).square().cumsum(0)])
+            energy = float(flat.square().sum(dtype=_F64))
+            return {k: self._rel(energy - float(cum[k])) for k in kept}
+        assert self.h is not None
+        n = resid.shape[1]
+        qf = q.reshape(-1)
+        energy = float((flat * qf).sum())
+        lin = torch.cat([torch.zeros(1, dtype=_F64), (flat[idx] * qf[idx]).cumsum(0)])
+        if self._h32 is None:
+            self._h32 = self.h.float()
+        quad = _overlay_quadratic(idx // n, idx % n, flat[idx], self._h32, sorted(kept))
+        return {k: self._rel(energy - 2 * float(lin[k]) + quad[k]) for k in kept}
+
+    # ---------------------------------------------------------------- all at once
+    def errors(self, specs: Sequence[FormatSpec]) -> np.ndarray:
+        """Relative error of every spec, in order (one decomposition per family, shared)."""
+        shape = self.shape
+        ranks: set[int] = set()
+        kron: dict[tuple[int, int], set[int]] = defaultdict(set)
+        kron_doped: dict[tuple[int, int], dict[int, set[int]]] = defaultdict(lambda: defaultdict(set))
+        lr_doped: dict[LowRankSpec | None, set[int]] = defaultdict(set)
+        blocks: dict[tuple[int, int], set[int]] = defaultdict(set)
+        for spec in specs:
+            spec.check(shape)
+            if isinstance(spec, LowRankSpec):
+                ranks.add(spec.rank)
+            elif isinstance(spec, KroneckerSpec):
+                kron[spec.a_shape].add(spec.terms)
+            elif isinstance(spec, DopedSpec):
+                if isinstance(spec.base, KroneckerSpec):
+                    kron_doped[spec.base.a_shape][spec.base.terms].add(spec.nnz(shape))
+                else:
+                    lr_doped[spec.base].add(spec.nnz(shape))
+            elif isinstance(spec, BlockSparseSpec):
+                blocks[spec.block].add(spec.nblocks(shape))
+            elif not isinstance(spec, DenseSpec):
+                raise ValueError(f"no estimate for format {spec.kind!r}")
+        lowrank = self.lowrank_errors(sorted(ranks)) if ranks else {}
+        kron_err: dict[tuple[int, int], dict[int, float]] = {}
+        kd_err: dict[tuple[int, int], dict[tuple[int, int], float]] = {}
+        for a_shape in sorted(set(kron) | set(kron_doped)):
+            doped = {t: sorted(ks) for t, ks in kron_doped.get(a_shape, {}).items()}
+            kron_err[a_shape], kd_err[a_shape] = self.kron_errors(a_shape, sorted(kron.get(a_shape, ())), doped)
+        lr_err = {base: self.doped_errors(base, sorted(ks)) for base, ks in lr_doped.items()}
+        finest_first = sorted(blocks, key=lambda b: (b[0] * b[1], b))  # coarser grids reuse finer Grams
+        bs_err = {block: self.blocksparse_errors(block, sorted(blocks[block])) for block in finest_first}
+        out = np.zeros(len(specs))
+        for i, spec in enumerate(specs):
+            if isinstance(spec, LowRankSpec):
+                out[i] = lowrank[spec.rank]
+            elif isinstance(spec, KroneckerSpec):
+                out[i] = kron_err[spec.a_shape][spec.terms]
+            elif isinstance(spec, DopedSpec):
+                if isinstance(spec.base, KroneckerSpec):
+                    out[i] = kd_err[spec.base.a_shape][(spec.base.terms, spec.nnz(shape))]
+                else:
+                    out[i] = lr_err[spec.base][spec.nnz(shape)]
+            elif isinstance(spec, BlockSparseSpec):
+                out[i] = bs_err[spec.block][spec.nblocks(shape)]
+        return out
+
+
+def estimate_errors(
+    weight: Tensor, specs: Sequence[FormatSpec], moments: Tensor | None = None, damping: float = 0.01
+) -> np.ndarray:
+    """Relative error of each spec's fit to ``weight`` (data-aware when ``moments`` is given)."""
+    return SiteAnalysis(weight, moments, damping).errors(specs)

@@ -1,0 +1,45 @@
+"""Fitting a planned spec to a site's weight, data-aware where the planner measured it that way.
+
+`fit_site` is what a rewrite should call for a plan whose ``objective`` is ``"data"``: the error
+estimates in such a plan describe these fits.
+
+* ``lowrank`` with moments: activation-aware SVD (SVD-LLM style). With ``S`` the Cholesky factor of
+  the damped input moments (`whiten`), the truncated SVD ``U_r Σ_r V_r^T`` of ``W S`` gives
+  ``U = U_r Σ_r^{1/2}`` and ``V = Σ_r^{1/2} V_r^T S^{-1}``. Then ``(W - U V) S`` is the SVD tail of
+  ``W S``, so the fit is optimal for the data-aware error and its error is exactly the tail.
+* every other format (and every format without moments): the weight-space fit of
+  `kronc.formats.fit` (Van Loan–Pitsianis, magnitude doping, block norms). The planner's
+  data-aware estimate for those is the exact data-aware error of this weight-space fit.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..formats import Factorized, FormatSpec, LowRank, LowRankSpec, fit
+from ..formats.base import check_matrix
+from .whiten import damped, whitener
+
+
+def fit_site(weight: Tensor, spec: FormatSpec, moments: Tensor | None = None, damping: float = 0.01) -> Factorized:
+    """Fit ``spec`` to a dense ``(out, in)`` weight, whitened by input ``moments`` when given."""
+    if moments is None or not isinstance(spec, LowRankSpec):
+        return fit(weight, spec)
+    return whitened_lowrank(weight, spec, moments, damping)
+
+
+def whitened_lowrank(weight: Tensor, spec: LowRankSpec, moments: Tensor, damping: float = 0.01) -> LowRank:
+    """Low-rank factors minimising ``||(W - U V) S||_F`` for ``S S^T = H + damping``."""
+    check_matrix(weight)
+    spec.check(tuple(weight.shape))  # type: ignore[arg-type]
+    if moments.shape != (weight.shape[1], weight.shape[1]):
+        raise ValueError(f"moments of shape {tuple(moments.shape)} do not match a weight with {weight.shape[1]} inputs")
+    s = whitener(damped(moments, damping))
+    w = weight.detach().to(device="cpu", dtype=torch.float64)
+    u, sv, vh = torch.linalg.svd(w @ s, full_matrices=False)
+    root = sv[: spec.rank].sqrt()
+    left = u[:, : spec.rank] * root
+    right = torch.linalg.solve_triangular(s, root[:, None] * vh[: spec.rank], upper=False, left=False)
+    dev = weight.device
+    return LowRank(left.to(dev, weight.dtype), right.to(dev, weight.dtype), spec)

@@ -1,0 +1,255 @@
+"""Plans from sites, weights, allowed formats and a budget: enumerate, estimate, solve.
+
+**Damage** (what the solver minimises, summed over sites): the *absolute* squared error
+``err_rel^2 * ||W||_F^2`` per site, i.e. ``||W - W'||_F^2``, which is the expected squared output
+error ``E ||(W - W') x||^2`` for white unit-variance inputs. With input moments ``H`` it is
+``err_rel^2 * tr(W H_d W^T) = tr((W - W') H_d (W - W')^T)``, the expected squared output error on
+the calibration distribution. Absolute rather than relative error, because perturbations of
+different layers add up in the residual stream in absolute terms, and a relative objective would
+let a site whose output is tiny claim as much budget as one whose output dominates. An optional
+``importance`` multiplier per site folds in any sensitivity measure (e.g. how much the loss moves
+per unit of output error at that layer); none is computed by default.
+
+When moments are given for only some sites, a site without moments is measured in the weight metric
+scaled by the median per-input-channel energy ``tr(H_d) / in`` of the sites that have them, i.e. as
+if its inputs were white with typical energy, so that both kinds of damage are in the same units.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from typing import TypeVar
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..budget import Budget, BudgetError
+from ..formats import BlockSparseSpec, DenseSpec, DopedSpec, FormatSpec, KroneckerSpec, LowRankSpec
+from ..plan import Decision, Plan
+from ..policies.choices import BlockSparseChoice, FormatChoice
+from ..sites import Site
+from .candidates import Candidate, factor_shapes, site_candidates
+from .estimate import SiteAnalysis
+from .options import SearchOptions
+from .solver import solve
+from .whiten import damped
+
+T = TypeVar("T")
+
+
+def map_sites(fn: Callable[[Site], T], sites: Sequence[Site], workers: int, desc: str, progress: bool) -> list[T]:
+    """``[fn(site) for site in sites]`` on ``workers`` threads, torch single-threaded, with a progress bar.
+
+    See `SearchOptions.workers` for why torch runs single-threaded here.
+    """
+    bar = tqdm(total=len(sites), desc=desc, unit="site", disable=not progress)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        if workers <= 1 or len(sites) <= 1:
+            out = []
+            for site in sites:
+                out.append(fn(site))
+                bar.update()
+            return out
+        with ThreadPoolExecutor(workers) as pool:
+            futures = [pool.submit(fn, site) for site in sites]
+            for f in as_completed(futures):
+                f.result()
+                bar.update()
+            return [f.result() for f in futures]
+    finally:
+        torch.set_num_threads(threads)
+        bar.close()
+
+
+def _weight(weights: Mapping[str, Tensor], site: Site) -> Tensor:
+    try:
+        w = weights[site.name]
+    except KeyError:
+        raise KeyError(f"no weight given for site {site.name!r}") from None
+    if tuple(w.shape) != tuple(site.shape):
+        raise ValueError(
+            f"weight for {site.name!r} has shape {tuple(w.shape)} but the site is {site.shape[0]}x{site.shape[1]}; "
+            "pass logical (out, in) weights (Conv1D weights transposed)"
+        )
+    return w
+
+
+def _white_energy(moments: Mapping[str, Tensor] | None, names: Sequence[str], damping: float) -> float:
+    """Median ``tr(H_d) / in`` over the sites with moments (1 when none have them)."""
+    if not moments:
+        return 1.0
+    energies = [float(damped(moments[n], damping).diagonal().mean()) for n in names if n in moments]
+    return float(np.median(energies)) if energies else 1.0
+
+
+def _size(n: float, key: str) -> str:
+    return f"{n:,.0f} bytes" if key == "bytes" else f"{n:,.0f} parameters"
+
+
+def make_plan(
+    sites: Sequence[Site],
+    weights: Mapping[str, Tensor],
+    spaces: Mapping[str, Sequence[FormatChoice]],
+    budget: Budget | str | float,
+    moments: Mapping[str, Tensor] | None = None,
+    rules: Mapping[str, str] | None = None,
+    progress: bool = True,
+    *,
+    options: SearchOptions | None = None,
+    importance: Mapping[str, float] | None = None,
+) -> Plan:
+    """One decision per site in ``spaces``: least total damage within ``budget``.
+
+    ``weights`` holds each site's logical ``(out, in)`` weight; ``spaces`` the formats each in-scope
+    site may use (sites not in it are out of scope and not in the plan); ``budget`` counts only the
+    in-scope sites (a ratio is over their dense bytes); ``moments`` the ``(in, in)`` input second
+    moments from `calibrate.collect_input_moments` for a data-aware plan; ``rules`` the name of the
+    policy rule that gave each site its space (recorded in the decisions).
+    """
+    options = options or SearchOptions()
+    budget = Budget.parse(budget)
+    known = {s.name for s in sites}
+    stray = sorted(set(spaces) - known)
+    if stray:
+        raise KeyError(f"format spaces given for unknown sites: {', '.join(stray[:5])}{' ...' if len(stray) > 5 else ''}")
+    scope = [s for s in sites if s.name in spaces]
+    data = bool(moments) and any(s.name in moments for s in scope)  # type: ignore[operator]
+    white = _white_energy(moments, [s.name for s in scope], options.damping)
+    priced = {s.name: site_candidates(s.shape, s.dtype, spaces[s.name], options) for s in scope}
+    dense_bytes = sum(s.nbytes for s in scope)
+    dense_params = sum(s.numel for s in scope)
+    key, limit = budget.limit(dense_bytes, dense_params)
+    smallest = sum(min(c.cost(key) for c in cands) for cands in priced.values())
+    if smallest > limit:  # checked before the (slow) analysis; `solve` would say the same
+        ratio = f" ({dense_bytes / smallest:.1f}x)" if key == "bytes" and smallest else ""
+        raise BudgetError(
+            f"budget {budget} allows {_size(limit, key)} for the {len(scope)} in-scope sites "
+            f"({_size(dense_bytes if key == 'bytes' else dense_params, key)} dense), but the smallest plan the "
+            f"allowed formats reach is {_size(smallest, key)}{ratio}; loosen the budget or allow smaller formats"
+        )
+
+    def analyse(site: Site) -> list[Candidate]:
+        weight = _weight(weights, site)
+        h = moments.get(site.name) if moments else None
+        cands = priced[site.name]
+        analysis = SiteAnalysis(weight, h, options.damping)
+        errors = analysis.errors([c.spec for c in cands])
+        scale = analysis.total * (white if data and h is None else 1.0)
+        scale *= 1.0 if importance is None else float(importance.get(site.name, 1.0))
+        return [
+            Candidate(c.spec, c.nbytes, c.nparams, c.choice, float(e), float(e) ** 2 * scale)
+            for c, e in zip(cands, errors, strict=True)
+        ]
+
+    tables = map_sites(analyse, scope, options.worker_count(), "kronc: analysing sites", progress)
+    picks = solve(tables, limit, key, grid=options.dp_grid)
+    decisions = [
+        Decision(
+            site=site.name, shape=site.shape, spec=t[i].spec, bytes_before=site.nbytes, bytes_after=t[i].nbytes,  # type: ignore[arg-type]
+            params_after=t[i].nparams, error=t[i].error, rule=(rules or {}).get(site.name),
+        )
+        for site, t, i in zip(scope, tables, picks, strict=True)
+    ]
+    return Plan(decisions=decisions, budget=str(budget), objective="data" if data else "weight")
+
+
+# ------------------------------------------------------------------------------------------ uniform
+
+
+def _largest(fits: Callable[[int], bool], hi: int) -> int:
+    """Largest ``k`` in ``[0, hi]`` with ``fits(k)`` (``fits`` monotone: true then false); 0 if none."""
+    lo = 0
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _uniform_specs(site: Site, fmt: str, cap: float, options: SearchOptions) -> list[FormatSpec]:
+    """Specs of format ``fmt`` storing at most ``cap`` bytes, one per structural variant."""
+    (m, n), item = site.shape, site.itemsize
+    if fmt == "dense":
+        return [DenseSpec()] if m * n * item <= cap else []
+    if fmt == "lowrank":
+        r = min(m, n, int(cap // (item * (m + n))))
+        return [LowRankSpec(rank=r)] if r >= 1 else []
+    if fmt == "kronecker":
+        specs = []
+        for m1, n1 in factor_shapes(site.shape, 2, options.kron_shapes):
+            per_term = (m1 * n1 + (m // m1) * (n // n1)) * item
+            t = min(int(cap // per_term), m1 * n1, (m // m1) * (n // n1))
+            if t >= 1:
+                specs.append(KroneckerSpec(a_shape=(m1, n1), terms=t))
+        return specs
+    if fmt == "doped":
+        total = m * n
+        nnz = _largest(lambda k: DopedSpec(density=k / total).nbytes(site.shape, item) <= cap, total)
+        return [DopedSpec(density=nnz / total)] if nnz >= 1 else []
+    if fmt == "blocksparse":
+        specs = []
+        for bh, bw in BlockSparseChoice().blocks:
+            if m % bh or n % bw:
+                continue
+            grid = (m // bh) * (n // bw)
+            k = _largest(lambda k: BlockSparseSpec(block=(bh, bw), density=k / grid).nbytes(site.shape, item) <= cap, grid)  # noqa: B023
+            if k >= 1:
+                specs.append(BlockSparseSpec(block=(bh, bw), density=k / grid))
+        return specs
+    raise ValueError(f"unknown format {fmt!r}: use dense, lowrank, kronecker, doped or blocksparse")
+
+
+def uniform_plan(
+    sites: Sequence[Site],
+    weights: Mapping[str, Tensor],
+    fmt: str,
+    ratio: float | str,
+    *,
+    moments: Mapping[str, Tensor] | None = None,
+    options: SearchOptions | None = None,
+    progress: bool = False,
+) -> Plan:
+    """Every site in format ``fmt`` at the same ratio: each site stores at most ``dense / ratio`` bytes.
+
+    A baseline for the planner. ``lowrank`` takes the largest rank that fits; ``kronecker`` the most
+    terms that fit for each factor shape `factor_shapes` offers, then the shape with the least
+    estimated error; ``doped`` is unstructured magnitude pruning (no base) at the largest density
+    whose values plus index fit; ``blocksparse`` the largest block density that fits, for each
+    default block shape that divides the weight, then the one with the least estimated error.
+    """
+    options = options or SearchOptions()
+    budget = Budget.parse(ratio)
+    if budget.unit != "ratio":
+        raise BudgetError(f"uniform plans take a ratio such as '4x', got {ratio!r}")
+    data = bool(moments)
+
+    def decide(site: Site) -> Decision:
+        weight = _weight(weights, site)
+        cap = site.nbytes / budget.value
+        specs = _uniform_specs(site, fmt, cap, options)
+        if not specs:
+            raise BudgetError(
+                f"{site.name} ({site.shape[0]}x{site.shape[1]}) has no {fmt} setting within {math.floor(cap):,} bytes "
+                f"({budget} of {site.nbytes:,})"
+            )
+        h = moments.get(site.name) if moments else None
+        errors = SiteAnalysis(weight, h, options.damping).errors(specs)
+        best = min(range(len(specs)), key=lambda i: (errors[i], specs[i].nbytes(site.shape, site.itemsize), i))
+        spec = specs[best]
+        return Decision(
+            site=site.name, shape=site.shape, spec=spec, bytes_before=site.nbytes,  # type: ignore[arg-type]
+            bytes_after=spec.nbytes(site.shape, site.itemsize), params_after=spec.nparams(site.shape),
+            error=float(errors[best]), rule=f"uniform {fmt}",
+        )
+
+    decisions = map_sites(decide, sites, options.worker_count(), f"kronc: uniform {fmt}", progress)
+    return Plan(decisions=decisions, budget=str(budget), objective="data" if data else "weight")
+
