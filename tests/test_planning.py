@@ -333,6 +333,21 @@ def test_data_aware_lowrank_beats_plain_svd_on_anisotropic_inputs() -> None:
     assert plans["data"].decisions[0].error == pytest.approx(_data_error(w, aware, h), abs=1e-6)
 
 
+@pytest.mark.parametrize(
+    "spec", [DopedSpec(density=0.3), BlockSparseSpec(block=(4, 4), density=0.3)], ids=["pruning", "blocks"]
+)
+def test_data_aware_sparse_ranking_beats_magnitude_on_anisotropic_inputs(spec) -> None:  # type: ignore[no-untyped-def]
+    w = _weight(48, 64)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4000, 64, generator=g) * torch.logspace(-2, 1, 64)
+    h = (x.T.double() @ x.double()) / x.shape[0]
+    plain = fit(w, spec).to_dense().detach()
+    aware = fit_site(w, spec, h).to_dense().detach()
+    out_err = lambda a: float((x @ (w - a).T).norm() / (x @ w.T).norm())  # noqa: E731
+    assert out_err(aware) < 0.8 * out_err(plain)
+    assert int((aware != 0).sum()) == int((plain != 0).sum())  # same storage, other entries
+
+
 @pytest.mark.parametrize("fmt", ["lowrank", "kronecker", "doped", "blocksparse"])
 def test_uniform_plan_keeps_every_site_within_the_ratio(fmt: str) -> None:
     sites, weights = _model_sites()

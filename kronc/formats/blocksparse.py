@@ -63,13 +63,19 @@ class BlockSparse(Factorized):
         self.blocks = nn.Parameter(blocks.contiguous())
 
     @classmethod
-    def fit(cls, weight: Tensor, spec: FormatSpec) -> BlockSparse:
+    def fit(cls, weight: Tensor, spec: FormatSpec, column_scale: Tensor | None = None) -> BlockSparse:
+        """Keep the blocks with the largest Frobenius norms (of ``W * column_scale`` when given:
+        the data-aware ranking, with ``column_scale = sqrt(diag E[x xᵀ])``)."""
         assert isinstance(spec, BlockSparseSpec)
         check_matrix(weight)
         shape: Shape = tuple(weight.shape)  # type: ignore[assignment]
         spec.check(shape)
         tiles = to_blocks(weight.detach(), spec.block)  # (gr, gc, bh, bw)
-        norms = tiles.float().pow(2).sum((2, 3)).flatten()
+        if column_scale is None:
+            norms = tiles.float().pow(2).sum((2, 3)).flatten()
+        else:
+            scaled = to_blocks(weight.detach().to(torch.float64) * column_scale.to(weight.device), spec.block)
+            norms = scaled.square().sum((2, 3)).flatten().float()
         keep = torch.argsort(norms, descending=True, stable=True)[: spec.nblocks(shape)]
         mask = torch.zeros_like(norms, dtype=torch.bool)
         mask[keep] = True

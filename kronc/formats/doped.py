@@ -67,7 +67,13 @@ class Doped(Factorized):
         self.overlay = overlay
 
     @classmethod
-    def fit(cls, weight: Tensor, spec: FormatSpec) -> Doped:
+    def fit(cls, weight: Tensor, spec: FormatSpec, column_scale: Tensor | None = None) -> Doped:
+        """Fit the base, then keep the residual's largest entries.
+
+        With ``column_scale`` (one factor per input column, e.g. ``sqrt(diag E[x xᵀ])``), entries are
+        ranked by ``|residual| * column_scale`` instead: the data-aware ranking of Wanda, which keeps
+        the entries that move the layer's output most.
+        """
         assert isinstance(spec, DopedSpec)
         check_matrix(weight)
         shape: Shape = tuple(weight.shape)  # type: ignore[assignment]
@@ -77,7 +83,8 @@ class Doped(Factorized):
         if spec.base is not None:
             base = (Kronecker if isinstance(spec.base, KroneckerSpec) else LowRank).fit(weight, spec.base)
             residual = residual - base.to_dense().detach()
-        mask = top_magnitude_mask(residual, spec.nnz(shape))
+        scores = residual if column_scale is None else residual.to(torch.float64) * column_scale.to(residual.device)
+        mask = top_magnitude_mask(scores, spec.nnz(shape))
         return cls(base, SparseOverlay.from_dense(residual, mask), spec)
 
     def forward(self, x: Tensor, bias: Tensor | None = None) -> Tensor:

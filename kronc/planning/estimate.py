@@ -13,9 +13,11 @@ The error of a candidate is relative: ``||W - W'|| / ||W||`` in the weight metri
   ``Σ H[(c,d),(e,f)] (A_i^T A_j)[c,e] (B_i^T B_j)[d,f]``, one pass over ``H``.
 * **doped**: the residual of the base (materialised once per base) sorted by magnitude; the error of
   keeping the ``k`` largest entries is the residual energy minus a cumulative sum. Data-aware the
+  entries are ranked by ``|R_ij| sqrt(H_jj)`` (Wanda's score, as `fit_site` fits them) and the
   error is ``||R S||² - 2 <S_k, R H> + <S_k H, S_k>`` with the first inner product a cumulative sum
   and the second one sparse product per density. Exact for `Doped.fit`.
-* **block sparse**: sorted block norms, cumulatively summed. Data-aware: a per-block-row quadratic
+* **block sparse**: sorted block norms, cumulatively summed. Data-aware: blocks ranked by the norms of
+  ``W diag(sqrt(H_jj))`` (as `fit_site` fits them) and a per-block-row quadratic
   form over the dropped blocks, from one pass over ``W H`` (a coarser block grid sums a finer
   grid's form). Exact for `BlockSparse.fit`.
 * **dense**: zero.
@@ -43,7 +45,7 @@ from torch import Tensor
 from ..formats import BlockSparseSpec, DenseSpec, DopedSpec, FormatSpec, KroneckerSpec, LowRankSpec
 from ..formats.base import check_matrix
 from ..formats.kronecker import rearrange
-from .whiten import damped, whitener
+from .whiten import column_scale, damped, whitener
 
 _F64 = torch.float64
 _CHUNK = 1 << 22  # elements of the largest temporary in the block-sparse data-aware pass
@@ -319,7 +321,12 @@ class SiteAnalysis:
         (m, n), (bh, bw) = self.shape, block
         gr, gc = m // bh, n // bw
         norms = self.w32.reshape(gr, bh, gc, bw).to(_F64).square().sum((1, 3)).flatten()  # row-major grid
-        order = torch.argsort(norms.float(), descending=True, stable=True)
+        if self.data:  # data-aware ranking, as `fit_site` does it: norms of W * sqrt(diag H)
+            scaled = self.w32.to(_F64) * self._column_scale()
+            ranked = scaled.reshape(gr, bh, gc, bw).square().sum((1, 3)).flatten().float()
+        else:
+            ranked = norms.float()
+        order = torch.argsort(ranked, descending=True, stable=True)
         if not self.data:
             tails = self.total - torch.cat([torch.zeros(1, dtype=_F64), norms[order].cumsum(0)])
             return {k: self._rel(tails[k]) for k in kept}
@@ -359,13 +366,21 @@ class SiteAnalysis:
         return g
 
     # ---------------------------------------------------------------- helpers
+    def _column_scale(self) -> Tensor:
+        assert self.h is not None
+        return column_scale(self.h)
+
     def _rel(self, err2: float | Tensor) -> float:
         return float(np.sqrt(max(float(err2), 0.0) / self.total)) if self.total > 0 else 0.0
 
     def _overlay(self, resid: Tensor, q: Tensor | None, kept: Sequence[int]) -> dict[int, float]:
         """Errors of ``resid`` minus its ``k`` largest-magnitude entries, for each ``k`` in ``kept``."""
         flat = resid.reshape(-1)
-        mags, idx = top_entries(flat.abs(), max(kept, default=0))
+        if q is None:
+            mags, idx = top_entries(flat.abs(), max(kept, default=0))
+        else:  # data-aware ranking, as `fit_site` does it: |R_ij| * sqrt(H_jj)
+            scores = (resid.to(_F64).abs() * self._column_scale()).reshape(-1)
+            _, idx = top_entries(scores, max(kept, default=0))
         if q is None:
             cum = torch.cat([torch.zeros(1, dtype=_F64), mags.to(_F64).square().cumsum(0)])
             energy = float(flat.square().sum(dtype=_F64))

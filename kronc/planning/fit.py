@@ -7,9 +7,12 @@ estimates in such a plan describe these fits.
   the damped input moments (`whiten`), the truncated SVD ``U_r Σ_r V_r^T`` of ``W S`` gives
   ``U = U_r Σ_r^{1/2}`` and ``V = Σ_r^{1/2} V_r^T S^{-1}``. Then ``(W - U V) S`` is the SVD tail of
   ``W S``, so the fit is optimal for the data-aware error and its error is exactly the tail.
+* ``doped`` and ``blocksparse`` with moments: the weight-space base, then entries (blocks) ranked by
+  ``|residual_ij| * sqrt(H_jj)`` (Wanda's score, the diagonal of the data-aware error) instead of
+  by magnitude.
 * every other format (and every format without moments): the weight-space fit of
   `kronc.formats.fit` (Van Loan–Pitsianis, magnitude doping, block norms). The planner's
-  data-aware estimate for those is the exact data-aware error of this weight-space fit.
+  data-aware estimate for all of these is the exact data-aware error of the fit described here.
 """
 
 from __future__ import annotations
@@ -17,16 +20,32 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..formats import Factorized, FormatSpec, LowRank, LowRankSpec, fit
+from ..formats import (
+    BlockSparse,
+    BlockSparseSpec,
+    Doped,
+    DopedSpec,
+    Factorized,
+    FormatSpec,
+    LowRank,
+    LowRankSpec,
+    fit,
+)
 from ..formats.base import check_matrix
-from .whiten import damped, whitener
+from .whiten import column_scale, damped, whitener
 
 
 def fit_site(weight: Tensor, spec: FormatSpec, moments: Tensor | None = None, damping: float = 0.01) -> Factorized:
-    """Fit ``spec`` to a dense ``(out, in)`` weight, whitened by input ``moments`` when given."""
-    if moments is None or not isinstance(spec, LowRankSpec):
+    """Fit ``spec`` to a dense ``(out, in)`` weight, data-aware when input ``moments`` are given."""
+    if moments is None:
         return fit(weight, spec)
-    return whitened_lowrank(weight, spec, moments, damping)
+    if isinstance(spec, LowRankSpec):
+        return whitened_lowrank(weight, spec, moments, damping)
+    if isinstance(spec, DopedSpec):
+        return Doped.fit(weight, spec, column_scale=column_scale(damped(moments, damping)))
+    if isinstance(spec, BlockSparseSpec):
+        return BlockSparse.fit(weight, spec, column_scale=column_scale(damped(moments, damping)))
+    return fit(weight, spec)
 
 
 def whitened_lowrank(weight: Tensor, spec: LowRankSpec, moments: Tensor, damping: float = 0.01) -> LowRank:

@@ -35,3 +35,12 @@ def whitener(h_damped: Tensor) -> Tensor:
             return s
         jitter = max(jitter * 10, 1e-10 * scale)
     raise ValueError("input moments are not positive semidefinite (Cholesky failed even with jitter)")
+
+
+def column_scale(h_damped: Tensor) -> Tensor:
+    """``sqrt(diag H_d)``: how much each input column moves the output on average (float64).
+
+    Sparse formats rank entries by ``|W_ij| * column_scale_j`` under the data-aware metric: the
+    diagonal part of ``tr(E H E^T)``, as Wanda does.
+    """
+    return h_damped.diagonal().clamp_min(0).sqrt()
