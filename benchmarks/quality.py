@@ -26,7 +26,7 @@ from kronc.data import abc_news_text, kjv_text
 from kronc.evaluate import perplexity
 from kronc.formats import DopedSpec, KroneckerSpec
 from kronc.plan import Decision, Plan
-from kronc.planning import SearchOptions, collect_input_moments, factor_shapes, make_plan, uniform_plan
+from kronc.planning import collect_input_moments, factor_shapes, make_plan, uniform_plan
 from kronc.planning.estimate import SiteAnalysis
 from kronc.policies import Policy, resolve
 from kronc.zoo import load_smollm2

@@ -1,8 +1,9 @@
 """Calibration: the input second moment ``H = E[x x^T]`` of every site, from a few batches.
 
 `collect_input_moments` runs the model on calibration batches with forward hooks on the modules
-that own the sites and accumulates ``X^T X`` in float64 on the CPU (the product is formed in float64
-on the activation's device), divided by the number of rows at the end.
+that own the sites and accumulates ``X^T X`` in float64 on the CPU (each batch's product is formed in
+float32 on the activation's device: 4-8x faster than float64 on CPUs, ~1e-6 relative rounding),
+divided by the number of rows at the end.
 
 * ``linear`` / ``conv1d`` sites: the module's input is the activation (``(..., in)``, also for the
   transposed HF ``Conv1D``). Sites reading the same tensor one after another (q/k/v, gate/up) share
@@ -48,8 +49,9 @@ class _Moments:
         if self._last is not None and self._last[0] is x and self._last[1] == x._version:
             xtx = self._last[2]
         else:
-            x2 = x.detach().reshape(-1, dim).to(torch.float64)
-            xtx = (x2.T @ x2).cpu()
+            x2 = x.detach().reshape(-1, dim)
+            x2 = x2.float() if x2.dtype != torch.float64 else x2
+            xtx = (x2.T @ x2).to(device="cpu", dtype=torch.float64)  # one batch in float32, sums in float64
             self._last = (x, x._version, xtx)
         rows = x.numel() // dim
         if name in self.sums:
