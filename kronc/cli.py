@@ -199,6 +199,7 @@ def classify(e: BaseException) -> tuple[int, str, str | None]:
     from .capture import CaptureError
     from .formats import FormatError
     from .policies import PolicyError
+    from .report import ResultsError
     from .resolve_model import ModelSpecError, accepted_forms
     from .serialize import KroncFileError
     from .zoo import MissingPackageError
@@ -213,6 +214,8 @@ def classify(e: BaseException) -> tuple[int, str, str | None]:
         more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
         source = problems[0].source if problems else "FILE"
         return EXIT_INPUT, f"invalid policy: {problems[0] if problems else text}{more}", f"run 'kronc policy validate {source}'"
+    if isinstance(e, ResultsError):
+        return EXIT_INPUT, text, "give folders written by 'kronc compress' (after 'kronc eval') or 'kronc demo'"
     if isinstance(e, BudgetError):
         return EXIT_INPUT, text, "e.g. --budget 25x, --budget 40MB or --budget '3M params'"
     if isinstance(e, ModelSpecError):

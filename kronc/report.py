@@ -34,6 +34,10 @@ REPORT = "report.png"
 MATPLOTLIB_PIP = "pip install matplotlib"
 RESULTS_VERSION = 1
 
+class ResultsError(ValueError):
+    """A folder or file holds no runs kronc can read (no kronc.json, no results.json)."""
+
+
 FORMAT_COLORS = {
     "dense": "#9e9e9e",
     "lowrank": "#1f77b4",
@@ -115,9 +119,12 @@ class Results:
 
     @classmethod
     def load(cls, path: str | Path) -> Results:
-        data = json.loads(Path(path).read_text())
+        try:
+            data = json.loads(Path(path).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ResultsError(f"{path} is not valid JSON: {e}") from e
         if not isinstance(data, dict) or data.get("kind") != "kronc-results":
-            raise ValueError(f"{path} is not a kronc results file (written by kronc demo)")
+            raise ResultsError(f"{path} is not a kronc results file (written by kronc demo)")
         dense = Measurement.from_json(data["dense"]) if data.get("dense") else None
         return cls(str(data.get("model", "?")), [Run.from_json(r) for r in data.get("runs", [])], dense, data.get("info") or {})
 
@@ -190,7 +197,7 @@ def read_runs(paths: Sequence[str | Path]) -> tuple[list[Run], Measurement | Non
         if not (p / "kronc.json").is_file():
             results = p / RESULTS if p.is_dir() else p
             if not results.is_file():
-                raise ValueError(f"{p} is neither a kronc save folder (kronc.json) nor holds a {RESULTS} from kronc demo")
+                raise ResultsError(f"{p} is neither a kronc save folder (kronc.json) nor holds a {RESULTS} from kronc demo")
             r = Results.load(results)
             runs += r.runs
             dense = dense or r.dense
@@ -205,7 +212,7 @@ def read_runs(paths: Sequence[str | Path]) -> tuple[list[Run], Measurement | Non
         runs.append(Run(label if len(paths) == 1 else f"{p.name} ({label})", plan, measured))
         titles.append(manifest.get("source") or p.name)
     if not runs:
-        raise ValueError("no runs found in " + ", ".join(map(str, paths)))
+        raise ResultsError("no runs found in " + ", ".join(map(str, paths)))
     title = ", ".join(dict.fromkeys(t for t in titles if t))
     return runs, dense, title
 
@@ -235,7 +242,7 @@ def write_report(runs: Sequence[Run], out: str | Path, *, dense: Measurement | N
     show_quality = len(quality) >= 2 or (len(quality) == 1 and dense is not None and dense.perplexity is not None)
     panels = len(with_plan) + (1 if show_quality else 0)
     if panels == 0:
-        raise ValueError("nothing to draw: the runs have no plans and no quality measurements")
+        raise ResultsError("nothing to draw: the runs have no plans and no quality measurements")
     width = max(8.0, min(22.0, 4.0 + 0.12 * max((len(r.plan.decisions) for r in with_plan), default=0)))  # type: ignore[union-attr]
     fig, axes = plt.subplots(panels, 1, figsize=(width, 3.4 * panels), squeeze=False)
     for ax, run in zip(axes[:, 0], with_plan, strict=False):
@@ -326,7 +333,7 @@ def _short(site: str) -> str:
 
 
 __all__ = [
-    "EVAL", "REPORT", "RESULTS", "Measurement", "Results", "Run", "measure_latency", "measure_latency_pair", "read_runs",
+    "EVAL", "REPORT", "RESULTS", "Measurement", "Results", "ResultsError", "Run", "measure_latency", "measure_latency_pair", "read_runs",
     "require_matplotlib",
     "size", "stored_bytes", "write_report",
 ]

@@ -201,6 +201,8 @@ def test_help_everywhere(argv: list[str], capsys: pytest.CaptureFixture[str]) ->
     (["eval", "{tmp}/nowhere"], "unknown model"),
     (["eval", "toy:lstm", "--text", "{tmp}/missing.txt"], "missing.txt does not exist"),
     (["report", "{tmp}/nowhere"], "does not exist"),
+    (["report", "{tmp}"], "is neither a kronc save folder"),
+    (["report", "{tmp}/fast.yaml"], "is not valid JSON"),
     (["demo", "--model", "toy:mlp", "--text", "{tmp}/text.txt", "-q"], "the demo measures perplexity"),
     (["demo", "--budgets", "2x,0.5x", "--model", "toy:lstm"], "must be at least 1x"),
     (["policy", "frobnicate"], "invalid choice: 'frobnicate'"),
