@@ -31,8 +31,11 @@ class CompressedLinear(nn.Module):
         return self.weight_format.shape[0]
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.weight_format(x)
-        return y if self.bias is None else y + self.bias
+        fmt = self.weight_format
+        if isinstance(fmt, Dense):
+            return nn.functional.linear(x, fmt.weight, self.bias)
+        # every other format takes the bias into its op, so the add is fused with the product
+        return fmt(x) if self.bias is None else fmt(x, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

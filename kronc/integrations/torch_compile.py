@@ -42,14 +42,16 @@ Limits:
 * **Inference.** Weights are read once, when a graph is compiled: later changes to the model's
   weights are not seen, and the compressed factors do not require gradients.
 * Only the weight objective (no calibration data reaches a backend): a policy with
-  ``objective: data`` is planned on weight error. LSTMs are not compressed (dynamo hands an
-  ``nn.LSTM``'s weights to one fused ``lstm`` call); compress them with `kronc.compile`.
+  ``objective: data`` is planned on weight error. LSTMs are not compressed: dynamo does not trace
+  ``nn.LSTM`` (a graph break), so their weights never reach a graph; compress them with
+  `kronc.compile`, whose ``CompressedLSTM`` compiles into one graph.
 * Recompiles (new shapes, failed guards) plan again; the plan and fitted factors are cached per
-  (policy, weights), so a recompile of an unchanged model reuses them.
+  (policy, weights), so a recompile of an unchanged model reuses them (`clear_cache` frees them).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import re
@@ -73,7 +75,7 @@ from ..plan import Plan
 from ..policies import Policy, resolve
 from ..sites import Site
 
-__all__ = ["BACKEND_NAME", "OPTIONS", "compress_graph", "kronc_backend", "qualified_name", "register"]
+__all__ = ["BACKEND_NAME", "OPTIONS", "clear_cache", "compress_graph", "kronc_backend", "qualified_name", "register"]
 
 BACKEND_NAME = "kronc"
 OPTIONS = ("budget", "policy", "inner", "inductor", "on_plan", "verify", "progress")
@@ -289,6 +291,11 @@ _CACHE: OrderedDict[_CacheKey, tuple[Plan, dict[str, Factorized], list[weakref.r
 _CACHE_SIZE = 8
 
 
+def clear_cache() -> None:
+    """Forget the plans and fitted factors kept for recompiles (the last 8 (policy, weights) pairs)."""
+    _CACHE.clear()
+
+
 def _plan_and_fit(captured: Captured, policy: Policy, progress: bool) -> tuple[Plan, dict[str, Factorized]]:
     from ..api import plan as make_plan
     from ..planning import fit_site
@@ -451,10 +458,8 @@ def register() -> None:
     """Register `kronc_backend` as ``torch.compile(backend="kronc")`` (done on ``import kronc``; idempotent)."""
     from torch._dynamo import register_backend
 
-    try:
+    with contextlib.suppress(AssertionError):  # already registered (a reload): keep the first
         register_backend(kronc_backend, name=BACKEND_NAME)
-    except AssertionError:  # already registered (a reload): keep the first
-        pass
 
 
 register()

@@ -1,0 +1,432 @@
+"""Inference speed, memory and size of SmolLM2-135M, dense and compressed, under eager and torch.compile.
+
+For the dense model and a compressed one per (policy, budget), every number is measured in the
+same run and given as a ratio against the dense model:
+
+* **prefill**: latency of one forward pass over 512 tokens (batch 1), building the KV cache and
+  the last position's logits, as ``generate`` does;
+* **decode**: greedy ``generate`` with the KV cache at batch 1 (``use_cache=True``,
+  ``min_new_tokens = max_new_tokens``); tokens per second of the decode steps alone,
+  ``N / (t(N + 1 new tokens) - t(1 new token))`` from a 32-token prompt;
+* both **eager** and under **torch.compile** (inductor, ``model.forward`` compiled; the compile
+  time is the first prefill plus the first ``generate``);
+* **weights**: bytes of the parameters and buffers the model holds (tied tensors once), which is
+  also what one decode step reads;
+* **peak memory**: weights plus the peak growth of the process's resident memory (RSS, sampled
+  every 0.5 ms by a thread, after ``gc`` and ``malloc_trim``) during one eager 512-token prefill.
+  ``tracemalloc`` does not see torch's allocations, so RSS is what is measured;
+* **disk**: bytes written by `kronc.save` (safetensors + manifest); the dense model as one
+  safetensors file of its state dict;
+* **compile time** of `kronc.compile` itself, split by stage (capture, plan, apply = fit + rewrite);
+* **perplexity** on ABC news (the evaluation text; 512-token windows) as a quality check, so a
+  faster plan is not mistaken for a free one.
+
+Policies (the scope is every decoder linear: q, k, v, o, gate, up, down of the 30 layers; the
+embedding and the tied LM head stay dense and outside the budget):
+
+* ``speed``: low rank (or dense) only. A low-rank weight at a ratio r costs 1/r of the dense
+  FLOPs and bytes as two plain GEMMs, so on CPU it runs faster in proportion;
+* ``quality``: every format (low rank, Kronecker, doped Kronecker, block-sparse, dense), the
+  planner's least-error choice. Doped and block-sparse formats are gather/scatter kernels on CPU
+  and slower than the dense GEMM they replace, so this plan is smaller but not faster here.
+
+With ``--calib-windows N > 0`` plans are data-aware (input statistics from N windows of the King
+James text, calibration only). Measurements repeat ``--reps`` times, interleaved across models so
+load changes from other processes hit them alike; medians are reported. Timing runs with
+``--threads`` torch threads (default 1: on a small machine shared with other work, OpenMP threads
+spin-waiting on each other make multi-threaded timings erratic).
+
+    python benchmarks/speed.py                                   # speed + quality at 4x
+    python benchmarks/speed.py --budgets 2x,4x --reps 5 --modes eager,compile
+
+Writes ``benchmarks/results/speed.{md,json}`` (``--out``) and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+import kronc
+from kronc.plan import Plan
+from kronc.policies import Policy
+
+RESULTS = Path(__file__).parent / "results"
+SCOPE = {"include": ["model.layers.*"]}
+POLICIES: dict[str, dict[str, Any]] = {
+    "speed": {"default_formats": [{"kind": "lowrank"}, {"kind": "dense"}]},
+    "quality": {},
+}
+
+
+# ------------------------------------------------------------------------------------------------ measuring
+
+
+def _rss() -> int:
+    """Resident set size of this process in bytes."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+
+
+def _trim() -> None:
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # glibc only: give freed pages back to the OS
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+class PeakRSS:
+    """Peak growth of RSS inside a ``with`` block, sampled by a thread."""
+
+    def __init__(self, interval: float = 5e-4) -> None:
+        self.interval, self.peak, self.base = interval, 0, 0
+        self._stop = threading.Event()
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss())
+            time.sleep(self.interval)
+
+    def __enter__(self) -> PeakRSS:
+        _trim()
+        self.base = self.peak = _rss()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss())
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.base
+
+
+def weight_bytes(model: nn.Module) -> int:
+    seen: set[int] = set()
+    total = 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def disk_bytes(model: nn.Module, tokenizer: Any) -> tuple[int, str]:
+    """Bytes on disk: `kronc.save` for compressed models, a safetensors state dict for the dense one."""
+    with tempfile.TemporaryDirectory() as tmp:
+        if getattr(model, "kronc_plan", None) is not None:
+            try:
+                kronc.save(model, tmp)
+                return sum(p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file()), "kronc.save"
+            except Exception as e:  # serialize is someone else's module; fall back rather than fail
+                print(f"  kronc.save failed ({type(e).__name__}: {e}); measuring a safetensors state dict")
+        from safetensors.torch import save_file
+
+        state, seen = {}, set()
+        for k, v in model.state_dict().items():
+            if v.data_ptr() not in seen:
+                seen.add(v.data_ptr())
+                state[k] = v.contiguous()
+        save_file(state, str(Path(tmp) / "model.safetensors"))
+        return (Path(tmp) / "model.safetensors").stat().st_size, "safetensors"
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+
+@dataclass
+class Variant:
+    name: str
+    model: nn.Module
+    plan: Plan | None = None
+    stages: dict[str, float] = field(default_factory=dict)
+    eager_forward: Callable[..., Any] | None = None
+    compiled_forward: Callable[..., Any] | None = None
+    results: dict[str, Any] = field(default_factory=dict)
+    samples: dict[str, list[float]] = field(default_factory=dict)
+
+    def use(self, mode: str) -> None:
+        """Route ``model.forward`` (what ``generate`` calls) to the eager or the compiled forward."""
+        if mode == "compile":
+            self.model.forward = self.compiled_forward  # type: ignore[method-assign]
+        elif "forward" in self.model.__dict__:
+            del self.model.forward
+
+    def add(self, key: str, value: float) -> None:
+        self.samples.setdefault(key, []).append(value)
+
+
+def build_variants(args: argparse.Namespace, model: nn.Module, tokenizer: Any) -> list[Variant]:
+    variants = [Variant("dense", model)]
+    calibration = None
+    if args.calib_windows:
+        from kronc.data import kjv_text
+
+        ids = tokenizer(kjv_text(max_chars=400_000), return_tensors="pt").input_ids[0]
+        calibration = [ids[i * 512 : (i + 1) * 512][None] for i in range(args.calib_windows)]
+    for budget in args.budgets:
+        for name in args.policies:
+            policy = Policy(budget=budget, scope=SCOPE, objective="data" if calibration else "weight", **POLICIES[name])
+            print(f"kronc.compile {name} {budget} ...", flush=True)
+            small, report = kronc.compile(model, policy=policy, calibration=calibration, report=True)
+            kinds = Counter(d.spec.kind for d in report.plan.decisions)
+            print(f"  {dict(report.seconds)}  formats {dict(kinds)}", flush=True)
+            variants.append(Variant(f"{name} {budget}", small.eval(), report.plan, dict(report.seconds)))
+    return variants
+
+
+# ------------------------------------------------------------------------------------------------ timing
+
+
+@torch.no_grad()
+def prefill_seconds(model: nn.Module, ids: Tensor) -> float:
+    t = time.perf_counter()
+    model(ids, use_cache=True, logits_to_keep=1)
+    return time.perf_counter() - t
+
+
+@torch.no_grad()
+def generate_seconds(model: nn.Module, prompt: Tensor, new: int) -> float:
+    t = time.perf_counter()
+    out = model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False, use_cache=True)
+    elapsed = time.perf_counter() - t
+    assert out.shape[1] == prompt.shape[1] + new
+    return elapsed
+
+
+def measure_round(v: Variant, mode: str, prefill_ids: Tensor, prompt: Tensor, new: int) -> None:
+    v.use(mode)
+    v.add(f"{mode} prefill s", prefill_seconds(v.model, prefill_ids))
+    one = generate_seconds(v.model, prompt, 1)
+    many = generate_seconds(v.model, prompt, new + 1)
+    v.add(f"{mode} decode tok/s", new / max(many - one, 1e-9))
+    v.use("eager")
+
+
+def warm_up(v: Variant, mode: str, prefill_ids: Tensor, prompt: Tensor) -> float:
+    """Run every shape once; returns the seconds it took (the compile time under torch.compile)."""
+    if mode == "compile" and v.compiled_forward is None:
+        v.eager_forward = v.model.forward
+        v.compiled_forward = torch.compile(v.eager_forward)
+    v.use(mode)
+    t = time.perf_counter()
+    try:
+        prefill_seconds(v.model, prefill_ids)
+        generate_seconds(v.model, prompt, 4)
+    finally:
+        v.use("eager")
+    return time.perf_counter() - t
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def _median(xs: list[float] | None) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def linear_flops(v: Variant) -> float:
+    """Decoder-linear FLOPs per token relative to dense (from the plan's specs)."""
+    if v.plan is None:
+        return 1.0
+    before = sum(2 * d.shape[0] * d.shape[1] for d in v.plan.decisions)
+    after = sum(d.spec.flops_per_token(tuple(d.shape)) for d in v.plan.decisions)  # type: ignore[arg-type]
+    return after / before
+
+
+def summarize(variants: list[Variant], modes: list[str]) -> list[dict[str, Any]]:
+    rows = []
+    for v in variants:
+        row: dict[str, Any] = {"variant": v.name, **v.results}
+        for key, xs in v.samples.items():
+            row[key] = _median(xs)
+            row[f"{key} samples"] = xs
+        if v.plan is not None:
+            row["plan ratio"] = v.plan.ratio
+            row["formats"] = dict(Counter(d.spec.kind for d in v.plan.decisions))
+            row["kronc.compile s"] = v.stages
+        row["linear flops x"] = linear_flops(v)
+        rows.append(row)
+    dense = rows[0]
+    for row in rows:
+        for mode in modes:
+            p, d = row.get(f"{mode} prefill s"), row.get(f"{mode} decode tok/s")
+            if p and dense.get(f"{mode} prefill s"):
+                row[f"{mode} prefill speedup"] = dense[f"{mode} prefill s"] / p
+            if d and dense.get(f"{mode} decode tok/s"):
+                row[f"{mode} decode speedup"] = d / dense[f"{mode} decode tok/s"]
+        for key in ("weights MB", "peak MB", "disk MB"):
+            if row.get(key) and dense.get(key):
+                row[f"{key} x"] = row[key] / dense[key]
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, command: str, env: dict[str, Any]) -> str:
+    lines = [
+        "# Speed, memory and size: SmolLM2-135M, dense vs kronc-compressed",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Machine: {env['cpu']}, {env['cores']} cores (shared with other work), torch {env['torch']}, "
+        f"{args.threads} torch thread(s). Medians of {args.reps} interleaved repetitions. Prefill: "
+        f"{args.prefill} tokens, batch 1. Decode: greedy generate with KV cache from a {args.prompt}-token "
+        f"prompt, {args.new_tokens} new tokens. Speedups and ratios are against the dense model in the same run. "
+        f"Perplexity: ABC news, {args.ppl_windows} windows of 512 tokens. "
+        + (f"Data-aware plans from {args.calib_windows} King James windows of 512 tokens." if args.calib_windows
+           else "Weight-objective plans."),
+        "",
+    ]
+    head = ["model", "formats", "lin. FLOPs"]
+    for mode in args.modes:
+        head += [f"{mode} prefill s (speedup)", f"{mode} decode tok/s (speedup)"]
+    head += ["weights MB (x)", "peak MB (x)", "disk MB (x)", "ppl"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        formats = ", ".join(f"{k} {n}" for k, n in sorted(r.get("formats", {}).items())) or "dense"
+        cells = [r["variant"], formats, _fmt(r.get("linear flops x"), ".2f") + "x"]
+        for mode in args.modes:
+            cells.append(f"{_fmt(r.get(f'{mode} prefill s'), '.3f')} ({_fmt(r.get(f'{mode} prefill speedup'), '.2f')}x)")
+            cells.append(f"{_fmt(r.get(f'{mode} decode tok/s'), '.1f')} ({_fmt(r.get(f'{mode} decode speedup'), '.2f')}x)")
+        for key in ("weights MB", "peak MB", "disk MB"):
+            cells.append(f"{_fmt(r.get(key), '.0f')} ({_fmt(r.get(key + ' x'), '.2f')})")
+        cells.append(_fmt(r.get("ppl"), ".2f"))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "`kronc.compile` time by stage (seconds; apply = fit the formats + rewrite), and torch.compile "
+              "warm-up (first prefill + first generate, i.e. compile time):", "",
+              "| model | capture | plan | apply | total | torch.compile warm-up s |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        s = r.get("kronc.compile s", {})
+        lines.append(f"| {r['variant']} | " + " | ".join(_fmt(s.get(k), ".1f") for k in ("capture", "plan", "apply", "total"))
+                     + f" | {_fmt(r.get('compile warm-up s'), '.0f')} |")
+    lines += ["", "lin. FLOPs: FLOPs per token of the decoder linears relative to dense (the LM head, 28% of a dense "
+              "token's linear FLOPs, and attention are not included). Peak MB: weights + peak RSS growth during one "
+              "eager 512-token prefill.", ""]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--budgets", default="4x", help="comma-separated budgets for the decoder linears")
+    ap.add_argument("--policies", default="speed,quality", help=f"comma-separated, from {list(POLICIES)}")
+    ap.add_argument("--modes", default="eager,compile", help="eager and/or compile (torch.compile, inductor)")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--prefill", type=int, default=512)
+    ap.add_argument("--prompt", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--calib-windows", type=int, default=0, help="King James windows for data-aware plans (0: weight)")
+    ap.add_argument("--ppl-windows", type=int, default=2, help="ABC news windows for the perplexity check (0: skip)")
+    ap.add_argument("--out", type=Path, default=RESULTS / "speed")
+    args = ap.parse_args()
+    args.budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
+    args.policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = [p for p in args.policies if p not in POLICIES] + [m for m in args.modes if m not in ("eager", "compile")]
+    if unknown:
+        ap.error(f"unknown policies or modes: {unknown}")
+    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0].replace(str(Path.cwd()) + "/", ""), *sys.argv[1:]])
+
+    torch.set_num_threads(args.threads)
+    torch._dynamo.config.recompile_limit = 64  # every variant compiles the same forward code object
+    torch._dynamo.config.accumulated_recompile_limit = 1024
+    from kronc.data import abc_news_text
+    from kronc.evaluate import perplexity
+    from kronc.zoo import load_smollm2
+
+    model, tokenizer = load_smollm2()
+    model.eval()
+    text_ids = tokenizer(abc_news_text(), return_tensors="pt").input_ids
+    prefill_ids, prompt = text_ids[:, : args.prefill], text_ids[:, 1000 : 1000 + args.prompt]
+    variants = build_variants(args, model, tokenizer)
+
+    for v in variants:  # sizes, memory and quality (eager)
+        v.results["weights MB"] = weight_bytes(v.model) / 1e6
+        disk, how = disk_bytes(v.model, tokenizer)
+        v.results["disk MB"], v.results["disk via"] = disk / 1e6, how
+        prefill_seconds(v.model, prefill_ids)  # first call allocates caches; not counted
+        with PeakRSS() as peak:
+            prefill_seconds(v.model, prefill_ids)
+        v.results["prefill RSS growth MB"] = peak.growth / 1e6
+        v.results["peak MB"] = v.results["weights MB"] + peak.growth / 1e6
+        if args.ppl_windows:
+            v.results["ppl"] = perplexity(v.model, tokenizer, abc_news_text(), window=512, max_windows=args.ppl_windows,
+                                          progress=False).ppl
+        print(f"{v.name}: {v.results}", flush=True)
+
+    for mode in args.modes:
+        for v in variants:
+            try:
+                seconds = warm_up(v, mode, prefill_ids, prompt)
+            except Exception as e:
+                v.results[f"{mode} error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                print(f"{v.name} {mode}: FAILED {v.results[f'{mode} error']}", flush=True)
+                continue
+            if mode == "compile":
+                v.results["compile warm-up s"] = seconds
+            print(f"{v.name} {mode}: warm-up {seconds:.1f}s", flush=True)
+    for rep in range(args.reps):
+        for mode in args.modes:
+            for v in variants:
+                if f"{mode} error" not in v.results:
+                    measure_round(v, mode, prefill_ids, prompt, args.new_tokens)
+        print(f"round {rep + 1}/{args.reps}: " + "; ".join(
+            f"{v.name} " + ", ".join(f"{k} {xs[-1]:.3g}" for k, xs in v.samples.items()) for v in variants), flush=True)
+
+    rows = summarize(variants, args.modes)
+    env = {"cpu": _cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
+           "threads": args.threads, "load average": os.getloadavg()}
+    table = markdown(rows, args, command, env)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".md").write_text(table)
+    report = {"command": command, "env": env, "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+              "rows": rows}
+    args.out.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str))
+    print(table)
+    print(f"wrote {args.out.with_suffix('.md')} and .json")
+
+
+if __name__ == "__main__":
+    main()
