@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .budget import Budget
 from .capture import Captured, CaptureError, capture
-from .formats import Factorized, fit
+from .formats import Factorized
 from .passes.base import run_passes
 from .passes.rewrite import compress_sites
 from .passes.swap import swap_modules, swappable
@@ -149,13 +149,11 @@ def apply(
     example_inputs: Any = None,
     moments: Mapping[str, Tensor] | None = None,
     progress: bool = False,
-    empty: bool = False,
 ) -> nn.Module:
     """Fit and install the formats of ``plan`` (a `Plan` or a saved plan file) without searching again.
 
-    ``moments`` (input second moments per site, from calibration) make low-rank fits data-aware.
-    ``empty=True`` installs formats of the planned structure without fitting them (for loading
-    stored values into).
+    ``moments`` (input second moments per site, from calibration) make the fits data-aware (whitened
+    SVD for low-rank, Wanda-ranked entries and blocks for the sparse formats).
     """
     from .planning import fit_site
 
@@ -172,10 +170,7 @@ def apply(
     weights: dict[str, Factorized] = {}
     for site in _progress(chosen, progress, "fit"):
         weight, spec = captured.weight(site), the_plan[site.name].spec
-        if empty:
-            weights[site.name] = fit(torch.zeros_like(weight), spec)
-        else:
-            weights[site.name] = fit_site(weight, spec, (moments or {}).get(site.name))
+        weights[site.name] = fit_site(weight, spec, (moments or {}).get(site.name))
     mode = _output_mode(output, captured, chosen)
     if mode == "module":
         target = captured.model if inplace else copy.deepcopy(captured.model)
