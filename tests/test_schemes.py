@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -54,6 +54,16 @@ from kronc.recover.schemes import (
 from kronc.toy import FunctionalMLP
 
 F64 = torch.float64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """These shapes are tiny: one intra-op thread is fastest, and immune to a busy 2-core machine
+    (where idle OpenMP workers spin-wait, a 30 µs matmul can take 60 ms)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -333,10 +343,20 @@ def test_group_lasso_drives_irrelevant_blocks_to_zero_then_prune_and_mask() -> N
         assert torch.allclose(model(x), before, atol=1e-5)
 
 
-def test_group_lasso_on_conv1d_and_ratio_budget() -> None:
-    pytest.importorskip("transformers")
-    from transformers.pytorch_utils import Conv1D
+class Conv1D(nn.Module):
+    """Hugging Face GPT-2's Conv1D layout (``weight`` stored ``(in, out)``), without importing transformers."""
 
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.02)
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).reshape(*x.shape[:-1], self.nf)
+
+
+def test_group_lasso_on_conv1d_and_ratio_budget() -> None:
     conv = Conv1D(16, 32)  # weight stored (in=32, out=16)
     with torch.no_grad():
         conv.weight.copy_(torch.randn(32, 16, generator=gen(0)))
