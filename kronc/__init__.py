@@ -26,6 +26,7 @@ from .formats import (
 from .modules import CompressedEmbedding, CompressedLinear, CompressedLSTM
 from .plan import Decision, Plan
 from .policies import Policy, PolicyError, explain, load_policy
+from .recover import RecoveryConfig, recover
 from .serialize import KroncFileError, load, save
 from .sites import Site
 
@@ -34,8 +35,8 @@ __version__ = "0.1.0"
 __all__ = [
     "BlockSparseSpec", "Budget", "BudgetError", "CaptureError", "Captured", "CompileReport", "CompressedEmbedding",
     "CompressedLSTM", "CompressedLinear", "Decision", "DenseSpec", "DopedSpec", "FormatError", "FormatSpec",
-    "KroncFileError", "KroneckerSpec", "LowRankSpec", "Plan", "Policy", "PolicyError", "Site", "__version__", "apply",
-    "capture", "compile", "explain", "load", "load_policy", "plan", "save",
+    "KroncFileError", "KroneckerSpec", "LowRankSpec", "Plan", "Policy", "PolicyError", "RecoveryConfig", "Site",
+    "__version__", "apply", "capture", "compile", "explain", "load", "load_policy", "plan", "recover", "save",
 ]
 
 from .integrations import torch_compile as _torch_compile  # noqa: E402, F401  (registers torch.compile(backend="kronc"))

