@@ -133,8 +133,11 @@ def plans(dense: nn.Module) -> dict[str, Plan]:
     cap = kronc.capture(dense, example)
     sites = [s for s in cap.sites if s.kind == "lstm"]
     weights = {s.name: cap.weight(s) for s in sites}
+    doped_only = kronc.Policy.model_validate({"budget": "25x", "objective": "weight", "scope": {"kinds": ["lstm"]},
+                                              "default_formats": [{"kind": "doped", "base": "kronecker"}]})
     return {
-        "doped-kron": kronc.plan(cap, lstm_policy()),
+        "doped-kron": kronc.plan(cap, doped_only),
+        "kronc-plan": kronc.plan(cap, lstm_policy()),
         "magnitude": uniform_plan(sites, weights, "doped", 25),
         "lowrank": uniform_plan(sites, weights, "lowrank", 25),
     }
@@ -215,8 +218,10 @@ def main() -> None:
     record: dict[str, Any] = {"dense_ppl": ppl, "train_steps": args.train_steps, "held_tokens": len(held),
                               "recover_steps": args.recover_steps, "runs": []}
     table = plans(dense)
-    print(table["doped-kron"].table(), flush=True)
-    runs = [("doped-kron", "anneal+cmr"), ("doped-kron", ""), ("magnitude", ""), ("lowrank", "")]
+    for name in ("doped-kron", "kronc-plan"):
+        print(f"{name}:\n{table[name].table()}", flush=True)
+    runs = [("doped-kron", "anneal+cmr"), ("doped-kron", ""), ("kronc-plan", "anneal+cmr"), ("magnitude", ""),
+            ("lowrank", "")]
     for name, schemes in runs:
         if args.only and name not in args.only.split(","):
             continue

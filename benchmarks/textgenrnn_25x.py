@@ -58,8 +58,11 @@ def plans(dense: nn.Module) -> dict[str, Plan]:
     sites = [s for s in cap.sites if s.kind == "lstm"]
     weights = {s.name: cap.weight(s) for s in sites}
     policy = kronc.load_policy("lstm-25x").model_copy(update={"scope": Scope(kinds=["lstm"])})
+    doped_only = kronc.Policy.model_validate({"budget": "25x", "objective": "weight", "scope": {"kinds": ["lstm"]},
+                                              "default_formats": [{"kind": "doped", "base": "kronecker"}]})
     return {
-        "doped-kron": kronc.plan(cap, policy),
+        "doped-kron": kronc.plan(cap, doped_only),
+        "kronc-plan": kronc.plan(cap, policy),
         "magnitude": uniform_plan(sites, weights, "doped", 25),
         "lowrank": uniform_plan(sites, weights, "lowrank", 25),
     }
@@ -124,8 +127,11 @@ def main() -> None:
                               "eval_chars": args.eval_chars, "recover_steps": args.recover_steps, "runs": []}
     print(f"dense bits/char {record['dense_bpc']:.3f}", flush=True)
     table = plans(dense)
-    print(table["doped-kron"].table(), flush=True)
-    for name, schemes in [("doped-kron", "anneal+cmr"), ("doped-kron", ""), ("magnitude", ""), ("lowrank", "")]:
+    for name in ("doped-kron", "kronc-plan"):
+        print(f"{name}:\n{table[name].table()}", flush=True)
+    runs = [("doped-kron", "anneal+cmr"), ("doped-kron", ""), ("kronc-plan", "anneal+cmr"), ("magnitude", ""),
+            ("lowrank", "")]
+    for name, schemes in runs:
         if args.only and name not in args.only.split(","):
             continue
         record["runs"].append(run(name, dense, vocab, table[name], args.recover_steps, schemes, text, args.eval_chars))
