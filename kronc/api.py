@@ -56,18 +56,23 @@ def compile(  # noqa: A001 - mirrors torch.compile on purpose
     ``budget`` (``"25x"``, ``"40MB"``, ``"3M params"``) overrides the policy's. ``policy`` is a
     `Policy`, a file, or the name of a shipped policy (``"edge-25x"``); by default every linear
     and LSTM weight is in scope and may use every format. ``calibration`` is an iterable of model
-    inputs (tensors, tuples or dicts) for data-aware planning. ``output="module"`` returns the
+    inputs (tensors, tuples or dicts) for data-aware planning (it makes the objective ``data``):
+    input moments from every batch, sensitivity from the first ``solver.sensitivity_batches``. ``output="module"`` returns the
     same class with compressed modules swapped in (Hugging Face models keep ``generate()``);
     ``"graph"`` returns the rewritten fx graph; ``"auto"`` picks module when every site allows it.
     With ``report=True`` returns ``(model, CompileReport)``.
     """
     seconds: dict[str, float] = {}
     t0 = t = time.perf_counter()
-    pol = _policy(policy, budget)  # 0. the policy: a file, a shipped name or an object; budget overrides
+    pol = _policy(policy, budget, calibration)  # 0. the policy: a file, a shipped name or an object; budget overrides
     captured = capture(model, example_inputs)  # 1. trace the model, find its sites
     seconds["capture"], t = time.perf_counter() - t, time.perf_counter()
+    if calibration is not None and not isinstance(calibration, (list, tuple)):
+        calibration = list(calibration)  # read twice: moments and sensitivity
     moments = input_moments(captured, pol, calibration, progress=progress)  # 2. calibrate (data objective only)
-    the_plan = plan(captured, pol, moments=moments, progress=progress)  # 3. analyse, solve
+    importance = sensitivity(captured, pol, calibration, progress=progress)
+    seconds["calibrate"], t = time.perf_counter() - t, time.perf_counter()
+    the_plan = plan(captured, pol, moments=moments, importance=importance, progress=progress)  # 3. analyse, solve
     seconds["plan"], t = time.perf_counter() - t, time.perf_counter()
     out = apply(captured, the_plan, output=output, inplace=inplace, moments=moments, progress=progress)  # 4. fit, rewrite
     seconds["apply"] = time.perf_counter() - t
@@ -88,24 +93,31 @@ def plan(
     example_inputs: Any = None,
     progress: bool = False,
     moments: Mapping[str, Tensor] | None = None,
+    importance: Mapping[str, float] | None = None,
 ) -> Plan:
     """Choose a format for every in-scope site of ``model`` (no weights are changed).
 
     ``moments`` are input moments already collected by `input_moments` (then ``calibration`` is
     not run again); pass the same to `apply` so low-rank fits are the data-aware ones planned.
+    ``importance`` is a per-site sensitivity from `sensitivity` (computed here from
+    ``calibration`` when the moments are too and the policy asks for it).
     """
     from .planning import make_plan
 
     captured = model if isinstance(model, Captured) else capture(model, example_inputs)
-    pol = _policy(policy, budget)
+    pol = _policy(policy, budget, calibration if moments is None else moments)
     resolution, in_scope = _scope(captured, pol)
     if moments is None:
+        if calibration is not None and not isinstance(calibration, (list, tuple)):
+            calibration = list(calibration)
         moments = input_moments(captured, pol, calibration, progress=progress)
+        if importance is None:
+            importance = sensitivity(captured, pol, calibration, progress=progress)
     spaces = {s.name: list(resolution[s.name].formats) for s in in_scope}
     rules = {s.name: resolution[s.name].rule for s in in_scope}
     return make_plan(
         in_scope, {s.name: captured.weight(s) for s in in_scope}, spaces, Budget.parse(pol.budget),
-        moments=moments, rules=rules, progress=progress,
+        moments=moments, rules=rules, progress=progress, importance=importance,
     )
 
 
@@ -124,6 +136,25 @@ def input_moments(
     if calibration is None or pol.objective != "data":
         return None
     return collect_input_moments(captured.model, _scope(captured, pol, warn=False)[1], calibration, progress=progress)
+
+
+def sensitivity(
+    captured: Captured,
+    policy: PolicyLike,
+    calibration: Iterable[Any] | None,
+    *,
+    progress: bool = False,
+) -> dict[str, float] | None:
+    """Per-site sensitivity (`kronc.planning.collect_sensitivity`) over the first calibration batches,
+    when the policy's objective is ``data`` and its ``solver.sensitivity`` is ``fisher`` (else None)."""
+    from .planning import collect_sensitivity
+
+    pol = load_policy(policy) if not isinstance(policy, Policy) else policy  # type: ignore[arg-type]
+    if calibration is None or pol.objective != "data" or pol.solver.sensitivity == "none":
+        return None
+    sites = _scope(captured, pol, warn=False)[1]
+    found = collect_sensitivity(captured.model, sites, calibration, max_batches=pol.solver.sensitivity_batches, progress=progress)
+    return found or None
 
 
 def _scope(captured: Captured, pol: Policy, *, warn: bool = True) -> tuple[Any, list[Site]]:
@@ -192,7 +223,9 @@ def _output_mode(output: Output, captured: Captured, chosen: list[Site]) -> Lite
     return "module" if all(swappable(s) for s in chosen) else "graph"
 
 
-def _policy(policy: PolicyLike | None, budget: str | float | Budget | None) -> Policy:
+def _policy(policy: PolicyLike | None, budget: str | float | Budget | None, calibration: Any = None) -> Policy:
+    """The policy, ``budget`` overriding its own; calibration data turns the ``weight`` objective into
+    ``data`` (as the command line does), since it would otherwise go unused."""
     if policy is None:
         if budget is None:
             raise ValueError("kronc needs a budget (e.g. budget='10x') or a policy (e.g. policy='edge-25x')")
@@ -201,6 +234,8 @@ def _policy(policy: PolicyLike | None, budget: str | float | Budget | None) -> P
         pol = load_policy(policy)  # type: ignore[arg-type]
     if budget is not None:
         pol = pol.model_copy(update={"budget": str(Budget.parse(budget))})
+    if calibration is not None and pol.objective == "weight":
+        pol = pol.data_aware()
     return pol
 
 

@@ -432,7 +432,7 @@ def _data_aware(policy: Any, budget: str | None) -> Any:
         policy = Policy(budget=budget or "1x")
     if policy.objective != "data":
         print("note: calibration given: planning with the data-aware objective", file=sys.stderr)
-        policy = policy.model_copy(update={"objective": "data"})
+        policy = policy.data_aware()
     return policy
 
 
@@ -652,7 +652,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     import kronc
 
-    from .api import input_moments
+    from .api import input_moments, sensitivity
     from .budget import Budget
     from .report import Results, Run, write_report
 
@@ -678,15 +678,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     dense = _measure(resolved, None, args.window, args.windows, args.latency_runs, progress=progress, text=text)
     say(f"capturing {type(resolved.model).__name__}")
     captured = kronc.capture(resolved.model, resolved.example_inputs)
-    moments = None
+    moments = importance = None
     if calibration is not None:  # collected once, used by every budget's plan and fit
         say(f"calibrating on {args.calibration}")
         moments = input_moments(captured, policy, calibration, progress=progress)
+        importance = sensitivity(captured, policy, calibration, progress=progress)
     runs: list[Run] = []
     for budget in budgets:
         say(f"compressing to {budget}")
         t = time.perf_counter()
-        the_plan = kronc.plan(captured, policy, budget=budget, moments=moments, progress=progress)
+        the_plan = kronc.plan(captured, policy, budget=budget, moments=moments, importance=importance, progress=progress)
         small = kronc.apply(captured, the_plan, moments=moments, progress=progress)
         seconds = time.perf_counter() - t
         small_resolved = _replace_model(resolved, small)

@@ -107,6 +107,22 @@ def test_hf_causal_model_still_generates() -> None:
     assert out.shape == (1, 9)
 
 
+def test_calibration_plans_data_aware_with_sensitivity() -> None:
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = TOY_MODELS["llama"]()
+    ids = toy_inputs("llama")
+    rows = [ids[0:1], ids[1:2], ids[0:1].flip(1)]
+    batches = (r for r in rows)  # a generator: read for moments and sensitivity
+    small, report = kronc.compile(model, budget="2x", calibration=batches, report=True)
+    assert report.plan.objective == "data" and "calibrate" in report.seconds
+    assert {d.spec.kind for d in report.plan.decisions} <= {"dense", "doped"}  # DATA_FORMATS
+    assert report.plan.bytes_after <= report.plan.bytes_before / 2
+    # without sensitivity the damage is the plain output error: another plan
+    plain = kronc.plan(model, Policy(budget="2x", solver={"sensitivity": "none"}), calibration=rows)
+    assert plain.objective == "data" and plain.model_dump() != report.plan.model_dump()
+
+
 def test_apply_replays_a_saved_plan_exactly(tmp_path) -> None:  # type: ignore[no-untyped-def]
     torch.manual_seed(0)
     model = TOY_MODELS["lstm"]()

@@ -32,7 +32,7 @@ from kronc.formats import (
     parse_spec,
 )
 from kronc.formats.blocksparse import to_blocks
-from kronc.formats.doped import top_magnitude_mask
+from kronc.formats.doped import row_balanced_mask, row_balanced_order, top_magnitude_mask
 from kronc.formats.kronecker import kronecker_apply, rearrange
 
 EXACT = 1e-10
@@ -295,10 +295,43 @@ def test_blocksparse_error_is_dropped_block_norms() -> None:
 
 def test_unstructured_doped_error_is_dropped_entries() -> None:
     w = randn(10, 12, seed=29)
-    sq = w.flatten().pow(2).sort().values
     for k in (1, 30, 119):
         m = Doped.fit(w, DopedSpec(density=k / 120))
-        assert fro(w - m.to_dense()) == pytest.approx(float(sq[: 120 - k].sum().sqrt()), rel=1e-10)
+        mask = row_balanced_mask(w, k)
+        assert torch.equal(m.overlay.index.mask(), mask)
+        assert fro(w - m.to_dense()) == pytest.approx(float(w[~mask].pow(2).sum().sqrt()), rel=1e-10)
+
+
+def test_row_balanced_pruning_keeps_rows_equally_full_and_nested() -> None:
+    w = randn(10, 12, seed=30)
+    previous = torch.zeros(10, 12, dtype=torch.bool)
+    for k in range(121):
+        mask = row_balanced_mask(w, k)
+        counts = mask.sum(1)
+        assert int(counts.sum()) == k and int(counts.max() - counts.min()) <= 1
+        assert bool((previous <= mask).all())  # a larger count keeps a superset
+        for r in range(10):  # each row keeps its largest entries
+            if 0 < counts[r] < 12:
+                assert w[r][mask[r]].abs().min() >= w[r][~mask[r]].abs().max()
+        previous = mask
+    # the extra entries (k not a multiple of the rows) go to the rows whose next entry is largest
+    nxt = w.abs().sort(1, descending=True).values[:, 3]
+    assert set(torch.nonzero(row_balanced_mask(w, 33).sum(1) == 4).flatten().tolist()) == set(
+        torch.argsort(nxt, descending=True)[:3].tolist())
+    # the positions come in an order whose prefixes are the masks
+    order = row_balanced_order(w, 120)
+    for k in (0, 7, 33, 120):
+        prefix = torch.zeros(120, dtype=torch.bool)
+        prefix[order[:k]] = True
+        assert torch.equal(prefix.reshape(10, 12), row_balanced_mask(w, k))
+
+
+def test_row_balanced_pruning_gives_short_rows_share_to_the_others() -> None:
+    w = torch.zeros(4, 6)
+    w[0, :5] = torch.arange(1.0, 6.0)  # row 0: 5 non-zeros; rows 1-3: one each
+    w[1, 2], w[2, 0], w[3, 5] = 0.5, -7.0, 0.1
+    mask = row_balanced_mask(w, 8)
+    assert torch.equal(mask, w != 0)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from kronc.planning import (
     SearchOptions,
     SiteAnalysis,
     collect_input_moments,
+    collect_sensitivity,
     divisor_pairs,
     factor_shapes,
     fit_site,
@@ -68,6 +69,7 @@ SPECS: list[FormatSpec] = [
     KroneckerSpec(a_shape=(6, 8), terms=3),
     KroneckerSpec(a_shape=(4, 16), terms=2),
     DopedSpec(base=None, density=0.05),
+    DopedSpec(base=None, density=0.4),  # many kept entries: the dense path of the estimate
     DopedSpec(base=KroneckerSpec(a_shape=(6, 8), terms=2), density=0.02),
     DopedSpec(base=KroneckerSpec(a_shape=(12, 4), terms=1), density=0.1),
     DopedSpec(base=LowRankSpec(rank=4), density=0.03),
@@ -111,6 +113,27 @@ def test_estimates_equal_the_error_of_the_fit(data: bool) -> None:
     for spec, est in zip(SPECS, estimates, strict=True):
         approx = (fit_site(w, spec, h) if data else fit(w, spec)).to_dense().detach()
         assert est == pytest.approx(_data_error(w, approx, h), abs=1e-5), spec.describe()
+
+
+@pytest.mark.parametrize("shape", [(48, 64), (64, 48)], ids=["wide", "tall"])
+def test_heldout_lowrank_estimate_is_the_cross_fitted_error(shape: tuple[int, int]) -> None:
+    w = _weight(*shape)
+    n = shape[1]
+    halves = [_moments(n, seed=s)[:n, :n] * (1 + 0.5 * s) for s in (3, 4)]
+    h = (halves[0] + halves[1]) / 2
+    analysis = SiteAnalysis(w, h, folds=(halves[0].float(), halves[1].float()))
+    ranks = [1, 5, 20, 40]
+    est = analysis.lowrank_errors(ranks)
+    total = float(((w.double() @ damped(h)) * w.double()).sum())
+    for r in ranks:
+        err2 = 0.0
+        for a, b in ((0, 1), (1, 0)):  # fit to one half, measured on the other
+            e = w.double() - fit_site(w, LowRankSpec(rank=r), halves[a].float().double()).to_dense().detach().double()
+            err2 += float(((e @ damped(halves[b].float().double())) * e).sum()) / 2
+        assert est[r] == pytest.approx(math.sqrt(err2 / total), rel=1e-4, abs=1e-6)
+    # held out, the fit is worse than on the data it was fitted to
+    in_sample = SiteAnalysis(w, h).lowrank_errors(ranks)
+    assert all(est[r] > in_sample[r] for r in ranks)
 
 
 def test_estimates_for_bfloat16_weights_and_refinement_near_exact() -> None:
@@ -169,8 +192,10 @@ def test_candidates_save_bytes_and_respect_the_choice() -> None:
     assert len({c.spec for c in cands}) == len(cands)  # no duplicates
     blocks = {c.spec.block for c in cands if isinstance(c.spec, BlockSparseSpec)}
     assert blocks == {(16, 16)}  # 32x32 does not divide 48 rows
-    bases = {c.spec.base for c in cands if isinstance(c.spec, DopedSpec)}
+    bases = {c.spec.base for c in cands if isinstance(c.spec, DopedSpec) and c.spec.base is not None}
     assert len(bases) == SearchOptions().doped_shapes * DopedChoice().terms_max
+    pruned = sorted(c.spec.density for c in cands if isinstance(c.spec, DopedSpec) and c.spec.base is None)
+    assert pruned[0] == pytest.approx(0.02) and len(pruned) == 12  # ALL_FORMATS prunes at 2% to 90%
 
 
 def test_candidates_raise_when_nothing_fits() -> None:
@@ -359,6 +384,20 @@ def test_uniform_plan_keeps_every_site_within_the_ratio(fmt: str) -> None:
         assert all(isinstance(d.spec, DopedSpec) and d.spec.base is None for d in plan.decisions)
 
 
+def test_importance_scales_damage_and_missing_sites_get_the_median() -> None:
+    sites, weights = _model_sites()
+    spaces = {s.name: [LowRankChoice(), DenseChoice()] for s in sites}
+    base = make_plan(sites, weights, spaces, "3x", progress=False)
+    same = make_plan(sites, weights, spaces, "3x", progress=False, importance={s.name: 7.0 for s in sites})
+    assert same.model_dump() == base.model_dump()  # a common factor changes nothing
+    # one site made very important stays dense (or nearly); the median fills in for the others
+    vip = sites[0].name
+    weighted = make_plan(sites, weights, spaces, "3x", progress=False, importance={vip: 1e6, sites[1].name: 1.0, sites[2].name: 1.0})
+    assert weighted[vip].bytes_after >= base[vip].bytes_after
+    assert weighted[vip].bytes_after == max(d.bytes_after for d in weighted.decisions if d.site == vip)
+    assert weighted[vip].spec.kind == "dense"
+
+
 def test_workers_give_the_same_plan() -> None:
     sites, weights = _model_sites()
     spaces = {s.name: list(ALL_FORMATS) for s in sites}
@@ -414,3 +453,70 @@ def test_collect_input_moments() -> None:
     hh = torch.cat([torch.cat([torch.zeros(1, 3, 5), o[:-1]]).reshape(-1, 5) for o in top]).double()
     torch.testing.assert_close(moments["rnn.weight_hh_l1"], hh.T @ hh / hh.shape[0])
     assert model.training  # mode restored
+
+
+def test_collect_input_moments_folds_are_the_even_and_odd_batches() -> None:
+    torch.manual_seed(0)
+    model = _Block()
+    sites = [_site("q", (6, 8))]
+    batches = [torch.randn(5, 2, 8) for _ in range(4)]
+    moments = collect_input_moments(model, sites, batches, progress=False)
+    even, odd = moments.folds["q.weight"]
+    for half, chosen in ((even, batches[0::2]), (odd, batches[1::2])):
+        x = torch.cat([b.reshape(-1, 8) for b in chosen]).double()
+        torch.testing.assert_close(half.double(), x.T @ x / x.shape[0], rtol=1e-5, atol=1e-6)
+    assert not collect_input_moments(model, sites, batches[:1], progress=False).folds  # one batch: no halves
+
+
+class _Classifier(nn.Module):
+    def __init__(self, logits: bool) -> None:
+        super().__init__()
+        self.hidden = nn.Linear(8, 16)
+        self.head = nn.Linear(16, 5)
+        self.logits = logits
+
+    def forward(self, x: torch.Tensor):  # type: ignore[no-untyped-def]
+        out = self.head(torch.tanh(self.hidden(x)))
+        return type("Out", (), {"logits": out})() if self.logits else out
+
+
+def test_collect_sensitivity_is_the_fisher_per_output_feature() -> None:
+    torch.manual_seed(0)
+    model = _Classifier(logits=True)
+    sites = [_site("hidden", (16, 8)), _site("head", (5, 16))]
+    batches = [torch.randn(2000, 8) for _ in range(3)]
+    flags = [p.requires_grad for p in model.parameters()]
+    kappa = collect_sensitivity(model, sites, batches, max_batches=2, progress=False)
+    assert [p.requires_grad for p in model.parameters()] == flags  # restored
+    # at the logits, g = softmax - onehot(y) with y ~ softmax: E||g||^2 = 1 - ||p||^2
+    with torch.no_grad():
+        p = torch.softmax(model.head(torch.tanh(model.hidden(torch.cat(batches[:2])))), -1)
+    assert kappa["head.weight"] == pytest.approx(float((1 - p.square().sum(-1)).mean()) / 5, rel=0.05)
+    assert kappa["hidden.weight"] > 0
+    assert kappa == collect_sensitivity(model, sites, batches, max_batches=2, progress=False)  # seeded
+    # no logits: a standard normal projection of the output, E||g||^2 = out features at the output
+    plain = collect_sensitivity(_Classifier(logits=False), sites, batches, max_batches=3, progress=False)
+    assert plain["head.weight"] == pytest.approx(1.0, rel=0.05)
+
+
+class _TinyLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(11, 8)
+        self.head = nn.Linear(8, 11)
+
+    def forward(self, ids: torch.Tensor):  # type: ignore[no-untyped-def]
+        return type("Out", (), {"logits": self.head(self.emb(ids))})()
+
+
+def test_collect_sensitivity_of_a_causal_lm_is_the_next_token_gradient() -> None:
+    torch.manual_seed(0)
+    model = _TinyLM()
+    batches = [torch.randint(0, 11, (3, 9)) for _ in range(2)]
+    kappa = collect_sensitivity(model, [_site("head", (11, 8))], batches, progress=False)
+    total = 0.0
+    with torch.no_grad():
+        for ids in batches:
+            p = torch.softmax(model.head(model.emb(ids)), -1)[:, :-1]
+            total += float((p - nn.functional.one_hot(ids[:, 1:], 11)).square().sum())
+    assert kappa["head.weight"] == pytest.approx(total / (2 * 3 * 9 * 11), rel=1e-5)

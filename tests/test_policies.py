@@ -149,9 +149,9 @@ BAD_FILES = {
         "budget: 25x\nrules:\n  - match: x\n    formats: [{kind: lowrank, rank_mx: 4}]\n",
         ["rules[0].formats[0].rank_mx: unknown key 'rank_mx'", "did you mean 'rank_max'?"],
     ),
-    "density 0.7": (
-        "budget: 25x\nrules:\n" + GOOD_RULE * 2 + "  - match: x\n    formats:\n      - kind: doped\n        density_max: 0.7\n",
-        ["rules[2].formats[0].density_max: must be in (0, 0.5], got 0.7"],
+    "density 1.5": (
+        "budget: 25x\nrules:\n" + GOOD_RULE * 2 + "  - match: x\n    formats:\n      - kind: doped\n        density_max: 1.5\n",
+        ["rules[2].formats[0].density_max: must be in (0, 1], got 1.5"],
     ),
     "bad format kind": (
         "budget: 25x\nrules:\n  - match: x\n    formats: [{kind: kron}]\n",
@@ -216,7 +216,7 @@ def test_bad_files_fail_with_one_clear_line(case: str, tmp_path: Path) -> None:
 
 def test_every_problem_gets_its_own_line(tmp_path: Path) -> None:
     path = tmp_path / "many.yaml"
-    path.write_text("budget: 25y\nfoo: 1\nscope: {kinds: [x]}\nrules:\n  - match: a\n    formats: [{kind: doped, density_max: 0.7}]\n")
+    path.write_text("budget: 25y\nfoo: 1\nscope: {kinds: [x]}\nrules:\n  - match: a\n    formats: [{kind: doped, density_max: 1.5}]\n")
     with pytest.raises(PolicyError) as info:
         load_policy(str(path))
     lines = str(info.value).splitlines()
@@ -229,8 +229,8 @@ def test_every_problem_gets_its_own_line(tmp_path: Path) -> None:
     ("bad.toml", 'budget = "25x"\nobjective = data\n', "bad.toml:2:13: TOML syntax error: Invalid value"),
     ("bad.json", '{"budget": "25x",\n "rules": [}\n', "bad.json:2:12: JSON syntax error"),
     ("dup.json", '{"budget": "25x", "budget": "4x"}', "dup.json: JSON error: duplicate key 'budget'"),
-    ("bad.toml", 'budget = "25x"\n[[rules]]\nmatch = "x"\n[[rules.formats]]\nkind = "doped"\ndensity_max = 0.7\n',
-     "bad.toml: rules[0].formats[0].density_max: must be in (0, 0.5]"),
+    ("bad.toml", 'budget = "25x"\n[[rules]]\nmatch = "x"\n[[rules.formats]]\nkind = "doped"\ndensity_max = 1.5\n',
+     "bad.toml: rules[0].formats[0].density_max: must be in (0, 1]"),
     ("bad.json", '{"budget": "25x", "solver": {"method": "greedy"}}', "bad.json: solver.method: 'greedy' is not allowed"),
     ("bad.txt", "budget: 25x", "bad.txt: unsupported file type '.txt'"),
 ])
@@ -469,7 +469,7 @@ def test_schema_rejects_what_the_models_reject() -> None:
     jsonschema = pytest.importorskip("jsonschema")
     validator = jsonschema.Draft202012Validator(policy_schema.policy_json_schema())
     assert validator.is_valid({"budget": "4x", "default_formats": [{"kind": "doped", "density_max": 0.5}]})
-    assert not validator.is_valid({"budget": "4x", "default_formats": [{"kind": "doped", "density_max": 0.7}]})
+    assert not validator.is_valid({"budget": "4x", "default_formats": [{"kind": "doped", "density_max": 1.5}]})
     assert not validator.is_valid({"budget": "4x", "scoop": {}})
     assert not validator.is_valid({"budget": "4x", "default_formats": [{"rank_min": 3}]})
 

@@ -4,6 +4,13 @@
 (the follow-up's variant), or nothing at all, which makes the format plain unstructured magnitude
 pruning. ``S`` keeps ``round(density * out * in)`` entries of ``W - base`` with the largest
 magnitude; its positions are stored as a bitmap or compressed rows, whichever is smaller.
+
+With a base the overlay is ranked over the whole matrix (it holds the residual's outliers, wherever
+they are). Without one the entries are ranked **per output row** and every row keeps the same count
+(give or take one; see `row_balanced_order`), as Wanda does: on SmolLM2-135M at 2x, row-balanced
+pruning gives perplexity 135 where one ranking over the whole matrix gives 238 (ABC news, 2 windows
+of 512 tokens), although the latter has the smaller layer output error; a matrix-wide ranking
+empties some output features.
 """
 
 from __future__ import annotations
@@ -70,7 +77,8 @@ class Doped(Factorized):
     def fit(cls, weight: Tensor, spec: FormatSpec, column_scale: Tensor | None = None) -> Doped:
         """Fit the base, then keep the residual's largest entries.
 
-        With ``column_scale`` (one factor per input column, e.g. ``sqrt(diag E[x xᵀ])``), entries are
+        With no base the entries are kept row-balanced (`row_balanced_mask`). With ``column_scale``
+        (one factor per input column, e.g. ``sqrt(diag E[x xᵀ])``), entries are
         ranked by ``|residual| * column_scale`` instead: the data-aware ranking of Wanda, which keeps
         the entries that move the layer's output most.
         """
@@ -84,7 +92,10 @@ class Doped(Factorized):
             base = (Kronecker if isinstance(spec.base, KroneckerSpec) else LowRank).fit(weight, spec.base)
             residual = residual - base.to_dense().detach()
         scores = residual if column_scale is None else residual.to(torch.float64) * column_scale.to(residual.device)
-        mask = top_magnitude_mask(scores, spec.nnz(shape))
+        if spec.base is None:
+            mask = row_balanced_mask(scores, spec.nnz(shape))
+        else:
+            mask = top_magnitude_mask(scores, spec.nnz(shape))
         return cls(base, SparseOverlay.from_dense(residual, mask), spec)
 
     def forward(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -111,3 +122,39 @@ def top_magnitude_mask(matrix: Tensor, keep: int) -> Tensor:
     mask = torch.zeros(matrix.numel(), dtype=torch.bool, device=matrix.device)
     mask[order[:keep]] = True
     return mask.reshape(matrix.shape)
+
+
+
+def row_balanced_order(scores: Tensor, keep: int) -> Tensor:
+    """Flat positions of the ``keep`` entries row-balanced pruning keeps, in an order whose every
+    prefix is what it keeps for a smaller ``keep``.
+
+    Rank by rank: every row's largest ``|score|`` (ties by column), then every row's second
+    largest, and so on; within a rank, larger scores first (ties by row). Zero scores come after
+    all others, so a row with fewer non-zero entries than its share yields the rest to the other
+    rows and a matrix with at most ``keep`` non-zeros is kept exactly.
+    """
+    m, n = scores.shape
+    keep = min(max(int(keep), 0), m * n)
+    if keep == 0:
+        return torch.zeros(0, dtype=torch.long, device=scores.device)
+    mags = scores.abs()
+    order = torch.argsort(mags, dim=1, descending=True, stable=True)
+    nonzero = (mags > 0).sum(1)
+    per_rank = (nonzero[None, :] > torch.arange(n, device=scores.device)[:, None]).sum(1)
+    cum = per_rank.cumsum(0)
+    ranks = int(torch.searchsorted(cum, torch.tensor(keep, device=cum.device))) + 1 if int(cum[-1]) >= keep else n
+    sel = order[:, :ranks]
+    vals = mags.gather(1, sel).T  # (ranks, m)
+    rows = torch.argsort(vals, dim=1, descending=True, stable=True)
+    flat = rows * n + sel.T.gather(1, rows)
+    live = vals.gather(1, rows) > 0
+    return torch.cat([flat[live], flat[~live]])[:keep]
+
+
+def row_balanced_mask(scores: Tensor, keep: int) -> Tensor:
+    """Boolean mask of the ``keep`` entries of `row_balanced_order`: each row's largest ``|score|``,
+    every row equally full (up to one entry, or fewer where a row runs out of non-zeros)."""
+    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    mask[row_balanced_order(scores, keep)] = True
+    return mask.reshape(scores.shape)

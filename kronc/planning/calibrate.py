@@ -15,13 +15,18 @@ divided by the number of rows at the end.
 * ``embedding`` sites (lookups, not products) and ``functional`` sites (no module input to hook)
   get no moments.
 
-No per-layer *sensitivity* is measured here: the planner's damage is the layer's own output error
-(see `planner`), and `make_plan` takes an optional ``importance`` multiplier per site for callers
-that have a sensitivity estimate (e.g. gradients or a leave-one-out loss probe).
+`collect_sensitivity` measures how much the model's loss moves per unit of output error at each
+site: the mean squared gradient per output feature, ``κ = E ||g||² / out`` (a Fisher information,
+so ``½ κ E ||ΔW x||²`` approximates the loss increase a change ``ΔW`` causes per token). The loss is
+the next-token loss on the calibration text for causal language models (the empirical Fisher), the
+log-likelihood of labels sampled from the model's own predictions for other models with logits
+(the Fisher), and a random projection of the output otherwise (Gauss-Newton). The planner
+multiplies each site's output error by it (``importance`` of `make_plan`).
 """
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -36,10 +41,25 @@ from ..sites import Site
 _LSTM_ATTR = re.compile(r"weight_(ih|hh)_l(\d+)")
 
 
+class InputMoments(dict):  # type: ignore[type-arg]
+    """``{site name: E[x x^T]}`` (float64) over all calibration rows; ``folds`` holds the same over
+    the even-numbered and the odd-numbered batches (float32), for held-out error estimates (empty
+    with fewer than two batches)."""
+
+    folds: dict[str, tuple[Tensor, Tensor]]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.folds = {}
+
+
 class _Moments:
     def __init__(self) -> None:
         self.sums: dict[str, Tensor] = {}
         self.rows: dict[str, int] = {}
+        self.even: dict[str, Tensor] = {}  # the sums and rows of the even-numbered batches
+        self.even_rows: dict[str, int] = {}
+        self.parity = 0
         self._last: tuple[Tensor, int, Tensor] | None = None  # the last input seen, its version, X^T X
 
     def add(self, name: str, x: Tensor, dim: int) -> None:
@@ -60,9 +80,21 @@ class _Moments:
         else:
             self.sums[name] = xtx.clone()
             self.rows[name] = rows
+        if self.parity == 0:
+            if name in self.even:
+                self.even[name] += xtx
+                self.even_rows[name] += rows
+            else:
+                self.even[name] = xtx.clone()
+                self.even_rows[name] = rows
 
-    def result(self) -> dict[str, Tensor]:
-        return {name: s / self.rows[name] for name, s in self.sums.items() if self.rows[name] > 0}
+    def result(self) -> InputMoments:
+        out = InputMoments({name: s / self.rows[name] for name, s in self.sums.items() if self.rows[name] > 0})
+        for name, even in self.even.items():
+            a, total = self.even_rows[name], self.rows[name]
+            if name in out and 0 < a < total:
+                out.folds[name] = ((even / a).float(), ((self.sums[name] - even) / (total - a)).float())
+        return out
 
 
 def _linear_hook(acc: _Moments, group: list[Site]) -> Any:
@@ -121,8 +153,9 @@ def collect_input_moments(
     sites: Sequence[Site],
     batches: Iterable[Any],
     progress: bool = True,
-) -> dict[str, Tensor]:
-    """``{site name: E[x x^T]}`` (float64, CPU, ``(in, in)``) over the rows of every batch.
+) -> InputMoments:
+    """``{site name: E[x x^T]}`` (float64, CPU, ``(in, in)``) over the rows of every batch, with
+    the even and odd batches' moments in ``.folds`` (see `InputMoments`).
 
     Each batch is passed as ``model(**batch)`` for a mapping, ``model(*batch)`` for a tuple or list,
     else ``model(batch)``; under ``torch.no_grad()`` and in eval mode (restored afterwards). Sites
@@ -161,8 +194,138 @@ def collect_input_moments(
                 else:
                     model(batch)
                 acc._last = None
+                acc.parity ^= 1
     finally:
         for h in handles:
             h.remove()
         model.train(training)
     return acc.result()
+
+
+def _call(model: nn.Module, batch: Any) -> Any:
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def _input_ids(batch: Any) -> Tensor | None:
+    ids = batch.get("input_ids") if isinstance(batch, Mapping) else batch
+    if isinstance(ids, (tuple, list)) and ids:
+        ids = ids[0]
+    return ids if isinstance(ids, Tensor) and not ids.is_floating_point() and not ids.is_complex() else None
+
+
+def _fisher_loss(output: Any, batch: Any, generator: torch.Generator) -> Tensor:
+    """A scalar whose gradient ``g`` gives the sensitivity through ``E[g gᵀ]``.
+
+    * logits ``(B, T, V)`` over input ids ``(B, T)`` (a causal language model): the summed
+      next-token cross-entropy on the batch itself (empirical Fisher). On SmolLM2-135M this
+      allocates far better than the sampled Fisher below: perplexity 2,651 against 9,738 for pruning
+      planned at 4x (uniform: 12,006; ABC news, 8 windows of 512 tokens);
+    * other logits: cross-entropy against labels sampled from the model's own predictions (Fisher);
+    * other outputs: a standard normal projection of the first floating-point tensor (``J Jᵀ``).
+    """
+    logits = getattr(output, "logits", None)
+    ids = _input_ids(batch)
+    if (
+        isinstance(logits, Tensor) and logits.is_floating_point() and logits.dim() == 3 and ids is not None
+        and tuple(ids.shape) == tuple(logits.shape[:2]) and ids.shape[1] > 1
+    ):
+        flat = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+        return torch.nn.functional.cross_entropy(flat, ids[:, 1:].reshape(-1).to(flat.device), reduction="sum")
+    if isinstance(logits, Tensor) and logits.is_floating_point():
+        flat = logits.reshape(-1, logits.shape[-1]).float()
+        with torch.no_grad():
+            probs = torch.softmax(flat, -1).cpu()
+            labels = torch.multinomial(probs, 1, generator=generator).squeeze(1).to(flat.device)
+        return torch.nn.functional.cross_entropy(flat, labels, reduction="sum")
+    tensor = output
+    if not isinstance(tensor, Tensor):
+        tensor = getattr(output, "last_hidden_state", None)
+    if not isinstance(tensor, Tensor) and isinstance(output, (tuple, list)):
+        tensor = next((t for t in output if isinstance(t, Tensor) and t.is_floating_point()), None)
+    if not isinstance(tensor, Tensor) or not tensor.is_floating_point():
+        raise ValueError(f"cannot measure sensitivity: the model returned {type(output).__name__}, no logits or tensor")
+    noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float32).to(tensor.device, tensor.dtype)
+    return (tensor * noise).sum()
+
+
+def collect_sensitivity(
+    model: nn.Module,
+    sites: Sequence[Site],
+    batches: Iterable[Any],
+    max_batches: int | None = 2,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, float]:
+    """``{site name: κ}``: the mean squared loss gradient per output feature and token at each site.
+
+    The loss is `_fisher_loss` of the model's output on each of the first ``max_batches`` batches
+    (called as in `collect_input_moments`); sampled labels or projections use a generator seeded by
+    ``seed``.
+    Gradients are taken with respect to the outputs of the modules owning ``linear`` and ``conv1d``
+    sites only (no parameter gradients are formed; the owners' parameters require grad for the
+    duration). Other sites, and sites whose module did not run, are absent. A backward pass costs
+    about two forward passes.
+    """
+    groups: dict[str, list[Site]] = {}
+    for site in sites:
+        if site.kind in ("linear", "conv1d"):
+            groups.setdefault(site.owner, []).append(site)
+    outputs: dict[str, list[Tensor]] = {}
+    handles, flags = [], []
+
+    def hook(owner: str) -> Any:
+        def fn(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            if isinstance(output, Tensor) and output.requires_grad:
+                outputs.setdefault(owner, []).append(output)
+
+        return fn
+
+    for owner in groups:
+        try:
+            module = model.get_submodule(owner)
+        except AttributeError:
+            continue
+        for param in module.parameters(recurse=False):
+            flags.append((param, param.requires_grad))
+            param.requires_grad_(True)
+        handles.append(module.register_forward_hook(hook(owner)))
+    sums: dict[str, float] = {}
+    rows: dict[str, int] = {}
+    generator = torch.Generator().manual_seed(seed)
+    training = model.training
+    batches = list(batches)[:max_batches] if max_batches is not None else list(batches)
+    try:
+        model.eval()
+        with torch.enable_grad():
+            for batch in tqdm(batches, desc="kronc: sensitivity", unit="batch", disable=not progress):
+                outputs.clear()
+                loss = _fisher_loss(_call(model, batch), batch, generator)
+                owners = [o for o in outputs for _ in outputs[o]]
+                tensors = [t for o in outputs for t in outputs[o]]
+                grads = torch.autograd.grad(loss, tensors, allow_unused=True) if tensors else ()
+                for owner, grad in zip(owners, grads, strict=True):
+                    if grad is None:
+                        continue
+                    g2 = float(grad.detach().float().square().sum(dtype=torch.float64))
+                    sums[owner] = sums.get(owner, 0.0) + g2
+                    rows[owner] = rows.get(owner, 0) + grad.numel() // grad.shape[-1]
+                del loss, tensors, grads
+    finally:
+        outputs.clear()
+        for h in handles:
+            h.remove()
+        for param, flag in flags:
+            param.requires_grad_(flag)
+        model.train(training)
+    out = {}
+    for owner, group in groups.items():
+        if rows.get(owner):
+            for site in group:
+                kappa = sums[owner] / (rows[owner] * site.shape[0])
+                if math.isfinite(kappa):
+                    out[site.name] = kappa
+    return out

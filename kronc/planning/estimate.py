@@ -44,11 +44,13 @@ from torch import Tensor
 
 from ..formats import BlockSparseSpec, DenseSpec, DopedSpec, FormatSpec, KroneckerSpec, LowRankSpec
 from ..formats.base import check_matrix
+from ..formats.doped import row_balanced_order
 from ..formats.kronecker import rearrange
 from .whiten import column_scale, damped, whitener
 
 _F64 = torch.float64
 _CHUNK = 1 << 22  # elements of the largest temporary in the block-sparse data-aware pass
+_SPARSE_SHARE = 0.08  # overlays keeping at most this share of entries: sparse products, else dense
 
 
 def _tails(lam: Tensor) -> Tensor:
@@ -141,10 +143,23 @@ class SiteAnalysis:
 
     Build one per site (``weight`` of logical shape ``(out, in)``; ``moments`` the ``(in, in)`` input
     second moment for the data-aware metric) and call `errors`.
+
+    ``folds``: the moments of two disjoint halves of the calibration data. With them the data-aware
+    low-rank errors are **held out**: the mean over the two halves of the error, measured on one,
+    of the whitened fit to the other (`heldout_lowrank_tails`). The whitened SVD is the one fit
+    that uses all of ``H``, and with a few thousand calibration tokens it fits their noise: on
+    SmolLM2-135M at 2x its output error on held-out text is twice what it is on the calibration
+    text, while pruning's (ranked by ``diag H`` only) grows by 4%. Every other estimate is the
+    error on all of the calibration data.
     """
 
     def __init__(
-        self, weight: Tensor, moments: Tensor | None = None, damping: float = 0.01, refine_below: float = 0.05
+        self,
+        weight: Tensor,
+        moments: Tensor | None = None,
+        damping: float = 0.01,
+        refine_below: float = 0.05,
+        folds: tuple[Tensor, Tensor] | None = None,
     ) -> None:
         check_matrix(weight)
         self.shape: tuple[int, int] = (int(weight.shape[0]), int(weight.shape[1]))
@@ -170,6 +185,8 @@ class SiteAnalysis:
         self._gram: dict[bool, tuple[Tensor, Tensor | None, bool]] = {}  # whitened? -> (eigenvalues, vectors, f64?)
         self._kron: dict[tuple[int, int], tuple[Tensor, Tensor | None, bool]] = {}
         self._grams: dict[tuple[int, int], Tensor] = {}  # block shape -> block Gram (data-aware)
+        self.damping = damping
+        self.folds = folds if moments is not None else None
 
     # ---------------------------------------------------------------- decompositions
     def _decompose(self, matrix: Tensor, vectors: bool, upto: int) -> tuple[Tensor, Tensor | None, bool]:
@@ -237,9 +254,41 @@ class SiteAnalysis:
 
     # ---------------------------------------------------------------- families
     def lowrank_errors(self, ranks: Sequence[int]) -> dict[int, float]:
+        if self.folds is not None:
+            tails = self.heldout_lowrank_tails()
+            return {r: self._rel(tails[min(r, tails.numel() - 1)]) for r in ranks}
         lam, _ = self.spectrum(upto=max(ranks, default=0))
         tails = _tails(lam)
         return {r: self._rel(tails[min(r, lam.numel())]) for r in ranks}
+
+    def heldout_lowrank_tails(self) -> Tensor:
+        """``tails[r]``: squared output error of the whitened rank-``r`` fit, held out (see the class).
+
+        The whitened fit to ``H_a`` is ``P_r W`` with ``P_r`` the projection on the top ``r``
+        eigenvectors ``u_i`` of ``W H_a W^T``, so its error under ``H_b`` is
+        ``tr(W H_b W^T) - sum_{i<r} u_i^T W H_b W^T u_i``. When ``out > in`` the ``u_i`` come from
+        the ``in``-side decomposition of ``W S_a`` (``u_i ∝ W S_a v_i``).
+        """
+        assert self.folds is not None
+        m, n = self.shape
+        w = self.w
+        halves = [damped(f, self.damping) for f in self.folds]
+        out = torch.zeros(min(m, n) + 1, dtype=_F64)
+        for fit_h, eval_h in ((halves[0], halves[1]), (halves[1], halves[0])):
+            if m <= n:
+                lam, u = _eig_desc((w @ fit_h) @ w.T, True)
+                assert u is not None
+                gain = ((u.T @ ((w @ eval_h) @ w.T)) * u.T).sum(1)
+            else:
+                ws = w @ whitener(fit_h)
+                lam, v = _eig_desc(ws.T @ ws, True)
+                assert v is not None
+                z = w.T @ (ws @ v)  # columns: sigma_i W^T u_i
+                live = lam > lam[0] * 1e-12 if lam.numel() and lam[0] > 0 else torch.zeros_like(lam, dtype=torch.bool)
+                gain = torch.where(live, ((eval_h @ z) * z).sum(0) / torch.where(live, lam, 1.0), 0.0)
+            held = float(((w @ eval_h) * w).sum())
+            out += held - torch.cat([torch.zeros(1, dtype=_F64), gain.cumsum(0)])[: out.numel()]
+        return (out / 2).clamp_min(0)
 
     def kron_errors(
         self, a_shape: tuple[int, int], terms: Sequence[int], doped: dict[int, Sequence[int]] | None = None
@@ -300,7 +349,7 @@ class SiteAnalysis:
     def doped_errors(self, base: LowRankSpec | None, kept: Sequence[int]) -> dict[int, float]:
         """Errors of a low-rank (weight-space fit) or empty base plus the ``kept`` largest residual entries."""
         if base is None:
-            return self._overlay(self.w, self.p, kept)
+            return self._overlay(self.w, self.p, kept, balanced=True)
         _, vec = self.spectrum(whitened=False, vectors=True, upto=base.rank)
         assert vec is not None
         dt = torch.promote_types(vec.dtype, self.w.dtype)
@@ -373,27 +422,40 @@ class SiteAnalysis:
     def _rel(self, err2: float | Tensor) -> float:
         return float(np.sqrt(max(float(err2), 0.0) / self.total)) if self.total > 0 else 0.0
 
-    def _overlay(self, resid: Tensor, q: Tensor | None, kept: Sequence[int]) -> dict[int, float]:
-        """Errors of ``resid`` minus its ``k`` largest-magnitude entries, for each ``k`` in ``kept``."""
+    def _overlay(
+        self, resid: Tensor, q: Tensor | None, kept: Sequence[int], balanced: bool = False
+    ) -> dict[int, float]:
+        """Errors of ``resid`` minus its ``k`` largest-magnitude entries, for each ``k`` in ``kept``
+        (``balanced``: the row-balanced selection of `row_balanced_mask`, as for pruning)."""
         flat = resid.reshape(-1)
+        top = max(kept, default=0)
+        # data-aware ranking as `fit_site` does it: |R_ij| * sqrt(H_jj)
+        scores = resid.abs() if q is None else resid.to(_F64).abs() * self._column_scale()
+        idx = row_balanced_order(scores, top) if balanced else top_entries(scores.reshape(-1), top)[1]
         if q is None:
-            mags, idx = top_entries(flat.abs(), max(kept, default=0))
-        else:  # data-aware ranking, as `fit_site` does it: |R_ij| * sqrt(H_jj)
-            scores = (resid.to(_F64).abs() * self._column_scale()).reshape(-1)
-            _, idx = top_entries(scores, max(kept, default=0))
-        if q is None:
-            cum = torch.cat([torch.zeros(1, dtype=_F64), mags.to(_F64).square().cumsum(0)])
+            cum = torch.cat([torch.zeros(1, dtype=_F64), flat[idx].to(_F64).square().cumsum(0)])
             energy = float(flat.square().sum(dtype=_F64))
             return {k: self._rel(energy - float(cum[k])) for k in kept}
         assert self.h is not None
-        n = resid.shape[1]
-        qf = q.reshape(-1)
-        energy = float((flat * qf).sum())
-        lin = torch.cat([torch.zeros(1, dtype=_F64), (flat[idx] * qf[idx]).cumsum(0)])
+        m, n = resid.shape
         if self._h32 is None:
             self._h32 = self.h.float()
-        quad = _overlay_quadratic(idx // n, idx % n, flat[idx], self._h32, sorted(kept))
-        return {k: self._rel(energy - 2 * float(lin[k]) + quad[k]) for k in kept}
+        out: dict[int, float] = {}
+        few = [k for k in kept if k <= _SPARSE_SHARE * m * n]
+        if few:  # few kept entries: energy - 2 <S, R H> + <S H, S>, one sparse product per k
+            qf = q.reshape(-1)
+            energy = float((flat * qf).sum())
+            lin = torch.cat([torch.zeros(1, dtype=_F64), (flat[idx] * qf[idx]).cumsum(0)])
+            quad = _overlay_quadratic(idx // n, idx % n, flat[idx], self._h32, sorted(few))
+            out.update({k: self._rel(energy - 2 * float(lin[k]) + quad[k]) for k in few})
+        r32 = resid.float()
+        for k in kept:  # many: the dropped part E directly, <E H, E> in one float32 matmul
+            if k not in out:
+                e = r32.clone().reshape(-1)
+                e[idx[:k]] = 0
+                e = e.reshape(m, n)
+                out[k] = self._rel(float(((e @ self._h32) * e).sum(dtype=_F64)))
+        return out
 
     # ---------------------------------------------------------------- all at once
     def errors(self, specs: Sequence[FormatSpec]) -> np.ndarray:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from .choices import (
     ALL_FORMATS,
+    DATA_FORMATS,
+    PRUNING,
     BlockSparseChoice,
     DenseChoice,
     DopedChoice,
@@ -22,7 +24,7 @@ from .model import Policy, Rule, Scope, SolverOptions
 from .patterns import pattern_matches
 
 __all__ = [
-    "ALL_FORMATS", "BlockSparseChoice", "DenseChoice", "DopedChoice", "Explanation", "FormatChoice",
+    "ALL_FORMATS", "DATA_FORMATS", "PRUNING", "BlockSparseChoice", "DenseChoice", "DopedChoice", "Explanation", "FormatChoice",
     "KroneckerChoice", "LowRankChoice", "Policy", "PolicyError", "PolicyWarning", "Problem", "Resolution",
     "Rule", "Scope", "SiteResolution", "SolverOptions", "describe_choice", "dump_policy", "dumps_policy",
     "explain", "in_scope", "list_policies", "load_policy", "pattern_matches", "policy_data", "resolve",

@@ -33,7 +33,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 
 from ..budget import Budget
 from ..recover.config import RecoveryConfig
-from .choices import ALL_FORMATS, FormatChoice
+from .choices import ALL_FORMATS, DATA_FORMATS, FormatChoice
 from .patterns import check_pattern
 
 ScopeKind = Literal["linear", "conv1d", "functional", "lstm"]
@@ -109,6 +109,13 @@ class SolverOptions(_Model):
     bytes (slower, exact up to the byte resolution)."""
     max_candidates_per_site: int = Field(default=64, ge=1)
     """Cap on the candidates kept per site after pruning dominated ones (more bytes, more error)."""
+    sensitivity: Literal["fisher", "none"] = "fisher"
+    """Data objective only: ``fisher`` weights each site's output error by how much the model's loss
+    moves per unit of it (a Fisher information per output feature, from a backward pass on the first
+    ``sensitivity_batches`` calibration batches; see `kronc.planning.collect_sensitivity`);
+    ``none`` sums the plain output errors."""
+    sensitivity_batches: int = Field(default=2, ge=1)
+    """Calibration batches used for the sensitivity (each costs about three forward passes)."""
 
 
 class Policy(_Model):
@@ -126,9 +133,10 @@ class Policy(_Model):
     rules: list[Rule] = Field(default_factory=list)
     """Per-site format choices; the first rule (in this order) that matches a site applies."""
     default_formats: list[FormatChoice] = Field(default_factory=lambda: list(ALL_FORMATS), min_length=1)
-    """Formats for in-scope sites no rule matches (default: low-rank, Kronecker, doped Kronecker
-    and block-sparse with their default limits). ``[{kind: dense}]`` compresses only what rules
-    name."""
+    """Formats for in-scope sites no rule matches (default: every format with its default limits,
+    dense and unstructured pruning included; with ``objective: data``, only dense and unstructured
+    pruning, see ``kronc.policies.choices.DATA_FORMATS``). ``[{kind: dense}]`` compresses only
+    what rules name."""
     objective: Literal["weight", "data"] = "weight"
     """What the planner minimises: ``weight`` error ``||W - W'||`` or ``data``-aware error
     ``||X (W - W')ᵀ||`` measured on calibration inputs (these must be given when compiling)."""
@@ -147,6 +155,23 @@ class Policy(_Model):
         if isinstance(value, str):
             Budget.parse(value)  # BudgetError is a ValueError: pydantic reports it at `budget`
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _data_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("objective") == "data" and "default_formats" not in data:
+            data = {**data, "default_formats": list(DATA_FORMATS)}
+        return data
+
+    def data_aware(self) -> Policy:
+        """This policy with the ``data`` objective; its default formats become `DATA_FORMATS` unless
+        they were set explicitly."""
+        if self.objective == "data":
+            return self
+        update: dict[str, Any] = {"objective": "data"}
+        if "default_formats" not in self.model_fields_set:
+            update["default_formats"] = list(DATA_FORMATS)
+        return self.model_copy(update=update)
 
     @model_validator(mode="after")
     def _unique_rule_names(self) -> Policy:
