@@ -233,13 +233,19 @@ def main() -> None:
     ap.add_argument("--calib-windows", type=int, default=8, help="King James windows for calibration (512 tokens SmolLM2, 256 MiniLM)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=RESULTS / "quality")
+    ap.add_argument("--render", action="store_true", help="only rewrite the .md and .png from the existing .json")
     args = ap.parse_args()
+    if args.render:
+        write(json.loads(args.out.with_suffix(".json").read_text()), args.out)
+        return
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     budgets = [kronc.Budget.parse(b).value for b in args.budgets.split(",")]
     methods = args.methods.split(",")
     report: dict[str, Any] = {
         "command": "python benchmarks/quality.py " + " ".join(sys.argv[1:]),
+        "arguments": f"--budgets {args.budgets} --methods {args.methods} --models {args.models} --windows {args.windows} "
+                     f"--calib-windows {args.calib_windows} --threads {args.threads}",
         "threads": args.threads, "torch": torch.__version__, "models": {},
     }
     kjv = kjv_text(max_chars=400_000)
@@ -321,7 +327,8 @@ def write(report: dict[str, Any], out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=1))
     lines = ["# Training-free quality: kronc's mixed plan against single-format uniform plans", "",
-             f"- command: `{report['command']}` ({report['threads']} threads, torch {report['torch']})"]
+             f"- command: `{report['command'].strip()}` (that is: `{report.get('arguments', '')}`; "
+             f"{report['threads']} threads, torch {report['torch']})"]
     if "total_s" in report:
         lines.append(f"- wall time: {report['total_s'] / 60:.1f} min on a shared 2-core CPU machine")
     lines += ["- every stored byte counted (values and sparse/block indices); fits materialized as dense weights "
@@ -376,7 +383,10 @@ def write(report: dict[str, Any], out: Path) -> None:
                 ys = [math.log10(p[1]) for p in pts] if metric == "ppl_ratio" else [p[1] for p in pts]
                 ax.plot([p[0] for p in pts], ys, marker="o", lw=2.5 if m == "kronc" else 1.2, label=LABELS[m])
         ax.set_xscale("log")
-        ax.set_xlabel("compression of the in-scope linears (x, all bytes)")
+        ticks = sorted({r["budget"] for r in rows})
+        ax.set_xticks(ticks, [f"{b:g}x" for b in ticks])
+        ax.minorticks_off()
+        ax.set_xlabel("compression of the in-scope linears (all bytes)")
         ax.set_ylabel({"ppl_ratio": "log10 perplexity / dense", "pearson": "Pearson r", "probe": "probe accuracy"}[metric])
         ax.set_title({"ppl_ratio": "SmolLM2-135M, ABC news", "pearson": "MiniLM-L6, Lee similarity",
                       "probe": "MiniLM-L6, Pang-Lee probe"}[metric])
