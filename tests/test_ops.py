@@ -193,6 +193,31 @@ def test_gradcheck_sparse_linear() -> None:
     assert torch.autograd.gradcheck(lambda x, v, b: ops.sparse_linear(x, rows, cols, v, 5, b), (xr, vr, br))
 
 
+def test_sparse_linear_densified_path_matches_the_csr_path() -> None:
+    """Dense enough and many tokens: the CPU op scatters into a dense matrix; same numbers, same grads."""
+    from kronc.codegen.ops.sparse import csr_product, densified_product, densify_pays
+
+    assert not densify_pays(10_000, 5, 16, 16)  # 2% density: CSR always
+    assert not densify_pays(4, 128, 16, 16)  # 50% density but few tokens: CSR
+    assert densify_pays(512, 128, 16, 16)
+    rows, cols, values = entries(16, 16, 128)
+    x = torch.randn(8, 64, 16, dtype=F64)
+    assert densify_pays(8 * 64, 128, 16, 16)
+    assert densified_product(x, rows, cols, values, 16) is not None
+    ref = csr_product(x, rows, cols, values, 16)
+    assert ref is not None
+    torch.testing.assert_close(ops.sparse_linear(x, rows, cols, values, 16), ref, rtol=1e-12, atol=1e-12)
+    w = dense_sparse(rows, cols, values, (16, 16)).requires_grad_(True)
+    xr, vr = _req(x, values)
+    ops.sparse_linear(xr, rows, cols, vr, 16).square().sum().backward()
+    xw = x.clone().requires_grad_(True)
+    (xw @ w.T).square().sum().backward()
+    assert xr.grad is not None and vr.grad is not None and w.grad is not None and xw.grad is not None
+    torch.testing.assert_close(xr.grad, xw.grad, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(vr.grad, w.grad[rows, cols], rtol=1e-10, atol=1e-10)
+    assert torch.autograd.gradcheck(lambda x, v: ops.sparse_linear(x, rows, cols, v, 16), _req(x[:, :8], values))
+
+
 def test_gradcheck_lowrank_linear() -> None:
     g = _gen(5)
     x, u, v, bias = (torch.randn(*s, generator=g, dtype=F64) for s in [(3, 7), (5, 2), (2, 7), (5,)])
