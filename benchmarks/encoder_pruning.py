@@ -198,12 +198,12 @@ def main() -> None:
           f"{bench.dense_bytes / 1e6:.1f} MB", flush=True)
     record: dict[str, Any] = {"dense": dense, "sites": len(bench.sites), "dense_bytes": bench.dense_bytes,
                               "steps": args.steps, "batch": args.batch, "seq_len": args.seq_len, "runs": []}
-    for budget in args.budgets.split(","):
-        record["runs"].extend(run_budget(bench, budget, tuple(args.methods.split(","))))
     command = ("python benchmarks/encoder_pruning.py " + " ".join(sys.argv[1:])).strip()
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "encoder_pruning.json").write_text(json.dumps(record, indent=2))
-    (RESULTS / "encoder_pruning.md").write_text(render(record, command))
+    for budget in args.budgets.split(","):  # written after every budget: a cut-short run keeps what it measured
+        record["runs"].extend(run_budget(bench, budget, tuple(args.methods.split(","))))
+        (RESULTS / "encoder_pruning.json").write_text(json.dumps(record, indent=2))
+        (RESULTS / "encoder_pruning.md").write_text(render(record, command))
     print(render(record, command))
 
 

@@ -1,16 +1,20 @@
-"""Recovery on SmolLM2-135M: kronc's plan, then distillation for a fixed CPU time per budget.
+"""Recovery on SmolLM2-135M: a compression plan, then distillation for a fixed CPU time per budget.
 
-    python benchmarks/recovery.py --budgets 4x,10x,25x --minutes 6 --segments 3
+    python benchmarks/recovery.py --budgets 4x,10x,25x --minutes 20 --segments 4
+    python benchmarks/recovery.py --budgets 2x --methods kronecker,asvd --minutes 15 --out kngpt2
 
 For each budget of the decoder linears (q, k, v, o, gate, up, down of all 30 layers; embeddings and
-the tied LM head dense): kronc's data-aware plan (calibration: 4 windows of 512 King James tokens),
-then `kronc.recover` for ``--minutes`` of training on King James text (logit KL at T=2 plus
+the tied LM head dense) and each method (``--methods``: ``kronc``, kronc's data-aware plan;
+``kronecker``, every linear a Kronecker sum at the same ratio, initialised by the nearest-Kronecker
+(Van Loan-Pitsianis) fit, as KnGPT2 does; ``svd`` / ``asvd``, every linear low rank at the same
+ratio, plain or activation-aware; calibration: 4 windows of 512 King James tokens), then
+`kronc.recover` for ``--minutes`` of training on King James text (logit KL at T=2 plus
 intermediate-layer distillation of every decoder layer's hidden state, factors + norms + biases
 trained, AdamW at a constant ``--lr``, ``--batch`` windows of ``--seq-len`` tokens per step). The run is
 cut into ``--segments`` equal time slices, resumed from its checkpoint each time, and perplexity on the
 ABC news text (first ``--windows`` windows of 512 tokens) is measured after each slice (evaluation time
 is not counted in the budget), giving perplexity against training time. Writes
-``benchmarks/results/recovery.{md,json}``.
+``benchmarks/results/<--out>.{md,json,png}``; ``--render`` rewrites the markdown and plot from the JSON.
 """
 
 from __future__ import annotations
@@ -28,11 +32,14 @@ import torch
 import kronc
 from kronc.data import abc_news_text, kjv_text
 from kronc.evaluate import perplexity
-from kronc.planning import collect_input_moments
+from kronc.plan import Plan
+from kronc.planning import collect_input_moments, uniform_plan
 from kronc.policies import Policy, resolve
 from kronc.zoo import load_smollm2
 
 RESULTS = Path(__file__).parent / "results"
+METHODS = {"kronc": "kronc plan", "kronecker": "Kronecker sum (uniform)", "svd": "low rank, SVD (uniform)",
+           "asvd": "low rank, activation-aware SVD (uniform)"}
 
 
 def main() -> None:
@@ -44,8 +51,19 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--methods", default="kronc", help=f"comma-separated subset of {','.join(METHODS)}")
+    ap.add_argument("--out", default="recovery", help="results file name under benchmarks/results/")
+    ap.add_argument("--render", action="store_true", help="only rewrite the markdown and plot from the JSON")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    if args.render:
+        record = json.loads((RESULTS / f"{args.out}.json").read_text())
+        write(record, args.out)
+        return
+    methods = args.methods.split(",")
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        ap.error(f"unknown --methods {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     torch.set_num_threads(args.threads)
 
     model, tok = load_smollm2()
@@ -63,21 +81,22 @@ def main() -> None:
     record: dict[str, Any] = {"dense_ppl": dense, "windows": args.windows, "minutes": args.minutes,
                               "seq_len": args.seq_len, "batch": args.batch, "lr": args.lr, "runs": []}
     moments: dict[str, torch.Tensor] | None = None
-    for budget in args.budgets.split(","):
+    runs = [(budget, method) for budget in args.budgets.split(",") for method in methods]
+    for budget, method in runs:
         policy = Policy(budget=budget, objective="data")
         if moments is None:
             res = resolve(policy, cap.sites, warn=False)
             sites = [s for s in cap.sites if res[s.name].in_scope]
             moments = collect_input_moments(model, sites, [calib[i * 512:(i + 1) * 512][None] for i in range(4)])
         t = time.perf_counter()
-        plan = kronc.plan(cap, policy, moments=moments)
-        student = kronc.apply(cap, plan, moments=moments)
+        plan, fit_moments = make_plan(cap, sites, policy, method, budget, moments)
+        student = kronc.apply(cap, plan, moments=fit_moments)
         compile_s = time.perf_counter() - t
         kinds: dict[str, int] = {}
         for d in plan.decisions:
             kinds[d.spec.kind] = kinds.get(d.spec.kind, 0) + 1
         curve = [{"seconds": 0.0, "tokens": 0, "ppl": ppl(student)}]
-        print(f"{budget}: plan {kinds}, {plan.bytes_before / plan.bytes_after:.2f}x, compiled in {compile_s:.0f} s; "
+        print(f"{budget} {method}: plan {kinds}, {plan.bytes_before / plan.bytes_after:.2f}x, compiled in {compile_s:.0f} s; "
               f"training-free ppl {curve[0]['ppl']:.2f}", flush=True)
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = str(Path(tmp) / "recover.pt")
@@ -92,35 +111,83 @@ def main() -> None:
                               "kd": last.parts.get("kd"), "ppl": ppl(student)})
                 print(f"  {budget} after {last.seconds / 60:.1f} min ({last.step + 1} steps, {last.tokens:,} tokens): "
                       f"ppl {curve[-1]['ppl']:.2f}", flush=True)
-        record["runs"].append({"budget": budget, "ratio": plan.bytes_before / plan.bytes_after, "formats": kinds,
-                               "compile_seconds": compile_s, "curve": curve})
-    command = ("python benchmarks/recovery.py " + " ".join(sys.argv[1:])).strip()
+        record["runs"].append({"budget": budget, "method": method, "ratio": plan.bytes_before / plan.bytes_after,
+                               "formats": kinds, "compile_seconds": compile_s, "curve": curve})
+        record["command"] = ("python benchmarks/recovery.py " + " ".join(sys.argv[1:])).strip()
+        write(record, args.out)  # after every run: a cut-short benchmark keeps what it measured
+    print(render(record))
+
+
+def make_plan(cap: kronc.Captured, sites: list, policy: Policy, method: str, budget: str,
+              moments: dict[str, torch.Tensor]) -> tuple[Plan, dict[str, torch.Tensor] | None]:
+    """The plan for ``method`` and the calibration moments its fits use (None: weight-only fits)."""
+    if method == "kronc":
+        return kronc.plan(cap, policy, moments=moments), moments
+    weights = {s.name: cap.weight(s) for s in sites}
+    fmt, data = {"kronecker": ("kronecker", False), "svd": ("lowrank", False), "asvd": ("lowrank", True)}[method]
+    fit_moments = moments if data else None
+    return uniform_plan(sites, weights, fmt, budget, moments=fit_moments), fit_moments
+
+
+def write(record: dict[str, Any], name: str) -> None:
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "recovery.json").write_text(json.dumps(record, indent=2))
-    (RESULTS / "recovery.md").write_text(render(record, command))
-    print(render(record, command))
+    (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=2))
+    (RESULTS / f"{name}.md").write_text(render(record, f"{name}.png"))
+    plot(record, RESULTS / f"{name}.png")
 
 
-def render(record: dict[str, Any], command: str) -> str:
+def plot(record: dict[str, Any], path: Path) -> None:
+    """Perplexity (log scale) against training minutes, one line per run, dense as a dashed line."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot (pip install matplotlib)")
+        return
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for r in record["runs"]:
+        curve = r["curve"]
+        label = f"{r['budget']} {METHODS[r.get('method', 'kronc')]}"
+        ax.plot([c["seconds"] / 60 for c in curve], [c["ppl"] for c in curve], marker="o", label=label)
+    ax.axhline(record["dense_ppl"], color="k", linestyle="--", label=f"dense ({record['dense_ppl']:.1f})")
+    ax.set_yscale("log")
+    ax.set_xlabel("recovery training time, minutes (2-core CPU)")
+    ax.set_ylabel(f"ABC news perplexity ({record['windows']}x512 tokens)")
+    ax.set_title("SmolLM2-135M: perplexity against recovery time")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def render(record: dict[str, Any], png: str | None = None) -> str:
     dense = record["dense_ppl"]
+    runs = record["runs"]
+    n = max(len(r["curve"]) for r in runs) - 1
     lines = [
         "# Recovery on SmolLM2-135M: perplexity against CPU training time", "",
-        f"Command: `{command}`", "",
+        f"Command: `{record.get('command', 'python benchmarks/recovery.py')}`", "",
         f"Perplexity on the first {record['windows']} windows of 512 ABC news tokens (dense **{dense:.2f}**). "
         f"Training: King James text, {record['batch']}x{record['seq_len']} tokens per step, AdamW lr {record['lr']:g} "
-        f"constant, logit KL (T=2) + hidden-state distillation, {record['minutes']:g} min per budget on this 2-core "
-        "machine (shared with other jobs while measured).", "",
-        "| budget | ratio | formats | training-free | " + " | ".join(
-            f"after {c['seconds'] / 60:.1f} min" for c in record["runs"][0]["curve"][1:]) + " | final / dense |",
-        "|---|---|---|---|" + "---|" * (len(record["runs"][0]["curve"]) - 1) + "---|",
+        f"constant, logit KL (T=2) + hidden-state distillation of every decoder layer, factors, norms and biases "
+        f"trained, {record['minutes']:g} min per run on this 2-core machine (shared with other jobs while "
+        "measured; evaluation time not counted). Each cell: perplexity (minutes trained, tokens seen).", "",
+        "| budget | method | ratio | formats | training-free | " + " | ".join(f"segment {i + 1}" for i in range(n))
+        + " | final / dense |",
+        "|---|---|---|---|---|" + "---|" * n + "---|",
     ]
-    for r in record["runs"]:
+    for r in runs:
         formats = ", ".join(f"{k} {v}" for k, v in sorted(r["formats"].items()))
-        cells = " | ".join(f"{c['ppl']:.1f}" for c in r["curve"][1:])
-        lines.append(f"| {r['budget']} | {r['ratio']:.2f}x | {formats} | {r['curve'][0]['ppl']:.1f} | {cells} | "
-                     f"{r['curve'][-1]['ppl'] / dense:.2f}x |")
+        cells = [f"{c['ppl']:.1f} ({c['seconds'] / 60:.1f} min, {c['tokens'] / 1000:.0f}k)" for c in r["curve"][1:]]
+        cells += [""] * (n - len(cells))
+        lines.append(f"| {r['budget']} | {METHODS[r.get('method', 'kronc')]} | {r['ratio']:.2f}x | {formats} | "
+                     f"{r['curve'][0]['ppl']:.1f} | {' | '.join(cells)} | {r['curve'][-1]['ppl'] / dense:.2f}x |")
+    if png:
+        lines += ["", f"![perplexity against recovery time]({png})"]
     return "\n".join(lines) + "\n"
-
 
 if __name__ == "__main__":
     main()

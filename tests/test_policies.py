@@ -101,6 +101,18 @@ def test_the_three_shipped_policies_exist_and_load_by_name() -> None:
     assert str(lstm.parsed_budget) == "25x" and "lstm" in lstm.scope.kinds
 
 
+def test_shipped_policies_are_package_data_and_the_repo_folder_links_to_them() -> None:
+    import kronc
+
+    tomllib = pytest.importorskip("tomllib")
+    assert SHIPPED_DIR.is_relative_to(Path(kronc.__file__).resolve().parent)  # found from a wheel install too
+    root = Path(__file__).resolve().parent.parent
+    pyproject = tomllib.loads((root / "pyproject.toml").read_text())
+    globs = pyproject["tool"]["setuptools"]["package-data"]["kronc.policies"]
+    assert all(any(f.relative_to(SHIPPED_DIR.parent).match(g) for g in globs) for f in SHIPPED)
+    assert (root / "policies").resolve() == SHIPPED_DIR
+
+
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_every_shipped_policy_validates(path: Path) -> None:
     policy = load_policy(path)

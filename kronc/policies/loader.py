@@ -1,8 +1,9 @@
 """Reading and writing policy files (YAML, TOML, JSON) and finding shipped policies by name.
 
 ``load_policy("edge-25x")`` looks for ``edge-25x.{yaml,yml,toml,json}`` in each directory of the
-``KRONC_POLICY_PATH`` environment variable (``os.pathsep``-separated), then in the top-level
-``policies/`` folder next to the ``kronc`` package. Anything wrong with a file raises one
+``KRONC_POLICY_PATH`` environment variable (``os.pathsep``-separated), then among the shipped
+policies (package data in ``kronc/policies/shipped``, which the repository's top-level ``policies/``
+links to, so they are found from a wheel install too). Anything wrong with a file raises one
 `PolicyError` listing every problem as ``<file>: <key path>: <message>`` (syntax errors as
 ``<file>:<line>:<column>: ...``).
 
@@ -22,8 +23,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ValidationError
 
-import kronc
-
 from . import _toml
 from .diagnostics import validation_problems
 from .errors import PolicyError, Problem
@@ -37,8 +36,8 @@ else:  # pragma: no cover
 FileFormat = Literal["yaml", "toml", "json"]
 SUFFIXES: dict[str, FileFormat] = {".yaml": "yaml", ".yml": "yaml", ".toml": "toml", ".json": "json"}
 ENV_VAR = "KRONC_POLICY_PATH"
-SHIPPED_DIR = Path(kronc.__file__).resolve().parent.parent / "policies"
-"""The repository's top-level ``policies/`` folder (present in a source checkout or editable install)."""
+SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
+"""The shipped policies: package data (``kronc/policies/shipped``), linked as the repository's ``policies/``."""
 
 
 def policy_dirs() -> list[Path]:
