@@ -109,6 +109,8 @@ def plan_baseline(bench: Bench, fmt: str, ratio: float) -> nn.Module:
 
 
 METHODS = ("magnitude", "block", "lasso", "svd", "lpaf")
+LABELS = {"magnitude": "magnitude (unstructured)", "block": "block pruning", "lasso": "group lasso + block pruning",
+          "svd": "truncated SVD", "lpaf": "LPAF (movement + SA-SVD)"}
 
 
 def run_budget(bench: Bench, budget: str, methods: tuple[str, ...] = METHODS) -> list[dict[str, Any]]:
@@ -120,7 +122,7 @@ def run_budget(bench: Bench, budget: str, methods: tuple[str, ...] = METHODS) ->
     if "magnitude" in methods:
         student = plan_baseline(bench, "doped", ratio)
         before = bench.quality(student)
-        out.append(row(bench, "magnitude (unstructured)", budget, student, before, bench.distill(student, [], "factors"), n))
+        out.append(row(bench, LABELS["magnitude"], budget, student, before, bench.distill(student, [], "factors"), n))
 
     # block pruning by block norm, no group lasso, then masked fine-tuning
     if "block" in methods:
@@ -129,7 +131,7 @@ def run_budget(bench: Bench, budget: str, methods: tuple[str, ...] = METHODS) ->
         before = bench.quality(student)
         seconds = bench.distill(student, [mask], "all")
         mask.to_blocksparse(student)
-        out.append(row(bench, "block pruning", budget, student, before, seconds, n))
+        out.append(row(bench, LABELS["block"], budget, student, before, seconds, n))
 
     # reweighted group lasso, then block pruning and masked fine-tuning
     if "lasso" in methods:
@@ -140,13 +142,13 @@ def run_budget(bench: Bench, budget: str, methods: tuple[str, ...] = METHODS) ->
         before = bench.quality(student)
         seconds += bench.distill(student, [mask], "all")
         mask.to_blocksparse(student)
-        out.append(row(bench, "group lasso + block pruning", budget, student, before, seconds, 2 * n))
+        out.append(row(bench, LABELS["lasso"], budget, student, before, seconds, 2 * n))
 
     # plain truncated SVD at a uniform ratio, then fine-tuning of the factors
     if "svd" in methods:
         student = plan_baseline(bench, "lowrank", ratio)
         before = bench.quality(student)
-        out.append(row(bench, "truncated SVD", budget, student, before, bench.distill(student, [], "factors"), n))
+        out.append(row(bench, LABELS["svd"], budget, student, before, bench.distill(student, [], "factors"), n))
 
     # LPAF: movement scores while fine-tuning, movement pruning, sparsity-aware SVD with mixed ranks, fine-tuning
     if "lpaf" in methods:
@@ -157,7 +159,7 @@ def run_budget(bench: Bench, budget: str, methods: tuple[str, ...] = METHODS) ->
         lpaf_factorize(student, budget=budget, masks=masks, exclude=EXCLUDE, iters=20)
         before = bench.quality(student)
         seconds += bench.distill(student, [], "factors")
-        out.append(row(bench, "LPAF (movement + SA-SVD)", budget, student, before, seconds, 2 * n))
+        out.append(row(bench, LABELS["lpaf"], budget, student, before, seconds, 2 * n))
     return out
 
 
@@ -189,8 +191,14 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
+    ap.add_argument("--update", action="store_true",
+                    help="replace only these methods' rows in the existing results (same steps, batch, length)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    methods = tuple(args.methods.split(","))
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        ap.error(f"unknown --methods {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     torch.set_num_threads(args.threads)
     bench = Bench(args.steps, args.batch, args.seq_len)
     dense = bench.quality(bench.teacher)
@@ -199,9 +207,20 @@ def main() -> None:
     record: dict[str, Any] = {"dense": dense, "sites": len(bench.sites), "dense_bytes": bench.dense_bytes,
                               "steps": args.steps, "batch": args.batch, "seq_len": args.seq_len, "runs": []}
     command = ("python benchmarks/encoder_pruning.py " + " ".join(sys.argv[1:])).strip()
+    if args.update:
+        old = json.loads((RESULTS / "encoder_pruning.json").read_text())
+        settings = ("steps", "batch", "seq_len")
+        if any(old[k] != record[k] for k in settings):
+            ap.error(f"--update: the existing results used {', '.join(f'{k}={old[k]}' for k in settings)}")
+        rerun = {LABELS[m] for m in methods}
+        record["runs"] = [r for r in old["runs"] if r["method"] not in rerun]
+        command = old.get("command", command) + f"; then {command}"
+    record["command"] = command
     RESULTS.mkdir(exist_ok=True)
     for budget in args.budgets.split(","):  # written after every budget: a cut-short run keeps what it measured
-        record["runs"].extend(run_budget(bench, budget, tuple(args.methods.split(","))))
+        record["runs"].extend(run_budget(bench, budget, methods))
+        order = {(b, LABELS[m]): i for i, (b, m) in enumerate((b, m) for b in args.budgets.split(",") for m in METHODS)}
+        record["runs"].sort(key=lambda r: order.get((r["budget"], r["method"]), len(order)))
         (RESULTS / "encoder_pruning.json").write_text(json.dumps(record, indent=2))
         (RESULTS / "encoder_pruning.md").write_text(render(record, command))
     print(render(record, command))

@@ -596,6 +596,22 @@ def test_lpaf_prune_then_factorize_with_mixed_ranks(tmp_path: Path) -> None:
         assert torch.equal(loaded(x), model(x))
 
 
+def test_mixed_ranks_do_not_starve_wide_layers() -> None:
+    """Same spectrum shape, one layer 4x wider: equal retained energy gives both about the same rank."""
+    g = gen(11)
+    s = 0.95 ** torch.arange(64, dtype=torch.float64)
+
+    def with_spectrum(out: int) -> Tensor:
+        u = torch.linalg.qr(torch.randn(out, 64, generator=g, dtype=torch.float64)).Q
+        v = torch.linalg.qr(torch.randn(64, 64, generator=g, dtype=torch.float64)).Q
+        return (u * s) @ v.T
+
+    weights = {"wide": with_spectrum(256), "square": with_spectrum(64)}
+    ranks = mixed_ranks(weights, budget="4x", itemsize=8)
+    assert (ranks["wide"] * 320 + ranks["square"] * 128) * 8 <= (256 * 64 + 64 * 64) * 8 / 4
+    assert abs(ranks["wide"] - ranks["square"]) <= 2, ranks  # greedy gain-per-value alone: wide 9, square 17
+
+
 def test_lpaf_budget_ranks_fit_the_budget_and_favour_the_flat_spectrum() -> None:
     model = spectrum_mlp()
     weights = {"0": model[0].weight.detach(), "2": model[2].weight.detach()}
