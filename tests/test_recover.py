@@ -20,7 +20,7 @@ from kronc.cli import EXIT_INPUT, EXIT_OK, main
 from kronc.policies import Policy, PolicyError, load_policy
 from kronc.recover import RecoveryConfig, RecoveryError, Scheme, recover, recovery_losses
 from kronc.recover.batches import TokenWindows, make_batches
-from kronc.recover.losses import model_output
+from kronc.recover.losses import model_output, relative_mse
 from kronc.toy import LSTMLanguageModel, tiny_gpt2, tiny_llama, with_decaying_spectra
 
 FAST = {"solver": {"max_candidates_per_site": 24}}
@@ -429,6 +429,19 @@ def test_an_encoder_is_compared_by_its_hidden_states() -> None:
     assert all({"kd", "hidden"} <= set(h.parts) and math.isfinite(h.loss) for h in r.history)
     with pytest.raises(RecoveryError, match="the lm loss needs next-token logits"):
         recover(student, teacher, stream(), steps=1, lm=1.0, **SMALL)
+
+
+def test_hidden_state_error_is_per_position_so_a_massive_activation_does_not_hide_the_rest() -> None:
+    teacher = torch.randn(2, 8, 16)
+    teacher[:, 0] *= 1000.0  # an attention-sink position, as decoder LMs have
+    student = torch.zeros_like(teacher)
+    student[:, 0] = teacher[:, 0]  # right at the sink, nothing elsewhere
+    assert abs(float(relative_mse(student, teacher)) - 7 / 8) < 1e-6  # a batch-level ratio gives ~1e-5
+    assert float(relative_mse(teacher, teacher)) == 0.0
+    assert abs(float(relative_mse(torch.zeros_like(teacher), teacher)) - 1.0) < 1e-6
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    mask[:, 1:] = False  # only the sink counts
+    assert float(relative_mse(student, teacher, mask)) == 0.0
 
 
 def test_model_output_finds_the_tensor() -> None:
