@@ -204,6 +204,9 @@ def test_qualified_names_from_dynamo_sources() -> None:
     assert qualified_name("L['self']._modules['fc']._parameters['weight']") == "fc.weight"
     assert qualified_name("L['self'].model.layers.0.mlp") == "model.layers.0.mlp"
     assert qualified_name("G['net']._modules['0']._parameters['bias']") == "net.0.bias"
+    # a decorated forward(*args): the module is args[0] (transformers 5.24's Llama)
+    assert qualified_name("L['args'][0]._modules['model']._parameters['w']") == "model.w"
+    assert qualified_name("L['args'][1]._parameters['w']") == "args.1.w"
     assert qualified_name("not a source") is None
 
 

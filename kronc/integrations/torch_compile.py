@@ -91,12 +91,19 @@ _TOKEN = re.compile(r"\[\s*'([^']*)'\s*\]|\[\s*\"([^\"]*)\"\s*\]|\[\s*(\d+)\s*\]
 
 def qualified_name(source: str) -> str | None:
     """The module path in a dynamo source name: ``L['self']._modules['fc']._parameters['weight']`` ->
-    ``fc.weight``; ``L['self'].model.layers.0.mlp`` -> ``model.layers.0.mlp``. ``None`` if unreadable."""
+    ``fc.weight``; ``L['self'].model.layers.0.mlp`` -> ``model.layers.0.mlp``. ``None`` if unreadable.
+
+    ``L['args'][0]`` counts as the model too: when the compiled frame is a wrapper around ``forward``
+    taking ``*args`` (transformers 5.24 decorates Llama's), the module reaches dynamo as ``args[0]``.
+    """
     root = _ROOT.match(source)
     if root is None:
         return None
-    parts = [] if root.group(1) == "L" and root.group(2) == "self" else [root.group(2)]
+    local = root.group(1) == "L"
+    parts = [] if local and root.group(2) == "self" else [root.group(2)]
     pos = root.end()
+    if local and root.group(2) == "args" and (first := _TOKEN.match(source, pos)) and first.group(3) == "0":
+        parts, pos = [], first.end()
     while pos < len(source):
         tok = _TOKEN.match(source, pos)
         if tok is None:
