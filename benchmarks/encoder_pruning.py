@@ -217,9 +217,10 @@ def main() -> None:
         command = old.get("command", command) + f"; then {command}"
     record["command"] = command
     RESULTS.mkdir(exist_ok=True)
-    for budget in args.budgets.split(","):  # written after every budget: a cut-short run keeps what it measured
+    budgets = args.budgets.split(",")
+    order = {(b, LABELS[m]): i for i, (b, m) in enumerate((b, m) for b in budgets for m in METHODS)}
+    for budget in budgets:  # written after every budget: a cut-short run keeps what it measured
         record["runs"].extend(run_budget(bench, budget, methods))
-        order = {(b, LABELS[m]): i for i, (b, m) in enumerate((b, m) for b in args.budgets.split(",") for m in METHODS)}
         record["runs"].sort(key=lambda r: order.get((r["budget"], r["method"]), len(order)))
         (RESULTS / "encoder_pruning.json").write_text(json.dumps(record, indent=2))
         (RESULTS / "encoder_pruning.md").write_text(render(record, command))

@@ -8,7 +8,7 @@ the tied LM head dense) and each method (``--methods``: ``kronc``, kronc's data-
 ``kngpt2``, every linear one Kronecker product ``A ⊗ B`` with an ``A`` of 2 or 4 values (2x or 4x
 smaller, as KnGPT2 compresses GPT-2; the solver picks per linear), initialised by the nearest-Kronecker (Van Loan-Pitsianis) fit; ``kronecker``,
 every linear the Kronecker sum with the least error at the same ratio (at 2x: 82-234 terms of
-balanced factors, about 12x the dense FLOPs, too slow to train here); ``svd`` / ``asvd``, every linear low rank at the same
+balanced factors, 8.5-12x the dense FLOPs, too slow to train here); ``svd`` / ``asvd``, every linear low rank at the same
 ratio, plain or activation-aware; calibration: 4 windows of 512 King James tokens), then
 `kronc.recover` for ``--minutes`` of training on King James text (logit KL at T=2 plus
 intermediate-layer distillation of every decoder layer's hidden state, factors + norms + biases
@@ -196,6 +196,7 @@ def render(record: dict[str, Any], png: str | None = None) -> str:
     if png:
         lines += ["", f"![perplexity against recovery time]({png})"]
     return "\n".join(lines) + "\n"
+
 
 if __name__ == "__main__":
     main()

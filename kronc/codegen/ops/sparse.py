@@ -91,16 +91,21 @@ def densify_pays(tokens: int, nnz: int, out_features: int, in_features: int) -> 
     return numel > 0 and tokens * (_CSR_PER_ENTRY * nnz / numel - 1.0) > _SCATTER_ROWS
 
 
+def densified(t: Tensor, rows: Tensor, cols: Tensor, values: Tensor, out_features: int, in_features: int
+              ) -> Tensor | None:
+    """The dense ``(out, in)`` matrix of the entries, where `densify_pays` for ``t``'s tokens (CPU, float,
+    not traced); else None. ``t`` is the operand the matrix multiplies (its last dim is summed over)."""
+    if t.device.type != "cpu" or not t.dtype.is_floating_point or is_traced(t, values):
+        return None
+    if not densify_pays(t.numel() // max(1, t.shape[-1]), values.numel(), out_features, in_features):
+        return None
+    return values.new_zeros(out_features, in_features).index_put((rows, cols), values)
+
+
 def densified_product(x: Tensor, rows: Tensor, cols: Tensor, values: Tensor, out_features: int) -> Tensor | None:
-    """``x @ S.T`` through a transient dense ``S`` where `densify_pays` (CPU, float, not traced); else None."""
-    if x.device.type != "cpu" or not x.dtype.is_floating_point or is_traced(x, values):
-        return None
-    tokens = x.numel() // max(1, x.shape[-1])
-    if not densify_pays(tokens, values.numel(), out_features, x.shape[-1]):
-        return None
-    s = values.new_zeros(out_features, x.shape[-1])
-    s[rows, cols] = values
-    return x @ s.T
+    """``x @ S.T`` through a transient dense ``S`` where `densified` gives one; else None."""
+    s = densified(x, rows, cols, values, out_features, x.shape[-1])
+    return None if s is None else x @ s.T
 
 
 def overlay_product(x: Tensor, rows: Tensor, cols: Tensor, values: Tensor, out_features: int) -> Tensor:
@@ -178,11 +183,8 @@ def values_grad(g: Tensor, x: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
 def sparse_input_grad(
     g: Tensor, rows: Tensor, cols: Tensor, values: Tensor, out_features: int, in_features: int
 ) -> Tensor:
-    if g.device.type == "cpu" and not is_traced(g, values) and densify_pays(
-        g.numel() // max(1, out_features), values.numel(), in_features, out_features
-    ):  # g @ S through a transient dense S: no transposed copy of the entries to sort
-        s = values.new_zeros(out_features, in_features)
-        s[rows, cols] = values
+    s = densified(g, rows, cols, values, out_features, in_features)
+    if s is not None:  # g @ S through a transient dense S: no transposed copy of the entries to sort
         return g @ s
     rows_t, cols_t, values_t = transposed_entries(rows, cols, values, out_features, in_features)
     return torch.ops.kronc.sparse_linear(g, rows_t, cols_t, values_t, in_features)

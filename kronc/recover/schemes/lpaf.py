@@ -161,21 +161,21 @@ def mixed_ranks(
         raise ValueError(f"mixed_ranks: budget {budget!r} is below rank 1 for every layer "
                          f"({sum(unit_cost.values())} > {cap:.0f} {limit_unit})")
     spectra: dict[str, Tensor] = {}  # relative energy of each component, per layer
-    top: dict[str, int] = {}  # the highest useful rank, per layer
+    kept: dict[str, Tensor] = {}  # relative energy kept by ranks 1, 2, ..., per layer
+    top: dict[str, int] = {}  # the highest useful rank (`_useful`), per layer, at least 1
     for n, w in weights.items():
         x = w.detach().to(torch.float64)
         if n in masks:
             x = x * masks[n].to(x)
         s2 = torch.linalg.svdvals(x).square()
         spectra[n] = s2 / (float(s2.sum()) or 1.0)
-        top[n] = max(1, max((r for r in range(1, min(w.shape) + 1) if _useful(w, r)), default=1))
+        kept[n] = torch.cumsum(spectra[n], 0)
+        out, inp = w.shape
+        top[n] = max(1, min(out, inp, (out * inp - 1) // (out + inp)))
 
     def ranks_at(level: float) -> dict[str, int]:
-        out = {}
-        for n, rel in spectra.items():
-            need = int(torch.searchsorted(torch.cumsum(rel, 0), torch.tensor(level, dtype=rel.dtype) - 1e-12)) + 1
-            out[n] = min(max(1, need), top[n])
-        return out
+        wanted = torch.tensor(level - 1e-12, dtype=torch.float64)
+        return {n: min(int(torch.searchsorted(c, wanted)) + 1, top[n]) for n, c in kept.items()}
 
     def cost(ranks: Mapping[str, int]) -> float:
         return sum(r * unit_cost[n] for n, r in ranks.items())
