@@ -11,6 +11,7 @@ are not counted):
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Literal
 
@@ -30,32 +31,53 @@ class Budget(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     unit: Literal["ratio", "bytes", "params"]
-    value: float = Field(gt=0)
+    value: float = Field(gt=0, allow_inf_nan=False)
+    text: str | None = Field(default=None, exclude=True, repr=False)
+    """The user's spelling, so printing a budget gives back what was asked for (``str`` re-parses)."""
+
+    def __eq__(self, other: object) -> bool:  # the spelling is not part of the value
+        if not isinstance(other, Budget):
+            return NotImplemented
+        return (self.unit, self.value) == (other.unit, other.value)
+
+    def __hash__(self) -> int:
+        return hash((self.unit, self.value))
 
     @classmethod
     def parse(cls, text: str | float | int | Budget) -> Budget:
         if isinstance(text, Budget):
             return text
         if isinstance(text, (int, float)) and not isinstance(text, bool):
-            return cls._ratio(float(text), repr(text))
+            if not math.isfinite(text):
+                raise BudgetError(f"budget {text!r} is not a finite number: use a ratio such as 25 or '25x'")
+            return cls._ratio(float(text), f"{text!r}x")
         if not isinstance(text, str):
             raise BudgetError(f"budget must be a string like '25x', '40MB' or '3M params', got {type(text).__name__}")
         s = text.strip().lower().replace("_", "").replace(",", "")
         if m := re.fullmatch(r"([0-9]*\.?[0-9]+)\s*x", s):
-            return cls._ratio(float(m.group(1)), text)
+            return cls._ratio(float(m.group(1)), text.strip())
         if m := re.fullmatch(r"([0-9]*\.?[0-9]+)\s*(b|kb|mb|gb|kib|mib|gib)", s):
-            return cls(unit="bytes", value=float(m.group(1)) * _UNITS[m.group(2)])
+            return cls._amount("bytes", float(m.group(1)) * _UNITS[m.group(2)], text.strip(), "byte")
         if m := re.fullmatch(r"([0-9]*\.?[0-9]+)\s*([kmbg]?)\s*(params|parameters)", s):
-            return cls(unit="params", value=float(m.group(1)) * _COUNT[m.group(2)])
+            return cls._amount("params", float(m.group(1)) * _COUNT[m.group(2)], text.strip(), "parameter")
         raise BudgetError(
             f"cannot read budget {text!r}: use a ratio ('25x'), a size ('40MB', '512KiB') or a count ('3M params')"
         )
 
     @classmethod
     def _ratio(cls, value: float, text: str) -> Budget:
+        if not math.isfinite(value):
+            raise BudgetError(f"budget {text!r} is not a finite number: use a ratio such as '25x'")
         if value < 1:
             raise BudgetError(f"budget ratio {text!r} must be at least 1x (it is how many times smaller)")
-        return cls(unit="ratio", value=value)
+        return cls(unit="ratio", value=value, text=text)
+
+    @classmethod
+    def _amount(cls, unit: Literal["bytes", "params"], value: float, text: str, what: str) -> Budget:
+        # A budget under one byte/parameter leaves nothing to store (and would print as "0B").
+        if not math.isfinite(value) or value < 1:
+            raise BudgetError(f"budget {text!r} must allow at least one {what}")
+        return cls(unit=unit, value=value, text=text)
 
     def limit(self, dense_bytes: int, dense_params: int) -> tuple[Literal["bytes", "params"], float]:
         """The cap this budget puts on the in-scope total, in bytes or in stored parameters."""
@@ -64,8 +86,11 @@ class Budget(BaseModel):
         return ("bytes" if self.unit == "bytes" else "params"), self.value
 
     def __str__(self) -> str:
+        if self.text is not None:
+            return self.text
+        number = f"{self.value:.17g}"  # every digit: str(budget) parses back to the same value
         if self.unit == "ratio":
-            return f"{self.value:g}x"
+            return f"{number}x"
         if self.unit == "bytes":
-            return f"{round(self.value)}B"
-        return f"{round(self.value)} params"
+            return f"{number}B"
+        return f"{number} params"

@@ -22,6 +22,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
+import secrets
+import shutil
 from collections.abc import Callable, Mapping
 from importlib import metadata
 from pathlib import Path
@@ -75,6 +78,7 @@ def save(
     tokenizer: Any = None,
     source: str | None = None,
     example_inputs: Any = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write a compressed model (one returned by `kronc.compile` or `kronc.apply`) to directory ``path``.
 
@@ -82,17 +86,53 @@ def save(
     uncompressed architecture was named (e.g. ``"toy:llama"`` or ``"pkg.module:factory"``), so
     `load` and the ``kronc`` command can rebuild plain modules. ``example_inputs`` (default: the
     model's ``kronc_example_inputs``) are stored for re-capturing exported graphs.
-    """
-    from safetensors.torch import save_file
 
+    The folder is written beside ``path`` and renamed into place: an earlier save at ``path`` is
+    replaced whole (no stale file survives) and stays intact if writing fails. A non-empty folder
+    that is not a kronc save is refused unless ``overwrite=True``.
+    """
     plan: Plan | None = getattr(model, "kronc_plan", None)
     if plan is None:
         raise ValueError("this model carries no kronc plan: save models returned by kronc.compile or kronc.apply")
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"{path} exists and is not a directory")
-    path.mkdir(parents=True, exist_ok=True)
-    (path / MANIFEST).unlink(missing_ok=True)  # a half-written directory must not look complete
+    if path.is_dir() and not overwrite and not (path / MANIFEST).is_file() and any(path.iterdir()):
+        raise FileExistsError(f"{path} is a non-empty folder that is not a kronc save: choose another path "
+                              "or pass overwrite=True to replace everything in it")
+    # Everything is written to a sibling folder and renamed into place, so an interruption (kill,
+    # Ctrl-C, a full disk) leaves the earlier contents of `path` whole, and no stale file survives.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.kronc-tmp-{secrets.token_hex(6)}"
+    tmp.mkdir()
+    try:
+        _write_save(model, plan, tmp, tokenizer=tokenizer, source=source, example_inputs=example_inputs)
+        _replace_dir(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _replace_dir(new: Path, path: Path) -> None:
+    """Move the finished folder ``new`` to ``path``; an earlier ``path`` is removed only once ``new`` is there."""
+    if not path.exists():
+        os.replace(new, path)
+        return
+    old = path.parent / f".{path.name}.kronc-old-{secrets.token_hex(6)}"
+    os.replace(path, old)
+    try:
+        os.replace(new, path)
+    except BaseException:
+        os.replace(old, path)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_save(model: nn.Module, plan: Plan, path: Path, *, tokenizer: Any, source: str | None,
+                example_inputs: Any) -> None:
+    """Write every file of a save into the (new, empty) folder ``path``; the manifest last."""
+    from safetensors.torch import save_file
 
     is_graph = isinstance(model, fx.GraphModule)
     config = getattr(model, "config", None)
@@ -107,7 +147,6 @@ def save(
 
     state = _dedupe(model.state_dict())
     save_file(_unshared(state), str(path / WEIGHTS), metadata={"kronc_format_version": str(FORMAT_VERSION)})
-    (path / EXAMPLES).unlink(missing_ok=True)
     examples = example_inputs if example_inputs is not None else getattr(model, "kronc_example_inputs", None)
     example_spec = _save_examples(examples, path / EXAMPLES) if is_graph and examples is not None else None
 
@@ -127,7 +166,6 @@ def save(
         "policy": getattr(model, "kronc_policy", None),
     }
     (path / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    return path
 
 
 # --------------------------------------------------------------------------- load
@@ -234,7 +272,10 @@ def read_weights(path: str | Path, manifest: Mapping[str, Any] | None = None, *,
     if isinstance(expected.get("bytes"), int) and size != expected["bytes"]:
         what = "truncated" if size < expected["bytes"] else "corrupted"
         raise KroncFileError(f"{file} is {what}: {size} bytes, the manifest says {expected['bytes']}")
-    if verify and isinstance(expected.get("sha256"), str) and _sha256(file) != expected["sha256"]:
+    if verify and not isinstance(expected.get("sha256"), str):
+        raise KroncFileError(f"{path / MANIFEST} has no SHA-256 checksum for {WEIGHTS}: it was altered or not written "
+                             "by kronc.save (load it with verify=False to skip the check)")
+    if verify and _sha256(file) != expected["sha256"]:
         raise KroncFileError(f"{file} is corrupted: its SHA-256 does not match the manifest")
     try:
         return load_file(str(file))
@@ -364,10 +405,11 @@ def _base_model(path: Path, manifest: Mapping[str, Any], model: ModelArg) -> nn.
         if isinstance(source, str) and (source.startswith("toy:") or source in BUILTIN_MODELS):
             model = source  # names from kronc's own tables; package.module:factory must be passed explicitly
         else:
-            how = f'model="{source}"' if source else "model=MyModel() or model=factory"
+            # `source` and `model_class` come from the (untrusted) manifest: quoted as data, never as code to run
+            recorded = f" (the save records its source as {source!r}; check it before using it)" if source else ""
             raise KroncFileError(
-                f"{path} holds a {manifest['model_class']}, which kronc cannot rebuild by itself: pass its uncompressed "
-                f"architecture, kronc.load(path, {how})"
+                f"{path} holds a {str(manifest['model_class'])!r}, which kronc cannot rebuild by itself: pass its "
+                f"uncompressed architecture, kronc.load(path, model=MyModel() or model=factory){recorded}"
             )
     if isinstance(model, str):
         from .resolve_model import build_architecture
@@ -395,7 +437,10 @@ def _hf_model(path: Path, manifest: Mapping[str, Any]) -> nn.Module:
     cls_name = str(manifest["model_class"]).rsplit(".", 1)[-1]
     cls = getattr(transformers, cls_name, None)
     if cls is None:
-        raise KroncFileError(f"{path}: transformers {transformers.__version__} has no class {cls_name}")
+        raise KroncFileError(f"{path}: transformers {transformers.__version__} has no class {cls_name!r}")
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        # the manifest is untrusted: never call an arbitrary transformers attribute (pipeline, Trainer...)
+        raise KroncFileError(f"{path / MANIFEST}: model_class {cls_name!r} is not a transformers PreTrainedModel class")
     if not (path / "config.json").is_file():
         raise KroncFileError(f"{path}: config.json is missing (needed to rebuild the {cls_name})")
     try:

@@ -222,8 +222,10 @@ def test_truncated_weights_are_refused(saved: Path) -> None:
     data = _manifest(saved)  # without the size and checksum, safetensors itself notices
     del data["weights"]
     (saved / MANIFEST).write_text(json.dumps(data))
-    with pytest.raises(KroncFileError, match=r"model.safetensors is corrupted or truncated"):
+    with pytest.raises(KroncFileError, match=r"no SHA-256 checksum"):  # a missing checksum is an error...
         load(saved)
+    with pytest.raises(KroncFileError, match=r"model.safetensors is corrupted or truncated"):
+        load(saved, verify=False)  # ...unless the check is skipped
 
 
 def test_corrupted_weights_are_refused(saved: Path) -> None:
@@ -251,7 +253,7 @@ def test_corrupted_sparse_index_is_refused(saved: Path) -> None:
     del data["weights"]  # as if the file had been written this way: no size or checksum to catch it
     (saved / MANIFEST).write_text(json.dumps(data))
     with pytest.raises(KroncFileError, match="sparse index .* is corrupted"):
-        load(saved)
+        load(saved, verify=False)
 
 
 def test_missing_files_and_wrong_architectures_are_refused(saved: Path, tmp_path: Path) -> None:
