@@ -74,6 +74,8 @@ def recover(
         raise RecoveryError(f"no trainable parameters: trainable={cfg.trainable!r} selects none of the student's "
                             f"{sum(1 for _ in student.parameters())} parameters (was it compressed with kronc.compile?)")
     snap = _resume_snapshot(resume, cfg, names)
+    if cfg.checkpoint_path is not None:
+        checkpoint.check_target(cfg.checkpoint_path)  # before any work: never overwrite a user's file
     distiller = Distiller(student, teacher, cfg)
     if cfg.hidden > 0 and not distiller.has_hidden and cfg.kd == cfg.lm == 0:
         distiller.close()
