@@ -36,6 +36,10 @@ else:  # pragma: no cover
 FileFormat = Literal["yaml", "toml", "json"]
 SUFFIXES: dict[str, FileFormat] = {".yaml": "yaml", ".yml": "yaml", ".toml": "toml", ".json": "json"}
 ENV_VAR = "KRONC_POLICY_PATH"
+MAX_POLICY_BYTES = 1 << 20
+"""Largest policy file read (policies are a few kB; a huge one would take minutes and gigabytes)."""
+MAX_POLICY_VALUES = 100_000
+"""Most values (keys, list items, scalars) in a parsed policy, YAML aliases expanded."""
 SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
 """The shipped policies: package data (``kronc/policies/shipped``), linked as the repository's ``policies/``."""
 
@@ -106,6 +110,9 @@ def _json_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def parse_text(text: str, fmt: FileFormat, source: str = "<text>") -> Any:
     """Parse policy text; syntax errors become a `PolicyError` with line and column."""
+    if len(text) > MAX_POLICY_BYTES:
+        raise PolicyError([Problem(source, "", f"the policy is {len(text):,} characters long; policies are limited to "
+                                   f"{MAX_POLICY_BYTES:,} (a few kB is typical)")])
     if fmt == "yaml":
         return _parse_yaml(text, source)
     if fmt == "toml":
@@ -152,10 +159,29 @@ def read_policy_file(path: str | Path) -> Any:
     if fmt is None:
         raise PolicyError([Problem(source, "", f"unsupported file type {path.suffix!r} (use .yaml, .yml, .toml or .json)")])
     try:
-        text = path.read_text(encoding="utf-8")
+        size = path.stat().st_size
+        if size > MAX_POLICY_BYTES:
+            raise PolicyError([Problem(source, "", f"the file is {size:,} bytes; policy files are limited to "
+                                       f"{MAX_POLICY_BYTES:,} bytes (a few kB is typical)")])
+        with path.open(encoding="utf-8") as f:  # a FIFO or a file growing meanwhile: read no more than the cap
+            text = f.read(MAX_POLICY_BYTES + 1)
     except (OSError, UnicodeDecodeError) as e:
         raise PolicyError([Problem(source, "", f"cannot read file: {e}")]) from None
     return parse_text(text, fmt, source)
+
+
+def _count_values(data: Any, limit: int) -> int:
+    """How many values ``data`` holds, counting stops just past ``limit`` (aliases can nest exponentially)."""
+    count, stack = 0, [data]
+    while stack and count <= limit:
+        item = stack.pop()
+        count += 1
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return count
 
 
 def validate_policy(data: Any, source: str = "<dict>") -> Policy:
@@ -165,6 +191,9 @@ def validate_policy(data: Any, source: str = "<dict>") -> Policy:
     if not isinstance(data, dict):
         kind = type(data).__name__
         raise PolicyError([Problem(source, "", f"expected a mapping of policy keys at the top level, got {kind}")])
+    if _count_values(data, MAX_POLICY_VALUES) > MAX_POLICY_VALUES:
+        raise PolicyError([Problem(source, "", f"the policy holds more than {MAX_POLICY_VALUES:,} values "
+                                   "(YAML aliases included): it is far larger than a policy needs")])
     try:
         return Policy.model_validate(data)
     except ValidationError as e:

@@ -40,6 +40,9 @@ ScopeKind = Literal["linear", "conv1d", "functional", "lstm"]
 """Site kinds `Scope.kinds` can list: every `kronc.sites.SiteKind` except ``embedding``, which
 ``include_embeddings`` controls."""
 
+MAX_RULES = 1000
+"""Most rules in one policy (each site is tried against every rule's patterns)."""
+
 Pattern = Annotated[str, AfterValidator(check_pattern)]
 """A site name pattern: exact name, glob, or ``re:`` regex."""
 
@@ -146,6 +149,13 @@ class Policy(_Model):
     """A recipe for `kronc.recover` (knowledge distillation from the dense model after compressing):
     steps, time budget, learning rate, loss weights. Used by ``kronc compress --recover-text``; None:
     the defaults of `RecoveryConfig`."""
+
+    @field_validator("rules", mode="before")
+    @classmethod
+    def _rule_count(cls, value: Any) -> Any:
+        if isinstance(value, (list, tuple)) and len(value) > MAX_RULES:
+            raise ValueError(f"{len(value):,} rules; a policy may have at most {MAX_RULES:,} (matching is sites x rules)")
+        return value
 
     @field_validator("budget", mode="before")
     @classmethod
