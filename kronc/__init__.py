@@ -23,6 +23,7 @@ from .formats import (
     KroneckerSpec,
     LowRankSpec,
 )
+from .inputs import InputError
 from .modules import CompressedEmbedding, CompressedLinear, CompressedLSTM
 from .plan import Decision, Plan
 from .policies import Policy, PolicyError, explain, load_policy
@@ -35,7 +36,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BlockSparseSpec", "Budget", "BudgetError", "CaptureError", "Captured", "CompileReport", "CompressedEmbedding",
     "CompressedLSTM", "CompressedLinear", "Decision", "DenseSpec", "DopedSpec", "FormatError", "FormatSpec",
-    "KroncFileError", "KroneckerSpec", "LowRankSpec", "Plan", "Policy", "PolicyError", "RecoveryConfig", "Site",
+    "InputError", "KroncFileError", "KroneckerSpec", "LowRankSpec", "Plan", "Policy", "PolicyError", "RecoveryConfig", "Site",
     "__version__", "apply", "capture", "compile", "explain", "load", "load_policy", "plan", "recover", "save",
 ]
 

@@ -15,6 +15,14 @@ from torch import Tensor, nn
 from .budget import Budget
 from .capture import Captured, CaptureError, capture
 from .formats import Factorized
+from .inputs import (
+    InputError,
+    calibration_batches,
+    check_example_inputs,
+    check_finite_weights,
+    check_model,
+    check_moments,
+)
 from .passes.base import run_passes
 from .passes.rewrite import compress_sites
 from .passes.swap import swap_modules, swappable
@@ -56,19 +64,25 @@ def compile(  # noqa: A001 - mirrors torch.compile on purpose
     ``budget`` (``"25x"``, ``"40MB"``, ``"3M params"``) overrides the policy's. ``policy`` is a
     `Policy`, a file, or the name of a shipped policy (``"edge-25x"``); by default every linear
     and LSTM weight is in scope and may use every format. ``calibration`` is an iterable of model
-    inputs (tensors, tuples or dicts) for data-aware planning (it makes the objective ``data``):
+    inputs (tensors, tuples or dicts; a ``(batch, seq)`` tensor of ids is that many one-row batches) for
+    data-aware planning (it makes the objective ``data``):
     input moments from every batch, sensitivity from the first ``solver.sensitivity_batches``. ``output="module"`` returns the
     same class with compressed modules swapped in (Hugging Face models keep ``generate()``);
     ``"graph"`` returns the rewritten fx graph; ``"auto"`` picks module when every site allows it.
     With ``report=True`` returns ``(model, CompileReport)``.
+
+    Every argument is checked before any work (`kronc.inputs`): an unusable model, weight, policy,
+    example input or calibration batch raises `kronc.inputs.InputError` naming it.
     """
     seconds: dict[str, float] = {}
     t0 = t = time.perf_counter()
-    pol = _policy(policy, budget, calibration)  # 0. the policy: a file, a shipped name or an object; budget overrides
+    check_model(model)  # 0. every argument checked before any work
+    example_inputs = check_example_inputs(model, example_inputs)
+    if calibration is not None:
+        calibration = calibration_batches(model, calibration)  # a list: read twice (moments and sensitivity)
+    pol = _policy(policy, budget, calibration)  # the policy: a file, a shipped name or an object; budget overrides
     captured = capture(model, example_inputs)  # 1. trace the model, find its sites
     seconds["capture"], t = time.perf_counter() - t, time.perf_counter()
-    if calibration is not None and not isinstance(calibration, (list, tuple)):
-        calibration = list(calibration)  # read twice: moments and sensitivity
     moments = input_moments(captured, pol, calibration, progress=progress)  # 2. calibrate (data objective only)
     importance = sensitivity(captured, pol, calibration, progress=progress)
     seconds["calibrate"], t = time.perf_counter() - t, time.perf_counter()
@@ -104,12 +118,16 @@ def plan(
     """
     from .planning import make_plan
 
+    if not isinstance(model, Captured):
+        check_model(model)
+        example_inputs = check_example_inputs(model, example_inputs)
+    if calibration is not None and moments is None:
+        calibration = calibration_batches(model.model if isinstance(model, Captured) else model, calibration)
     captured = model if isinstance(model, Captured) else capture(model, example_inputs)
     pol = _policy(policy, budget, calibration if moments is None else moments)
     resolution, in_scope = _scope(captured, pol)
+    check_finite_weights(in_scope, captured.weight)
     if moments is None:
-        if calibration is not None and not isinstance(calibration, (list, tuple)):
-            calibration = list(calibration)
         moments = input_moments(captured, pol, calibration, progress=progress)
         if importance is None:
             importance = sensitivity(captured, pol, calibration, progress=progress)
@@ -135,7 +153,10 @@ def input_moments(
     pol = load_policy(policy) if not isinstance(policy, Policy) else policy  # type: ignore[arg-type]
     if calibration is None or pol.objective != "data":
         return None
-    return collect_input_moments(captured.model, _scope(captured, pol, warn=False)[1], calibration, progress=progress)
+    calibration = calibration_batches(captured.model, calibration)
+    moments = collect_input_moments(captured.model, _scope(captured, pol, warn=False)[1], calibration, progress=progress)
+    check_moments(moments)
+    return moments
 
 
 def sensitivity(
@@ -153,6 +174,7 @@ def sensitivity(
     if calibration is None or pol.objective != "data" or pol.solver.sensitivity == "none":
         return None
     sites = _scope(captured, pol, warn=False)[1]
+    calibration = calibration_batches(captured.model, calibration)
     found = collect_sensitivity(captured.model, sites, calibration, max_batches=pol.solver.sensitivity_batches, progress=progress)
     return found or None
 
@@ -198,6 +220,7 @@ def apply(
     for d in the_plan.decisions:
         if tuple(d.shape) != sites[d.site].shape:
             raise ValueError(f"site {d.site} is {sites[d.site].shape} in this model but {tuple(d.shape)} in the plan")
+    check_finite_weights(chosen, captured.weight)
     weights: dict[str, Factorized] = {}
     for site in _progress(chosen, progress, "fit"):
         weight, spec = captured.weight(site), the_plan[site.name].spec
@@ -226,6 +249,9 @@ def _output_mode(output: Output, captured: Captured, chosen: list[Site]) -> Lite
 def _policy(policy: PolicyLike | None, budget: str | float | Budget | None, calibration: Any = None) -> Policy:
     """The policy, ``budget`` overriding its own; calibration data turns the ``weight`` objective into
     ``data`` (as the command line does), since it would otherwise go unused."""
+    if policy is not None and not isinstance(policy, (Policy, str, Path, Mapping)):
+        raise InputError(f"policy must be a Policy, a policy file, a shipped policy name or a dict, got "
+                         f"{type(policy).__name__} {policy!r}"[:200])
     if policy is None:
         if budget is None:
             raise ValueError("kronc needs a budget (e.g. budget='10x') or a policy (e.g. policy='edge-25x')")

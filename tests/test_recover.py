@@ -471,7 +471,7 @@ def test_bad_input_fails_early_and_names_the_problem() -> None:
         ({"data": "a long enough text for a window " * 3}, "a training text needs a tokenizer"),
         ({"data": stream(16)}, r"has 16 tokens, fewer than seq_len \+ 1 = 17"),
         ({"data": torch.zeros(0, dtype=torch.long)}, r"is empty \(0 tokens\)"),
-        ({"data": stream(100).reshape(4, 25)}, "must be 1-D token ids, got shape \\(4, 25\\)"),
+        ({"data": stream(100).reshape(2, 2, 25)}, "must be 1-D token ids .* got a int64 tensor of shape \\(2, 2, 25\\)"),
         ({"data": torch.arange(100)}, "token id 99 but the model's vocabulary has 64 entries"),
         ({"data": [3.5]}, "batch 0 of epoch 0 is a float"),
         ({"data": []}, "the data yielded no batches"),

@@ -4,6 +4,8 @@
   ``seq_len + 1`` tokens (inputs are the first ``seq_len``, next-token targets the last ``seq_len``).
   Each epoch picks a random offset and a random order of the non-overlapping windows, both drawn
   from the seed and the epoch number only, so the batch of any step is the same in every run;
+* a 2-D integer tensor ``(batch, seq)``: that many one-row batches (as `kronc.compile` reads
+  calibration);
 * an iterable of batches: integer tensors ``(batch, seq)`` of input ids, mappings of keyword inputs
   (``input_ids``, ``attention_mask``, HF-style ``labels``...), or tuples of positional tensors.
   Iterated in the order given; a re-iterable (a list, a DataLoader) starts over when it runs out,
@@ -214,8 +216,13 @@ def make_batches(data: Any, config: RecoveryConfig, tokenizer: Any = None) -> Ba
     if isinstance(data, Tensor):
         if data.dim() == 1:
             return TokenWindows(data, config.seq_len, config.batch_size, config.seed, "the token stream")
-        raise RecoveryError(f"a tensor of training data must be 1-D token ids, got shape {tuple(data.shape)}: "
-                            "pass [tensor] for one batch or tensor.reshape(-1) for a stream")
+        if data.dim() == 2 and not data.is_floating_point() and not data.is_complex() and data.dtype != torch.bool:
+            if data.numel() == 0:
+                raise RecoveryError(f"the (batch, seq) tensor of training ids is empty (shape {tuple(data.shape)})")
+            return IterableBatches(list(data.unsqueeze(1).unbind(0)))  # as kronc.compile reads it: one batch per row
+        raise RecoveryError(f"a tensor of training data must be 1-D token ids (a stream) or 2-D (batch, seq) integer ids "
+                            f"(one batch per row), got a {str(data.dtype).removeprefix('torch.')} tensor of shape "
+                            f"{tuple(data.shape)}")
     if isinstance(data, (bytes, Mapping)) or not isinstance(data, Iterable):
         raise RecoveryError(f"cannot train on a {type(data).__name__}: give a text (with a tokenizer), a 1-D tensor "
                             "of token ids or an iterable of batches")
