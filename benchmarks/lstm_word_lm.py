@@ -111,7 +111,7 @@ def load_or_train(train: Tensor, steps: int) -> LSTMLanguageModel:
     path = default_cache_root() / "kjv-word-lstm" / f"v{VOCAB}-e{EMBED}-h{HIDDEN}-l{LAYERS}-s{steps}.pt"
     model = LSTMLanguageModel(VOCAB, EMBED, HIDDEN, LAYERS, dropout=0.2)
     if path.is_file():
-        model.load_state_dict(torch.load(path))
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))  # tensors only, never code
         return model.eval()
     print(f"training the dense LSTM LM for {steps} steps (cached afterwards in {path})", flush=True)
     t = time.perf_counter()

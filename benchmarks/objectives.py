@@ -7,7 +7,7 @@ output error (``abs``: absolute squared error, the default; ``rel``: relative sq
 ``rel_bytes``: relative error times the site's bytes) and compares them with two uniform
 baselines (``asvd``: activation-aware SVD; ``wanda``: unstructured pruning ranked by
 ``|W| * sqrt(diag E[x xᵀ])``, index bytes counted). Calibration: 4 windows of 512 King James tokens
-(cached in /tmp); evaluation: the first ``--windows`` windows of 512 ABC news tokens.
+(cached per user, under ``$KRONC_CACHE`` or ``~/.cache/kronc``); evaluation: the first ``--windows`` windows of 512 ABC news tokens.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -22,9 +24,30 @@ import kronc
 from kronc.data import abc_news_text, kjv_text
 from kronc.evaluate import perplexity
 from kronc.planning import collect_input_moments, make_plan, uniform_plan
+from kronc.planning.calibrate import InputMoments
 from kronc.planning.whiten import damped
 from kronc.policies import Policy, resolve
-from kronc.zoo import load_smollm2
+from kronc.zoo import default_cache_root, load_smollm2
+
+
+def moments_cache() -> Path:
+    """The calibration moments' cache: per user (never a fixed path in the shared temporary directory)."""
+    return default_cache_root() / "benchmarks" / "smollm2_moments_kjv4.pt"
+
+
+def cached_moments(path: Path, collect: Callable[[], InputMoments]) -> InputMoments:
+    """The moments in ``path`` (read with ``weights_only=True``: tensors only), else ``collect()`` saved there."""
+    if path.is_file():
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        moments = InputMoments(data["moments"])
+        moments.folds = dict(data["folds"])
+        return moments
+    moments = collect()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    torch.save({"moments": dict(moments), "folds": dict(moments.folds)}, tmp)  # plain dicts: weights_only loads them
+    os.replace(tmp, path)
+    return moments
 
 
 def main() -> None:
@@ -39,13 +62,12 @@ def main() -> None:
     res = resolve(Policy(budget=args.budget, objective="data"), cap.sites, warn=False)
     sites = [s for s in cap.sites if res[s.name].in_scope]
     weights = {s.name: cap.weight(s) for s in sites}
-    cache = "/tmp/kronc_moments_kjv4.pt"
-    if os.path.exists(cache):
-        moments = torch.load(cache)
-    else:
+
+    def collect() -> InputMoments:
         ids = tok(kjv_text(max_chars=20000), return_tensors="pt", add_special_tokens=False).input_ids[0]
-        moments = collect_input_moments(model, sites, [ids[i * 512:(i + 1) * 512][None] for i in range(4)])
-        torch.save(moments, cache)
+        return collect_input_moments(model, sites, [ids[i * 512:(i + 1) * 512][None] for i in range(4)])
+
+    moments = cached_moments(moments_cache(), collect)
     text = abc_news_text()
 
     def ppl(m: torch.nn.Module) -> float:
