@@ -207,7 +207,17 @@ def load_policy(source: str | Path | dict[str, Any] | Policy) -> Policy:
         return source
     if isinstance(source, dict):
         return validate_policy(source)
-    path = _locate(source)
+    if not isinstance(source, (str, Path)):
+        raise PolicyError([Problem("<policy>", "", f"a policy is a Policy, a dict, a file path or a policy name, "
+                                   f"got a {type(source).__name__}")])
+    try:
+        path = _locate(source)
+    except (OSError, ValueError) as e:  # a name too long for the file system, a NUL byte...
+        if isinstance(e, PolicyError):
+            raise
+        shown = str(source) if len(str(source)) <= 80 else str(source)[:80] + "..."
+        raise PolicyError([Problem(shown, "", f"cannot be used as a policy file or name: {e.__class__.__name__}: "
+                                   f"{str(e).split(':')[0]}")]) from None
     return validate_policy(read_policy_file(path), str(path))
 
 
