@@ -104,9 +104,12 @@ def test_a_model_without_blocks_is_refused() -> None:
 @pytest.mark.parametrize("name", ["llama", "lstm"])
 def test_blockwise_lowers_every_block_and_the_output_error(name: str) -> None:
     teacher, student = compressed(name)
-    before = output_error(student, teacher, held_out())
+    before, start = output_error(student, teacher, held_out()), state(student)
     result = reconstruct_blocks(student, teacher, stream(), **SMALL)
-    assert isinstance(result, BlockwiseResult) and len(result.blocks) == 2
+    assert isinstance(result, BlockwiseResult) and len(result.blocks) == 3  # two blocks, then the tail
+    assert result.blocks[-1].name.startswith("tail after ") and result.blocks[-1].params > 0
+    embedding = [k for k in start if "embed" in k]  # before the first block: no gradient reaches it
+    assert embedding and all(torch.equal(start[k], student.state_dict()[k]) for k in embedding)
     for b in result.blocks:
         assert not b.kept_initial, b
         assert b.loss_after < b.loss_before, b
@@ -133,7 +136,7 @@ def test_recover_method_blockwise_with_an_end_to_end_pass_trains_only_norms_and_
     cfg = RecoveryConfig(method="blockwise", seq_len=16, batch_size=4,
                          blockwise={**SMALL["blockwise"], "e2e_steps": 3, "e2e_lr": 1e-2})
     result = kronc.recover(both, teacher, stream(), cfg, progress=False)
-    assert isinstance(result, BlockwiseResult) and len(result.history) == 3 and len(result.blocks) == 2
+    assert isinstance(result, BlockwiseResult) and len(result.history) == 3 and len(result.blocks) == 3
     roles = parameter_roles(both)
     now = dict(both.named_parameters())
     moved = {n for n, p in now.items() if not torch.equal(p, after_blocks[n])}
@@ -165,7 +168,7 @@ def test_resume_after_an_interruption_gives_the_same_weights(tmp_path: Path, mon
     assert len(torch.load(path, weights_only=True)["records"]) == 1
     assert not same(state(other), state(student))
     result = reconstruct_blocks(other, teacher, stream(), checkpoint_path=path, resume=True, **SMALL)
-    assert [b.name for b in result.blocks] == ["model.layers.0", "model.layers.1"]
+    assert [b.name for b in result.blocks] == ["model.layers.0", "model.layers.1", "tail after model.layers.1"]
     assert same(state(other), state(student))
 
 

@@ -54,9 +54,10 @@ from .blocks import Block, BlockChain, Slot, find_blocks, first_tensor
 from .checkpoint import MAY_CHANGE_ON_RESUME
 from .config import RecoveryConfig, RecoveryError
 from .guards import check_models, check_windows, device_of, models_restored, seeded
-from .losses import _takes, relative_mse
+from .losses import _takes, kl_loss, model_output, relative_mse
 from .optim import make_optimizer, make_scheduler, trainable_parameters
 from .result import RecoveryResult
+from .tail import blocks_skipped
 
 log = logging.getLogger("kronc.recover")
 KIND = "kronc.recover blockwise checkpoint"
@@ -234,10 +235,15 @@ def reconstruct_blocks(
             if state is not None:
                 student.load_state_dict(state["student"])
             records = [BlockRecord(**r) for r in state["records"]] if state else []
-            start = len(records)
-            if start < len(chain.blocks):
-                _capture(student, chain, batches, extra, cache, cfg, progress)
+            start, count = len(records), len(chain.blocks)
+            if start < count or (start == count and cfg.blockwise.tail):
+                _capture(student, teacher, chain, batches, extra, cache, cfg, progress)
                 _run_blocks(student, chain, cache, cfg, params, records, start, progress)
+                if cfg.blockwise.tail:
+                    records.append(_train_tail(student, teacher, chain, cache, batches, extra, cfg, params, progress))
+                    _report(records[-1])
+                    if cfg.checkpoint_path is not None:
+                        _save(cfg, student, records)
     finally:
         cache.close()
     block_seconds = time.perf_counter() - t0
@@ -269,8 +275,8 @@ def _calibration(student: nn.Module, data: Any, cfg: RecoveryConfig, tokenizer: 
     return batches
 
 
-def _capture(student: nn.Module, chain: BlockChain, batches: list[Batch], extra: dict[str, Any], cache: _Cache,
-             cfg: RecoveryConfig, progress: bool) -> None:
+def _capture(student: nn.Module, teacher: nn.Module, chain: BlockChain, batches: list[Batch], extra: dict[str, Any],
+             cache: _Cache, cfg: RecoveryConfig, progress: bool) -> None:
     """Record the first block's inputs for every calibration batch (stopping each pass there)."""
     seen: list[Inputs] = []
 
@@ -293,15 +299,19 @@ def _capture(student: nn.Module, chain: BlockChain, batches: list[Batch], extra:
                 raise RecoveryError(f"{chain.container!r} was called with an initial state or keyword inputs; "
                                     "block-wise reconstruction splits LSTMs called on their input alone")
             if j == 0:
-                _check_memory(inputs, chain, len(batches), cfg, progress)
+                out = 0
+                if cfg.blockwise.tail:
+                    with torch.no_grad():
+                        out = _nbytes(model_output(teacher(*b.args, **b.kwargs, **extra))[0])
+                _check_memory(inputs, out, chain, len(batches), cfg, progress)
             cache.set_inputs(j, inputs)
             cache.masks.append(b.mask)
     finally:
         handle.remove()
 
 
-def _check_memory(inputs: Inputs, chain: BlockChain, n: int, cfg: RecoveryConfig, progress: bool) -> None:
-    stream = _nbytes(_stream(inputs, chain.blocks[0].slot))
+def _check_memory(inputs: Inputs, output: int, chain: BlockChain, n: int, cfg: RecoveryConfig, progress: bool) -> None:
+    stream = max(_nbytes(_stream(inputs, chain.blocks[0].slot)), output)  # block targets, then the tail's
     total = n * (_nbytes(inputs) + stream)  # inputs (masks, position embeddings included) + the targets
     bw = cfg.blockwise
     where = "on disk" if bw.cache == "disk" else "in memory"
@@ -337,11 +347,7 @@ def _run_blocks(student: nn.Module, chain: BlockChain, cache: _Cache, cfg: Recov
             if i >= start:
                 record = _train_block(student, i, block, cache, cfg, params, progress)
                 records.append(record)
-                if record.kept_initial:
-                    message = (f"block {block.name}: loss {record.loss_before:.4g} rose to {record.loss_trained:.4g} in "
-                               "training; it keeps its weights from before")
-                    warnings.warn(message, stacklevel=3)
-                    log.warning(message)
+                _report(record)
                 if outer is not None:
                     outer.set_postfix({"block": block.name, "loss": f"{record.loss_after:.4g}"}, refresh=False)
                     outer.update(1)
@@ -353,54 +359,103 @@ def _run_blocks(student: nn.Module, chain: BlockChain, cache: _Cache, cfg: Recov
             outer.close()
 
 
+def _report(record: BlockRecord) -> None:
+    if record.kept_initial:
+        message = (f"block {record.name}: loss {record.loss_before:.4g} rose to {record.loss_trained:.4g} in "
+                   "training; it keeps its weights from before")
+        warnings.warn(message, stacklevel=4)
+        log.warning(message)
+
+
 def _block_loss(block: Block, cache: _Cache, j: int) -> Tensor:
     args, kwargs = cache.get_inputs(j)
     out = first_tensor(block.student(*args, **kwargs))
     return relative_mse(out, cache.get_target(j), cache.masks[j])
 
 
-def _mean_loss(block: Block, cache: _Cache) -> float:
-    with torch.no_grad():
-        return float(torch.stack([_block_loss(block, cache, j) for j in range(len(cache))]).mean())
-
-
 def _train_block(student: nn.Module, i: int, block: Block, cache: _Cache, cfg: RecoveryConfig,
                  params: dict[str, nn.Parameter], progress: bool) -> BlockRecord:
-    """Targets from the teacher block, then ``epochs`` passes of AdamW on this block's trainable parameters."""
-    bw = cfg.blockwise
+    """Targets from the teacher block on the student's inputs, then AdamW on this block's trainable parameters."""
     with torch.no_grad():
         for j in range(len(cache)):
             args, kwargs = cache.get_inputs(j)
             cache.set_target(j, first_tensor(block.teacher(*args, **kwargs)).detach())
     mine = {id(p) for p in block.student.parameters()}
     chosen = {n: p for n, p in params.items() if id(p) in mine}
-    loss_before = _mean_loss(block, cache)
-    count = sum(p.numel() for p in chosen.values())
+    tokens = [int(_stream(cache.get_inputs(j), block.slot).shape[:-1].numel()) for j in range(len(cache))]
+    return _fit(student, block.name, i, chosen, lambda j: _block_loss(block, cache, j), tokens, cfg, progress)
+
+
+def _train_tail(student: nn.Module, teacher: nn.Module, chain: BlockChain, cache: _Cache, batches: list[Batch],
+                extra: dict[str, Any], cfg: RecoveryConfig, params: dict[str, nn.Parameter],
+                progress: bool) -> BlockRecord:
+    """What follows the last block, trained on the model's output (see `kronc.recover.tail`)."""
+    device = device_of(student)
+    last = chain.blocks[-1]
+    kind = cfg.output_loss
+    with torch.no_grad():
+        args, kwargs = cache.get_inputs(0)
+        tuple_output = isinstance(last.student(*args, **kwargs), tuple)
+        for j, batch in enumerate(batches):
+            b = batch.to(device)
+            out, out_kind = model_output(teacher(*b.args, **b.kwargs, **extra))
+            kind = kind if kind != "auto" else ("mse" if out_kind == "hidden" else "kl")
+            cache.set_target(j, out.detach())
+    in_blocks = {id(p) for blk in chain.blocks for p in blk.student.parameters()}
+    chosen = {n: p for n, p in params.items() if id(p) not in in_blocks}
+    with blocks_skipped(student, chain, tuple_output) as feed:
+
+        def loss(j: int) -> Tensor:
+            b = batches[j].to(device)
+            feed.value = _stream(cache.get_inputs(j), last.slot)
+            s = model_output(student(*b.args, **b.kwargs, **extra))[0]
+            t = cache.get_target(j)
+            return kl_loss(s, t, cfg.temperature, b.mask) if kind == "kl" else relative_mse(s, t, b.mask)
+
+        tokens = [b.tokens for b in batches]
+        return _fit(student, f"tail after {last.name}", len(chain.blocks), chosen, loss, tokens, cfg, progress)
+
+
+def _fit(student: nn.Module, name: str, index: int, chosen: dict[str, nn.Parameter], loss_of: Any,
+         tokens_of: list[int], cfg: RecoveryConfig, progress: bool) -> BlockRecord:
+    """``epochs`` passes of AdamW over the cached batches (order seeded by ``seed`` and ``index``); the
+    parameters go back to where they started when the mean loss ends higher (or non-finite)."""
+    bw = cfg.blockwise
+    n = len(tokens_of)
+
+    def mean_loss() -> float:
+        with torch.no_grad():
+            return float(torch.stack([loss_of(j).reshape(()) for j in range(n)]).mean())
+
+    loss_before = mean_loss()
+    chosen = {k: p for k, p in chosen.items() if p.numel()}
     if not chosen:
-        return BlockRecord(block.name, 0, loss_before, loss_before, False, loss_before, 0, 0.0, 0)
-    saved = {n: p.detach().clone() for n, p in chosen.items()}
+        return BlockRecord(name, 0, loss_before, loss_before, False, loss_before, 0, 0.0, 0)
+    saved = {k: p.detach().clone() for k, p in chosen.items()}
+    ids = {id(p) for p in chosen.values()}
     for p in student.parameters():
-        p.requires_grad_(id(p) in {id(q) for q in chosen.values()})
-    steps = bw.epochs * len(cache)
+        p.requires_grad_(id(p) in ids)
+    steps = bw.epochs * n
     block_cfg = cfg.model_copy(update={"lr": bw.lr, "steps": steps})
     optimizer = make_optimizer(student, chosen, block_cfg)
     scheduler = make_scheduler(optimizer, block_cfg)
-    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7_919 * (i + 1))
-    bar = _bar(steps, block.name, progress, 1, False)
-    tokens, finite, t0 = 0, True, time.perf_counter()
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7_919 * (index + 1))
+    bar = _bar(steps, name, progress, 1, False)
+    tokens, finite, used, t0 = 0, True, 0, time.perf_counter()
     try:
         for _ in range(bw.epochs):
-            for j in torch.randperm(len(cache), generator=g).tolist():
+            for j in torch.randperm(n, generator=g).tolist():
                 optimizer.zero_grad(set_to_none=True)
-                loss = _block_loss(block, cache, j)
+                loss = loss_of(j)
                 if not torch.isfinite(loss):
                     finite = False
                     break
                 loss.backward()
+                used = used or sum(p.numel() for p in chosen.values() if p.grad is not None)
                 torch.nn.utils.clip_grad_norm_(list(chosen.values()), cfg.grad_clip or math.inf)
                 optimizer.step()
                 scheduler.step()
-                tokens += int(_stream(cache.get_inputs(j), block.slot).shape[:-1].numel())
+                tokens += tokens_of[j]
                 if bar is not None:
                     bar.set_postfix({"loss": f"{float(loss):.4g}"}, refresh=False)
                     bar.update(1)
@@ -411,14 +466,13 @@ def _train_block(student: nn.Module, i: int, block: Block, cache: _Cache, cfg: R
             bar.close()
     optimizer.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - t0
-    trained = _mean_loss(block, cache) if finite else math.nan
+    trained = mean_loss() if finite else math.nan
     kept = not (math.isfinite(trained) and trained <= loss_before)
     if kept:
         with torch.no_grad():
-            for n, p in chosen.items():
-                p.copy_(saved[n])
-    return BlockRecord(block.name, count, loss_before, loss_before if kept else trained, kept, trained, steps, seconds,
-                       tokens)
+            for k, p in chosen.items():
+                p.copy_(saved[k])
+    return BlockRecord(name, used, loss_before, loss_before if kept else trained, kept, trained, steps, seconds, tokens)
 
 
 def _propagate(block: Block, cache: _Cache) -> None:

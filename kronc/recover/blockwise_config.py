@@ -27,6 +27,9 @@ class BlockwiseConfig(BaseModel):
     """Folder for ``cache="disk"`` (None: a temporary folder, removed afterwards)."""
     max_cache_gb: float = Field(default=4.0, gt=0)
     """Largest in-memory cache (GiB); a larger estimate stops before training unless ``cache="disk"``."""
+    tail: bool = True
+    """After the last block, also train what follows it (final norm, a compressed LM head or decoder) on the
+    model's output against the teacher's, with the blocks skipped and the cached final stream fed in."""
     e2e_steps: int = Field(default=0, ge=0)
     """Steps of the short end-to-end distillation pass after the blocks (the recipe's losses); 0: none."""
     e2e_trainable: Literal["norms+biases", "factors", "factors+norms", "factors+norms+biases", "all"] = "norms+biases"
