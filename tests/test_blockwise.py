@@ -101,11 +101,12 @@ def test_a_model_without_blocks_is_refused() -> None:
 # --------------------------------------------------------------------------- it works
 
 
-@pytest.mark.parametrize("name", ["llama", "lstm"])
-def test_blockwise_lowers_every_block_and_the_output_error(name: str) -> None:
+@pytest.mark.parametrize(("name", "target"), [("llama", "both"), ("llama", "student_inputs"),
+                                              ("llama", "teacher_stream"), ("lstm", "both")])
+def test_blockwise_lowers_every_block_and_the_output_error(name: str, target: str) -> None:
     teacher, student = compressed(name)
     before, start = output_error(student, teacher, held_out()), state(student)
-    result = reconstruct_blocks(student, teacher, stream(), **SMALL)
+    result = reconstruct_blocks(student, teacher, stream(), **{**SMALL, "blockwise": {**SMALL["blockwise"], "target": target}})
     assert isinstance(result, BlockwiseResult) and len(result.blocks) == 3  # two blocks, then the tail
     assert result.blocks[-1].name.startswith("tail after ") and result.blocks[-1].params > 0
     embedding = [k for k in start if "embed" in k]  # before the first block: no gradient reaches it

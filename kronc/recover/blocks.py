@@ -46,12 +46,13 @@ class Block:
 
 @dataclass
 class BlockChain:
-    """The blocks in the order the stream visits them, and the student module whose call holds the
-    first block's inputs (the first block itself, or the recurrent module a layer view comes from)."""
+    """The blocks in the order the stream visits them, and the student and teacher modules whose calls hold
+    the first block's inputs (the first block itself, or the recurrent module a layer view comes from)."""
 
     container: str
     blocks: list[Block]
     entry: nn.Module
+    teacher_entry: nn.Module
 
 
 @dataclass
@@ -216,6 +217,6 @@ def find_blocks(student: nn.Module, teacher: nn.Module, args: tuple[Any, ...], k
         if not isinstance(t, _RECURRENT) or t.num_layers != s.num_layers:
             raise RecoveryError(f"the teacher's {names[0]!r} is not an LSTM with {s.num_layers} layers like the student's")
         blocks = [Block(f"{names[0]}[layer {k}]", lstm_layer(s, k), lstm_layer(t, k), 0) for k in range(s.num_layers)]
-        return BlockChain(container, blocks, s)
+        return BlockChain(container, blocks, s, t)
     blocks = [Block(n, modules[n], teacher_modules[n], slot) for n, slot in zip(names, slots, strict=True)]
-    return BlockChain(container, blocks, blocks[0].student)
+    return BlockChain(container, blocks, blocks[0].student, blocks[0].teacher)

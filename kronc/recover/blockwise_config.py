@@ -12,6 +12,13 @@ class BlockwiseConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
 
+    target: Literal["student_inputs", "teacher_stream", "both"] = "both"
+    """What each block is trained to output. ``student_inputs``: the dense block's output on the student's own
+    inputs (GPTQ's layer-wise objective: the block behaves like the dense one on what it is fed, but drift
+    from earlier blocks is carried on uncorrected); ``teacher_stream``: the dense model's own stream at that
+    depth (the dense block on the dense model's inputs, OmniQuant's main target: each block also undoes the
+    drift before it); ``both``: the sum of the two losses (OmniQuant's ``aug_loss``). The teacher's stream
+    costs one more cached tensor per batch."""
     samples: int = Field(default=32, ge=1)
     """Calibration windows (of the recipe's ``seq_len``) every block is trained on, taken from the data in
     batches of ``batch_size`` (rounded up to whole batches)."""
