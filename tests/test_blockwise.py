@@ -214,3 +214,18 @@ def test_bad_input_fails_before_training() -> None:
     with pytest.raises(ValueError, match="blockwise.epochs"):
         RecoveryConfig(method="blockwise", blockwise={"epochs": 0})
     assert same(state(student), before)
+
+
+def test_compress_recovers_block_wise_from_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from kronc.cli import EXIT_OK, main
+
+    text = tmp_path / "text.txt"
+    text.write_text("The council said on Tuesday that the new bridge over the river would open in March. " * 8)
+    policy = tmp_path / "p.yaml"
+    policy.write_text("budget: 10x\ndefault_formats: [{kind: lowrank}]\n"
+                      "recovery: {seq_len: 16, batch_size: 4, blockwise: {samples: 8, epochs: 2}}\n")
+    argv = ["compress", "toy:lstm", "--policy", str(policy), "-q", "--recover-text", str(text)]
+    assert main([*argv, "--out", str(tmp_path / "rec"), "--recover-method", "blockwise"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "recovered on text.txt: block-wise reconstruction: 3 blocks" in out
+    assert kronc.load(tmp_path / "rec").kronc_policy["recovery"]["method"] == "distill"  # the policy as given
