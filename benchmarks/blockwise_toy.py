@@ -6,6 +6,7 @@ A randomly initialised Llama (`kronc.toy.tiny_llama`, weights given power-law sp
 as trained ones do) is compressed to ``--budget``; then, from the same compressed copy:
 
 * ``blockwise``: `kronc.recover(method="blockwise")` (``--samples`` windows, ``--epochs`` per block);
+* ``blockwise + norms``: then ``--e2e-steps`` of distillation training norms and biases only;
 * ``distill``: today's end-to-end distillation (KL + hidden states, factors + norms + biases, constant
   lr) for exactly the seconds the block-wise run took (each ``--e2e-lr``).
 
@@ -45,10 +46,12 @@ def main() -> None:
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--vocab", type=int, default=256)
     p.add_argument("--budget", default="10x")
-    p.add_argument("--samples", type=int, default=64)
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--samples", type=int, default=128)
+    p.add_argument("--epochs", type=int, default=16)
+    p.add_argument("--target", default="both", choices=("student_inputs", "teacher_stream", "both"))
+    p.add_argument("--e2e-steps", type=int, default=30, help="steps of the norms+biases pass after block-wise")
     p.add_argument("--lr", type=float, default=3e-3, help="block-wise lr")
-    p.add_argument("--e2e-lr", default="3e-4,1e-3,3e-3")
+    p.add_argument("--e2e-lr", default="1e-4,3e-4,1e-3")
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=1)
@@ -67,12 +70,18 @@ def main() -> None:
     bw = copy.deepcopy(student)
     t0 = time.perf_counter()
     res = kronc.recover(bw, teacher, train, method="blockwise", **common,
-                        blockwise={"samples": a.samples, "epochs": a.epochs, "lr": a.lr})
+                        blockwise={"samples": a.samples, "epochs": a.epochs, "lr": a.lr, "target": a.target})
     seconds = time.perf_counter() - t0
     per_block = sum(b.tokens for b in res.blocks) / sum(b.seconds for b in res.blocks)
     rows.append(("block-wise", seconds, *errors(bw, teacher, held),
                  f"{per_block:.0f} tok/s per block step ({len(res.blocks)} blocks, "
                  f"{sum(b.kept_initial for b in res.blocks)} kept)"))
+    if a.e2e_steps:
+        both = copy.deepcopy(bw)
+        t1 = time.perf_counter()
+        kronc.recover(both, teacher, train, steps=a.e2e_steps, lr=1e-3, trainable="norms+biases", **common)
+        rows.append((f"block-wise + {a.e2e_steps} steps norms+biases", seconds + time.perf_counter() - t1,
+                     *errors(both, teacher, held), "end-to-end pass lr 1e-3"))
     for lr in [float(x) for x in a.e2e_lr.split(",")]:
         e2e = copy.deepcopy(student)
         out = kronc.recover(e2e, teacher, train, steps=10**6, max_seconds=seconds, lr=lr, schedule="constant",
@@ -80,7 +89,7 @@ def main() -> None:
         rows.append((f"end-to-end distill, lr {lr:g}", out.seconds, *errors(e2e, teacher, held),
                      f"{out.tokens / out.seconds:.0f} tok/s per step, {out.steps} steps"))
     lines = [f"Toy Llama ({a.layers} layers, width {a.width}, vocab {a.vocab}) at {a.budget}, {a.threads} thread(s); "
-             f"block-wise: {a.samples} windows x {a.seq_len} tokens, {a.epochs} epochs, lr {a.lr:g}; "
+             f"block-wise: {a.samples} windows x {a.seq_len} tokens, {a.epochs} epochs, lr {a.lr:g}, target {a.target}; "
              "end-to-end given the same seconds.", "",
              "| recovery | seconds | logits rel. MSE | KL (nats/pos) | speed |", "|---|---|---|---|---|"]
     lines += [f"| {n} | {s:.1f} | {e:.4g} | {k:.4g} | {note} |" for n, s, e, k, note in rows]
