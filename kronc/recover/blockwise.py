@@ -494,7 +494,7 @@ def _fit(student: nn.Module, name: str, index: int, chosen: dict[str, nn.Paramet
                 scheduler.step()
                 tokens += tokens_of[j]
                 if bar is not None:
-                    bar.set_postfix({"loss": f"{float(loss):.4g}"}, refresh=False)
+                    bar.set_postfix({"loss": f"{float(loss.detach()):.4g}"}, refresh=False)
                     bar.update(1)
             if not finite:
                 break
