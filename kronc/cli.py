@@ -168,6 +168,8 @@ def _recover_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recover-steps", type=_positive(int), metavar="N", help="recovery steps (overrides the recipe's)")
     p.add_argument("--recover-seconds", type=_positive(float), metavar="S",
                    help="recovery time budget in seconds (overrides the recipe's)")
+    p.add_argument("--recover-method", choices=("distill", "blockwise"),
+                   help="end-to-end distillation or block-wise reconstruction (overrides the recipe's method)")
 
 
 def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -293,8 +295,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
         raise UsageError(f"{out} exists and is not an empty folder or a kronc save",
                          "pick a new --out folder (an earlier 'kronc compress' folder is overwritten)")
     policy, budget = _policy_and_budget(args)
-    if (args.recover_steps or args.recover_seconds) and not args.recover_text:
-        raise UsageError("--recover-steps and --recover-seconds need --recover-text FILE (the text to distil on)")
+    if (args.recover_steps or args.recover_seconds or args.recover_method) and not args.recover_text:
+        raise UsageError("--recover-steps, --recover-seconds and --recover-method need --recover-text FILE (the text to "
+                         "distil on)")
     resolved = _resolve(args.model, for_compression=True)
     calibration = _calibration(args, resolved)
     if calibration is not None:
@@ -327,7 +330,8 @@ def _recovery_recipe(args: argparse.Namespace, policy: Any) -> Any:
     from .recover import RecoveryConfig
 
     recipe = (policy.recovery if policy is not None else None) or RecoveryConfig()
-    update = {k: v for k, v in (("steps", args.recover_steps), ("max_seconds", args.recover_seconds)) if v is not None}
+    update = {k: v for k, v in (("steps", args.recover_steps), ("max_seconds", args.recover_seconds),
+                                ("method", args.recover_method)) if v is not None}
     return RecoveryConfig.model_validate({**recipe.model_dump(), **update})
 
 
@@ -371,8 +375,10 @@ def _recover(args: argparse.Namespace, resolved: Any, small: Any, ids: Any, reci
     from .recover import recover
 
     result = recover(small, resolved.model, ids, recipe, progress=not args.quiet)
-    first, last = result.history[0], result.history[-1]
     source = "kjv" if args.recover_text == "kjv" else Path(args.recover_text).name
+    if not result.history:  # block-wise without an end-to-end pass
+        return f"recovered on {source}: {result}"
+    first, last = result.history[0], result.history[-1]
     return (f"recovered on {source}: {result.steps} steps ({result.stopped}), {result.tokens} tokens in "
             f"{result.seconds:.1f}s; training loss {first.loss:.4g} -> {last.loss:.4g}")
 

@@ -11,10 +11,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Trainable = Literal["factors", "factors+norms", "factors+norms+biases", "all"]
+from .blockwise_config import BlockwiseConfig
+
+Trainable = Literal["factors", "factors+norms", "factors+norms+biases", "norms+biases", "all"]
 """Which student parameters train: the compressed formats' own tensors (low-rank ``u, v``, Kronecker
 ``a, b``, overlay ``values``, block-sparse ``blocks``, and the dense matrices kept inside compressed
-LSTMs), plus normalisation weights, plus biases, or every parameter."""
+LSTMs), plus normalisation weights, plus biases, or every parameter (``norms+biases``: those only)."""
 
 
 class RecoveryError(ValueError):
@@ -37,6 +39,12 @@ class RecoveryConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
 
+    method: Literal["distill", "blockwise"] = "distill"
+    """``distill``: end-to-end knowledge distillation; ``blockwise``: reconstruct one block at a time against
+    the dense block's output (settings in ``blockwise``), then optionally a short end-to-end pass
+    (``max_seconds`` bounds only that pass; the block phase costs ``samples x epochs`` per block)."""
+    blockwise: BlockwiseConfig = Field(default_factory=BlockwiseConfig)
+    """Settings of ``method="blockwise"``."""
     steps: int = Field(default=200, ge=1)
     """Optimizer steps to run (the learning-rate schedule spans this many, even when ``max_seconds``
     stops training earlier)."""

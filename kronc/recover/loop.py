@@ -57,11 +57,20 @@ def recover(
     through the `Scheme` hooks. ``resume=True`` continues from ``config.checkpoint_path`` when that file
     exists (a path: from that file), giving the same weights as a run never interrupted.
 
+    ``method="blockwise"`` (in ``config``) reconstructs one block at a time instead and returns a
+    `kronc.recover.blockwise.BlockwiseResult` (see that module).
+
     Raises `RecoveryError` before training for unusable data, mismatched models or nothing to train,
     and during training when a loss part turns NaN/inf: the student is then put back to the last
     checkpoint whose loss was finite, and the error names the step and the part.
     """
     cfg = _config(config, overrides)
+    if cfg.method == "blockwise":
+        if schemes:
+            raise RecoveryError("method='blockwise' takes no schemes: run them in a method='distill' call afterwards")
+        from .blockwise import reconstruct_blocks
+
+        return reconstruct_blocks(student, teacher, data, cfg, tokenizer=tokenizer, resume=resume, progress=progress)
     scheme_list, names = check_schemes(schemes)
     check_models(student, teacher)
     if cfg.kd == cfg.hidden == cfg.lm == 0:

@@ -48,6 +48,7 @@ _TRAINED_ROLES: dict[str, set[str]] = {
     "factors": {"factor"},
     "factors+norms": {"factor", "norm"},
     "factors+norms+biases": {"factor", "norm", "bias"},
+    "norms+biases": {"norm", "bias"},
     "all": {"factor", "norm", "bias", "other"},
 }
 
