@@ -145,7 +145,7 @@ def load(
     Hugging Face models are rebuilt from their saved config (same class; ``generate()`` works).
     Other models need ``model``: the uncompressed architecture as an instance (used and modified
     in place), a zero-argument factory, or a ``"package.module:factory"`` / ``"toy:NAME"`` string;
-    a model saved with ``source="toy:NAME"`` or a built-in name (`kronc.zoo.BUILTIN_MODELS`) is
+    a model saved with ``source="toy:NAME"`` or a built-in name (`kronc.tools.zoo.BUILTIN_MODELS`) is
     rebuilt by itself. Graph outputs are re-captured from that architecture, which for exported
     models needs the example inputs they were captured with (stored in the directory when known,
     else ``example_inputs``, else Hugging Face dummy inputs). ``verify=False`` skips the SHA-256

@@ -12,7 +12,7 @@ from kronc.capture import CaptureError
 from kronc.formats import FormatError, KroneckerSpec
 from kronc.plan import Decision, Plan
 from kronc.policies import Policy
-from kronc.toy import TOY_MODELS, toy_inputs, with_decaying_spectra
+from kronc.tools.toy import TOY_MODELS, toy_inputs, with_decaying_spectra
 
 FAST = {"solver": {"max_candidates_per_site": 24}}
 

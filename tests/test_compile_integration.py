@@ -23,7 +23,7 @@ from kronc.formats import LowRankSpec
 from kronc.integrations.torch_compile import kronc_backend, qualified_name
 from kronc.plan import Decision, Plan
 from kronc.policies import Policy
-from kronc.toy import TOY_MODELS, toy_inputs
+from kronc.tools.toy import TOY_MODELS, toy_inputs
 
 FAST = {"solver": {"max_candidates_per_site": 24}}
 POLICY = Policy(budget="4x", **FAST)

@@ -16,12 +16,12 @@ import torch
 from torch import Tensor, nn
 
 import kronc
-from kronc.cli import EXIT_INPUT, EXIT_OK, main
 from kronc.policies import Policy, PolicyError, load_policy
 from kronc.recover import RecoveryConfig, RecoveryError, Scheme, recover, recovery_losses
 from kronc.recover.batches import TokenWindows, make_batches
 from kronc.recover.losses import model_output, relative_mse
-from kronc.toy import LSTMLanguageModel, tiny_gpt2, tiny_llama, with_decaying_spectra
+from kronc.tools.cli import EXIT_INPUT, EXIT_OK, main
+from kronc.tools.toy import LSTMLanguageModel, tiny_gpt2, tiny_llama, with_decaying_spectra
 
 FAST = {"solver": {"max_candidates_per_site": 24}}
 SMALL = {"seq_len": 16, "batch_size": 4, "progress": False}
@@ -398,7 +398,7 @@ def test_batches_are_windows_drawn_deterministically() -> None:
 
 
 def test_iterables_dicts_text_and_module_pairs() -> None:
-    from kronc.resolve_model import ByteTokenizer
+    from kronc.tools.resolve_model import ByteTokenizer
 
     teacher, student = compressed("lstm", "10x")
     batches = [stream(64, seed=s).reshape(4, 16) for s in range(2)]
@@ -420,7 +420,7 @@ def test_iterables_dicts_text_and_module_pairs() -> None:
 
 def test_an_encoder_is_compared_by_its_hidden_states() -> None:
     pytest.importorskip("transformers")
-    from kronc.toy import tiny_bert
+    from kronc.tools.toy import tiny_bert
 
     torch.manual_seed(0)
     teacher = tiny_bert()

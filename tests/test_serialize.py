@@ -17,7 +17,7 @@ from kronc.formats.sparse_index import SparseIndex
 from kronc.plan import Decision, Plan
 from kronc.serialize import FORMAT_VERSION, MANIFEST, WEIGHTS, KroncFileError, empty_format, load, save
 from kronc.sites import Site
-from kronc.toy import TOY_MODELS, FunctionalMLP, LSTMLanguageModel, toy_inputs
+from kronc.tools.toy import TOY_MODELS, FunctionalMLP, LSTMLanguageModel, toy_inputs
 
 SPECS: list[FormatSpec] = [
     LowRankSpec(rank=4),

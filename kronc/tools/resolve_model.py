@@ -5,8 +5,8 @@ MODEL may be:
 * a local Hugging Face folder (``config.json``; loaded with ``AutoModelForCausalLM`` when its
   architecture is a causal LM, else ``AutoModel``, in fp32, offline);
 * a folder written by `kronc.save` (``kronc.json``; loaded with `kronc.load`, never recompressed);
-* a built-in name from `kronc.zoo.BUILTIN_MODELS` (``smollm2-135m``, ``minilm-l6``, ``textgenrnn``);
-* ``toy:NAME``, a small random model from `kronc.toy.TOY_MODELS` (seeded, so every call builds the
+* a built-in name from `kronc.tools.zoo.BUILTIN_MODELS` (``smollm2-135m``, ``minilm-l6``, ``textgenrnn``);
+* ``toy:NAME``, a small random model from `kronc.tools.toy.TOY_MODELS` (seeded, so every call builds the
   same weights);
 * ``package.module:factory``, a zero-argument callable returning an ``nn.Module`` (or a
   ``(model, tokenizer)`` pair), or an ``nn.Module`` attribute.
@@ -198,7 +198,7 @@ def folder_tokenizer(path: Path) -> Any:
 
 
 def _saved(path: Path, architecture: str | None) -> ResolvedModel:
-    from .serialize import load, read_manifest
+    from ..serialize import load, read_manifest
     from .zoo import BUILTIN_MODELS
 
     manifest = read_manifest(path)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .plan import Plan
+from ..plan import Plan
 
 RESULTS = "results.json"
 EVAL = "eval.json"
@@ -165,7 +165,7 @@ def measure_latency_pair(a: Callable[[], Any], b: Callable[[], Any], repeats: in
 
 def stored_bytes(model: nn.Module) -> int:
     """Bytes of every distinct tensor the model stores (tied tensors once)."""
-    from .serialize import stored_bytes as _stored
+    from ..serialize import stored_bytes as _stored
 
     return _stored(model)
 
@@ -184,7 +184,7 @@ def size(n: float | None) -> str:
 
 def read_runs(paths: Sequence[str | Path]) -> tuple[list[Run], Measurement | None, str]:
     """Runs from kronc save folders and ``results.json`` files/folders; the dense reference if any; a title."""
-    from .serialize import read_manifest
+    from ..serialize import read_manifest
 
     runs: list[Run] = []
     dense: Measurement | None = None
