@@ -19,6 +19,7 @@ from .passes.base import run_passes
 from .passes.rewrite import compress_sites
 from .passes.swap import swap_modules, swappable
 from .plan import Plan
+from .planning import collect_input_moments, collect_sensitivity, fit_site, make_plan
 from .policies import Policy, load_policy, resolve
 from .sites import Site
 
@@ -64,7 +65,7 @@ def compile(  # noqa: A001 - mirrors torch.compile on purpose
     """
     seconds: dict[str, float] = {}
     t0 = t = time.perf_counter()
-    pol = _policy(policy, budget, calibration)  # 0. the policy: a file, a shipped name or an object; budget overrides
+    pol = make_policy(policy, budget, calibration)  # 0. the policy: a file, a shipped name or an object; budget overrides
     captured = capture(model, example_inputs)  # 1. trace the model, find its sites
     seconds["capture"], t = time.perf_counter() - t, time.perf_counter()
     if calibration is not None and not isinstance(calibration, (list, tuple)):
@@ -102,10 +103,8 @@ def plan(
     ``importance`` is a per-site sensitivity from `sensitivity` (computed here from
     ``calibration`` when the moments are too and the policy asks for it).
     """
-    from .planning import make_plan
-
     captured = model if isinstance(model, Captured) else capture(model, example_inputs)
-    pol = _policy(policy, budget, calibration if moments is None else moments)
+    pol = make_policy(policy, budget, calibration if moments is None else moments)
     resolution, in_scope = _scope(captured, pol)
     if moments is None:
         if calibration is not None and not isinstance(calibration, (list, tuple)):
@@ -130,8 +129,6 @@ def input_moments(
 ) -> dict[str, Tensor] | None:
     """Input second moments of the in-scope sites over ``calibration``, when the policy's objective is
     ``data`` (else None): what both `plan` and `apply` need for data-aware compression."""
-    from .planning import collect_input_moments
-
     pol = load_policy(policy) if not isinstance(policy, Policy) else policy  # type: ignore[arg-type]
     if calibration is None or pol.objective != "data":
         return None
@@ -147,8 +144,6 @@ def sensitivity(
 ) -> dict[str, float] | None:
     """Per-site sensitivity (`kronc.planning.collect_sensitivity`) over the first calibration batches,
     when the policy's objective is ``data`` and its ``solver.sensitivity`` is ``fisher`` (else None)."""
-    from .planning import collect_sensitivity
-
     pol = load_policy(policy) if not isinstance(policy, Policy) else policy  # type: ignore[arg-type]
     if calibration is None or pol.objective != "data" or pol.solver.sensitivity == "none":
         return None
@@ -186,8 +181,6 @@ def apply(
     ``moments`` (input second moments per site, from calibration) make the fits data-aware (whitened
     SVD for low-rank, Wanda-ranked entries and blocks for the sparse formats).
     """
-    from .planning import fit_site
-
     the_plan = plan if isinstance(plan, Plan) else Plan.load(plan)
     captured = model if isinstance(model, Captured) else capture(model, example_inputs)
     sites = {s.name: s for s in captured.sites}
@@ -223,7 +216,7 @@ def _output_mode(output: Output, captured: Captured, chosen: list[Site]) -> Lite
     return "module" if all(swappable(s) for s in chosen) else "graph"
 
 
-def _policy(policy: PolicyLike | None, budget: str | float | Budget | None, calibration: Any = None) -> Policy:
+def make_policy(policy: PolicyLike | None, budget: str | float | Budget | None, calibration: Any = None) -> Policy:
     """The policy, ``budget`` overriding its own; calibration data turns the ``weight`` objective into
     ``data`` (as the command line does), since it would otherwise go unused."""
     if policy is None:

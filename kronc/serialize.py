@@ -30,6 +30,9 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 
+from .capture import capture
+from .errors import MissingPackageError
+from .factory import call_factory
 from .formats import (
     FORMATS,
     BlockSparse,
@@ -48,8 +51,11 @@ from .formats import (
     SparseOverlay,
     fit,
 )
+from .passes.base import run_passes
+from .passes.rewrite import compress_sites
+from .passes.swap import swap_modules
 from .plan import Plan
-from .sites import Site, SiteKind
+from .sites import Site, logical_shape, module_role
 
 FORMAT_VERSION = 1
 """Version of the saved-directory layout; `load` refuses any other."""
@@ -146,7 +152,7 @@ def load(
     Other models need ``model``: the uncompressed architecture as an instance (used and modified
     in place), a zero-argument factory, or a ``"package.module:factory"`` / ``"toy:NAME"`` string;
     a model saved with ``source="toy:NAME"`` or a built-in name (`kronc.tools.zoo.BUILTIN_MODELS`) is
-    rebuilt by itself. Graph outputs are re-captured from that architecture, which for exported
+    rebuilt by itself when loaded through `kronc.load` (`kronc.tools.resolve_model.load`). Graph outputs are re-captured from that architecture, which for exported
     models needs the example inputs they were captured with (stored in the directory when known,
     else ``example_inputs``, else Hugging Face dummy inputs). ``verify=False`` skips the SHA-256
     check of the weights file.
@@ -286,8 +292,6 @@ def _placeholder_index(grid: tuple[int, int], nnz: int) -> SparseIndex:
 
 def _rebuild_modules(model: nn.Module, plan: Plan) -> nn.Module:
     """Swap empty compressed modules in, site by site, without tracing the model."""
-    from .passes.swap import swap_modules
-
     sites, weights = [], {}
     for d in plan.decisions:
         if d.spec.kind == "dense":
@@ -299,8 +303,6 @@ def _rebuild_modules(model: nn.Module, plan: Plan) -> nn.Module:
 
 
 def _site_from_module(model: nn.Module, name: str, shape: tuple[int, int]) -> Site:
-    from .capture import is_hf_conv1d
-
     try:
         param = model.get_parameter(name)
     except AttributeError as e:
@@ -308,21 +310,13 @@ def _site_from_module(model: nn.Module, name: str, shape: tuple[int, int]) -> Si
     names = [n for n, p in model.named_parameters(remove_duplicate=False) if p is param]
     owner, _, attr = name.rpartition(".")
     mod = model.get_submodule(owner)
-    kind: SiteKind
-    if isinstance(mod, nn.LSTM):
-        kind = "lstm"
-    elif isinstance(mod, nn.Embedding):
-        kind = "embedding"
-    elif is_hf_conv1d(mod):
-        kind = "conv1d"
-    elif isinstance(mod, nn.Linear):
-        kind = "linear"
-    else:
+    kind = module_role(mod)
+    if kind is None:
         raise KroncFileError(
             f"site {name} belongs to a {type(mod).__name__}, not a Linear/Conv1D/Embedding/LSTM: a module-mode save "
             "cannot hold it (was the model saved from a different architecture?)"
         )
-    logical = tuple(param.shape[::-1]) if kind == "conv1d" else tuple(param.shape)
+    logical = logical_shape(param, kind)
     if logical != shape:
         raise KroncFileError(
             f"site {name} is {logical[0]}x{logical[1]} in this {type(model).__name__} but {shape[0]}x{shape[1]} in the "
@@ -334,10 +328,6 @@ def _site_from_module(model: nn.Module, name: str, shape: tuple[int, int]) -> Si
 
 def _rebuild_graph(model: nn.Module, plan: Plan, example_inputs: Any) -> nn.Module:
     """Capture the architecture again and rewrite its graph with empty formats."""
-    from .capture import capture
-    from .passes.base import run_passes
-    from .passes.rewrite import compress_sites
-
     captured = capture(model, example_inputs)
     sites = {s.name: s for s in captured.sites}
     chosen = []
@@ -357,22 +347,15 @@ def _rebuild_graph(model: nn.Module, plan: Plan, example_inputs: Any) -> nn.Modu
 def _base_model(path: Path, manifest: Mapping[str, Any], model: ModelArg) -> nn.Module:
     if model is None and manifest.get("huggingface"):
         return _hf_model(path, manifest)
-    if model is None:
-        from .zoo import BUILTIN_MODELS
-
+    if model is None:  # kronc.load (kronc.tools.resolve_model.load) rebuilds toy:NAME and built-in sources first
         source = manifest.get("source")
-        if isinstance(source, str) and (source.startswith("toy:") or source in BUILTIN_MODELS):
-            model = source  # names from kronc's own tables; package.module:factory must be passed explicitly
-        else:
-            how = f'model="{source}"' if source else "model=MyModel() or model=factory"
-            raise KroncFileError(
-                f"{path} holds a {manifest['model_class']}, which kronc cannot rebuild by itself: pass its uncompressed "
-                f"architecture, kronc.load(path, {how})"
-            )
+        how = f'model="{source}"' if source else "model=MyModel() or model=factory"
+        raise KroncFileError(
+            f"{path} holds a {manifest['model_class']}, which kronc cannot rebuild by itself: pass its uncompressed "
+            f"architecture, kronc.load(path, {how})"
+        )
     if isinstance(model, str):
-        from .resolve_model import build_architecture
-
-        return build_architecture(model)
+        return call_factory(model)[0]
     if isinstance(model, nn.Module):
         return model
     if callable(model):
@@ -386,8 +369,6 @@ def _base_model(path: Path, manifest: Mapping[str, Any], model: ModelArg) -> nn.
 
 
 def _hf_model(path: Path, manifest: Mapping[str, Any]) -> nn.Module:
-    from .zoo import MissingPackageError
-
     try:
         import transformers
     except ImportError as e:

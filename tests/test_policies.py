@@ -519,7 +519,7 @@ def test_explain_accepts_names_captured_models_and_modules(monkeypatch: pytest.M
         calls.append(model)
         return types.SimpleNamespace(sites=sites)
 
-    monkeypatch.setitem(sys.modules, "kronc.capture", types.SimpleNamespace(capture=fake_capture))
+    monkeypatch.setattr(sys.modules["kronc.policies.explain"], "capture", fake_capture)
     module = torch.nn.Linear(2, 2)
     assert explain(load_policy("lstm-25x"), module).table() == by_name.table() and calls == [module]
 

@@ -14,9 +14,9 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from ..codegen import ops as _ops  # noqa: F401  (registers the torch.ops.kronc.* ops used below)
+from ..reference.sparse import gather_row_entries
 from .base import Factorized, FormatError, FormatSpec, Shape, check_matrix
 from .sparse_index import SparseIndex, count_kept, index_bytes
-from .sparse_overlay import gather_row_entries
 
 
 class BlockSparseSpec(FormatSpec):
@@ -101,17 +101,6 @@ class BlockSparse(Factorized):
         (gr, gc), (bh, bw) = self.index.grid, self.blocks.shape[1:]
         tiles = self.blocks.new_zeros(gr, gc, bh, bw).index_put((rows, cols), self.blocks)
         return tiles.permute(0, 2, 1, 3).reshape(gr * bh, gc * bw)
-
-
-def blocksparse_apply(x: Tensor, blocks: Tensor, rows: Tensor, cols: Tensor, out_features: int) -> Tensor:
-    """``x @ W.T`` from the stored blocks only: one batched matmul, scattered into block rows (reference)."""
-    _, bh, bw = blocks.shape
-    gr, gc = out_features // bh, x.shape[-1] // bw
-    lead = x.shape[:-1]
-    xs = x.reshape(-1, gc, bw)[:, cols].transpose(0, 1)  # (nnzb, T, bw)
-    part = torch.bmm(xs, blocks.transpose(1, 2))  # (nnzb, T, bh)
-    out = part.new_zeros(gr, part.shape[1], bh).index_add(0, rows, part)
-    return out.permute(1, 0, 2).reshape(*lead, gr * bh)
 
 
 def to_blocks(weight: Tensor, block: tuple[int, int]) -> Tensor:

@@ -69,8 +69,3 @@ class LowRank(Factorized):
 
     def to_dense(self) -> Tensor:
         return self.u @ self.v
-
-
-def lowrank_apply(x: Tensor, u: Tensor, v: Tensor) -> Tensor:
-    """``x @ (u @ v).T`` as two thin matmuls through the rank-``r`` intermediate (reference)."""
-    return (x @ v.T) @ u.T

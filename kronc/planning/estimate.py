@@ -45,7 +45,7 @@ from torch import Tensor
 from ..formats import BlockSparseSpec, DenseSpec, DopedSpec, FormatSpec, KroneckerSpec, LowRankSpec
 from ..formats.base import check_matrix
 from ..formats.doped import row_balanced_order
-from ..formats.kronecker import rearrange
+from ..reference.kronecker import kron_times, rearrange, unrearrange
 from .whiten import column_scale, damped, whitener
 
 _F64 = torch.float64
@@ -65,24 +65,6 @@ def _eig_desc(gram: Tensor, vectors: bool) -> tuple[Tensor, Tensor | None]:
         lam, vec = torch.linalg.eigh(gram)
         return lam.flip(0).clamp_min(0), vec.flip(1)
     return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0), None
-
-
-def unrearrange(r: Tensor, shape: tuple[int, int], a_shape: tuple[int, int]) -> Tensor:
-    """Inverse of `kronecker.rearrange`."""
-    (m, n), (m1, n1) = shape, a_shape
-    m2, n2 = m // m1, n // n1
-    return r.reshape(m1, n1, m2, n2).permute(0, 2, 1, 3).reshape(m, n)
-
-
-def kron_times(a: Tensor, b: Tensor, x: Tensor) -> Tensor:
-    """``(a ⊗ b) @ x`` for ``x`` of shape ``(n1 n2, c)`` without building the Kronecker product."""
-    (m1, n1), (m2, n2), c = a.shape, b.shape, x.shape[1]
-    x3 = x.reshape(n1, n2, c)
-    if n1 * m2 * (n2 + m1) <= m1 * n2 * (n1 + m2):
-        t = torch.matmul(b, x3)  # (n1, m2, c)
-        return (a @ t.reshape(n1, m2 * c)).reshape(m1 * m2, c)
-    t = (a @ x3.reshape(n1, n2 * c)).reshape(m1, n2, c)
-    return torch.matmul(b, t).reshape(m1 * m2, c)
 
 
 def _threshold(values: Tensor, k: int, stride: int) -> Tensor | None:

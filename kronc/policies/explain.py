@@ -10,11 +10,12 @@ from typing import Any
 
 import torch
 
+from ..capture import capture
 from ..sites import Site
 from .choices import BlockSparseChoice, DopedChoice, FormatChoice, KroneckerChoice, LowRankChoice
 from .errors import PolicyWarning
 from .loader import load_policy
-from .match import Resolution, _resolve
+from .match import Resolution, resolve
 from .model import Policy
 
 
@@ -74,8 +75,6 @@ class Explanation:
 
 def _sites_of(model_or_sites: Any) -> list[Site]:
     if isinstance(model_or_sites, torch.nn.Module):
-        from ..capture import capture  # lazy: capture pulls in torch.fx / torch.export
-
         return list(capture(model_or_sites).sites)
     if hasattr(model_or_sites, "sites"):  # a kronc.capture.Captured
         return list(model_or_sites.sites)
@@ -88,7 +87,7 @@ def explain(
     """Show, for each site of a model (an ``nn.Module``, a captured model or a list of `Site`), whether
     it is in scope, which rule applied and which formats it may use. ``policy`` may be anything
     `load_policy` accepts (a `Policy`, a file, a shipped policy's name, a dict)."""
-    res = _resolve(load_policy(policy), _sites_of(model_or_sites))
+    res = resolve(load_policy(policy), _sites_of(model_or_sites), warn=False)
     for m in res.warnings:
         warnings.warn(m, PolicyWarning, stacklevel=2)
     return Explanation(res)

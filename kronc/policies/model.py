@@ -32,9 +32,9 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..budget import Budget
-from ..recover.config import RecoveryConfig
 from .choices import ALL_FORMATS, DATA_FORMATS, FormatChoice
 from .patterns import check_pattern
+from .recovery import RecoveryConfig
 
 ScopeKind = Literal["linear", "conv1d", "functional", "lstm"]
 """Site kinds `Scope.kinds` can list: every `kronc.sites.SiteKind` except ``embedding``, which

@@ -24,6 +24,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+from kronc.tools.models.textgenrnn import TextGenRNN
+
+from ..errors import MissingPackageError
+
 if TYPE_CHECKING:
     from transformers import BertModel, LlamaForCausalLM, PreTrainedTokenizerBase
 
@@ -48,10 +52,6 @@ TRANSFORMERS_PIP = "pip install 'transformers>=5.0'"
 #: Bump when the cached SmolLM2 copy's contents would change, so stale copies get rebuilt.
 _SMOLLM2_CACHE_VERSION = 1
 _SMOLLM2_MARKER = "kronc_source.json"
-
-
-class MissingPackageError(ImportError):
-    """An optional package a loader needs is not installed; the message names the pip command."""
 
 
 def require(module: str, pip: str) -> ModuleType:
@@ -182,8 +182,6 @@ def load_textgenrnn() -> tuple[TextGenRNN, dict[str, int]]:
     text) to ids 1..464; id 0 is padding and unknown characters. Needs ``textgenrnn`` (located,
     not imported: it would import TensorFlow) and ``h5py``.
     """
-    from kronc.tools.models.textgenrnn import TextGenRNN
-
     directory = package_dir("textgenrnn", TEXTGENRNN_PIP)
     require("h5py", "pip install h5py")
     weights = directory / "textgenrnn_weights.hdf5"
