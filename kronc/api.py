@@ -187,7 +187,7 @@ def apply(
     missing = [d.site for d in the_plan.decisions if d.site not in sites]
     if missing:
         raise KeyError(f"the plan names sites this model does not have: {', '.join(missing)}")
-    chosen = [sites[d.site] for d in the_plan.decisions if d.spec.kind != "dense"]
+    chosen = [sites[d.site] for d in the_plan.decisions if not d.spec.identity]
     for d in the_plan.decisions:
         if tuple(d.shape) != sites[d.site].shape:
             raise ValueError(f"site {d.site} is {sites[d.site].shape} in this model but {tuple(d.shape)} in the plan")

@@ -33,24 +33,7 @@ from torch import Tensor, fx, nn
 from .capture import capture
 from .errors import MissingPackageError
 from .factory import call_factory
-from .formats import (
-    FORMATS,
-    BlockSparse,
-    BlockSparseSpec,
-    Dense,
-    DenseSpec,
-    Doped,
-    DopedSpec,
-    Factorized,
-    FormatSpec,
-    Kronecker,
-    KroneckerSpec,
-    LowRank,
-    LowRankSpec,
-    SparseIndex,
-    SparseOverlay,
-    fit,
-)
+from .formats import FORMATS, Factorized, FormatError, FormatSpec, SparseIndex, format_module
 from .passes.base import run_passes
 from .passes.rewrite import compress_sites
 from .passes.swap import swap_modules
@@ -255,36 +238,14 @@ def empty_format(spec: FormatSpec, shape: tuple[int, int], dtype: torch.dtype = 
     """A format of ``spec``'s structure for a ``shape`` weight, with uninitialised values (no fitting).
 
     Sparse positions are placeholders; loading a state dict replaces values and positions. Unknown
-    format kinds fall back to fitting a zero matrix.
+    format kinds raise `KroncFileError` naming the kinds this kronc knows.
     """
-    out, inp = shape
-    if isinstance(spec, DenseSpec):
-        return Dense(torch.empty(shape, dtype=dtype), spec)
-    if isinstance(spec, LowRankSpec):
-        spec.check(shape)
-        return LowRank(torch.empty(out, spec.rank, dtype=dtype), torch.empty(spec.rank, inp, dtype=dtype), spec)
-    if isinstance(spec, KroneckerSpec):
-        spec.check(shape)
-        (m1, n1), (m2, n2) = spec.a_shape, spec.b_shape(shape)
-        return Kronecker(torch.empty(spec.terms, m1, n1, dtype=dtype), torch.empty(spec.terms, m2, n2, dtype=dtype), spec)
-    if isinstance(spec, DopedSpec):
-        spec.check(shape)
-        base = None if spec.base is None else empty_format(spec.base, shape, dtype)
-        nnz = spec.nnz(shape)
-        overlay = SparseOverlay(_placeholder_index(shape, nnz), torch.empty(nnz, dtype=dtype))
-        return Doped(base, overlay, spec)  # type: ignore[arg-type]
-    if isinstance(spec, BlockSparseSpec):
-        spec.check(shape)
-        n = spec.nblocks(shape)
-        return BlockSparse(_placeholder_index(spec.grid(shape), n), torch.empty(n, *spec.block, dtype=dtype), spec)
-    if spec.kind not in FORMATS:
-        raise KroncFileError(f"unknown format kind {spec.kind!r}; this kronc knows {', '.join(FORMATS)}")
-    return fit(torch.zeros(shape, dtype=dtype), spec)
-
-
-def _placeholder_index(grid: tuple[int, int], nnz: int) -> SparseIndex:
-    flat = torch.arange(nnz)
-    return SparseIndex(grid, flat // grid[1], flat % grid[1])
+    try:
+        module = format_module(spec.kind)
+    except FormatError as e:
+        raise KroncFileError(f"unknown format kind {spec.kind!r}; this kronc knows {', '.join(FORMATS)}") from e
+    spec.check(shape)
+    return module.empty(spec, shape, dtype)
 
 
 # --------------------------------------------------------------------------- rebuilding
@@ -294,7 +255,7 @@ def _rebuild_modules(model: nn.Module, plan: Plan) -> nn.Module:
     """Swap empty compressed modules in, site by site, without tracing the model."""
     sites, weights = [], {}
     for d in plan.decisions:
-        if d.spec.kind == "dense":
+        if d.spec.identity:
             continue
         site = _site_from_module(model, d.site, tuple(d.shape))
         sites.append(site)
@@ -337,7 +298,7 @@ def _rebuild_graph(model: nn.Module, plan: Plan, example_inputs: Any) -> nn.Modu
             raise KroncFileError(f"the plan names {d.site}, which the captured {type(model).__name__} does not have")
         if tuple(d.shape) != site.shape:
             raise KroncFileError(f"site {d.site} is {site.shape} in this model but {tuple(d.shape)} in the saved plan")
-        if d.spec.kind != "dense":
+        if not d.spec.identity:
             chosen.append(site)
     weights = {s.name: empty_format(plan[s.name].spec, s.shape, s.dtype) for s in chosen}
     gm = copy.deepcopy(captured.graph_module)

@@ -16,7 +16,8 @@ from torch import Tensor, nn
 from ..codegen import ops as _ops  # noqa: F401  (registers the torch.ops.kronc.* ops used below)
 from ..reference.sparse import gather_row_entries
 from .base import Factorized, FormatError, FormatSpec, Shape, check_matrix
-from .sparse_index import SparseIndex, count_kept, index_bytes
+from .registry import register_format
+from .sparse_index import SparseIndex, count_kept, index_bytes, placeholder_index
 
 
 class BlockSparseSpec(FormatSpec):
@@ -83,6 +84,12 @@ class BlockSparse(Factorized):
         rows, cols = index.decode()
         return cls(index, tiles[rows, cols].clone(), spec)
 
+    @classmethod
+    def empty(cls, spec: FormatSpec, shape: Shape, dtype: torch.dtype) -> BlockSparse:
+        assert isinstance(spec, BlockSparseSpec)
+        n = spec.nblocks(shape)
+        return cls(placeholder_index(spec.grid(shape), n), torch.empty(n, *spec.block, dtype=dtype), spec)
+
     def forward(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
         rows, cols = self.index.decode()
         return torch.ops.kronc.blocksparse_linear(x, self.blocks, rows, cols, self.shape[0], bias)
@@ -109,3 +116,6 @@ def to_blocks(weight: Tensor, block: tuple[int, int]) -> Tensor:
     if m % bh or n % bw:
         raise FormatError(f"block {block} does not divide a {m}x{n} weight")
     return weight.reshape(m // bh, bh, n // bw, bw).permute(0, 2, 1, 3)
+
+
+register_format(BlockSparse)

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from ..codegen import ops as _ops  # noqa: F401  (registers the torch.ops.kronc.* ops used below)
 from ..reference.kronecker import contraction_costs, rearrange
 from .base import Factorized, FormatError, FormatSpec, Shape, check_matrix, svd_dtype
+from .registry import register_format
 
 
 class KroneckerSpec(FormatSpec):
@@ -85,6 +86,12 @@ class Kronecker(Factorized):
         b = (root[:, None] * vh[: spec.terms]).reshape(spec.terms, m2, n2)
         return cls(a.to(weight.dtype), b.to(weight.dtype), spec)
 
+    @classmethod
+    def empty(cls, spec: FormatSpec, shape: Shape, dtype: torch.dtype) -> Kronecker:
+        assert isinstance(spec, KroneckerSpec)
+        (m1, n1), (m2, n2) = spec.a_shape, spec.b_shape(shape)
+        return cls(torch.empty(spec.terms, m1, n1, dtype=dtype), torch.empty(spec.terms, m2, n2, dtype=dtype), spec)
+
     def forward(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
         return torch.ops.kronc.kron_linear(x, self.a, self.b, bias)
 
@@ -93,3 +100,6 @@ class Kronecker(Factorized):
 
     def to_dense(self) -> Tensor:
         return sum(torch.kron(self.a[r], self.b[r]) for r in range(self.a.shape[0]))  # type: ignore[return-value]
+
+
+register_format(Kronecker)

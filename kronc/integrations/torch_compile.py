@@ -321,7 +321,7 @@ def _plan_and_fit(captured: Captured, policy: Policy, progress: bool) -> tuple[P
     weights: dict[str, Factorized] = {}
     with torch.no_grad():
         for d in the_plan.decisions:
-            if d.spec.kind != "dense":
+            if not d.spec.identity:
                 fmt = fit_site(captured.weight(d.site), d.spec)
                 weights[d.site] = fmt.requires_grad_(False)
     _CACHE[key] = (the_plan, weights, [weakref.ref(p) for p in params])
