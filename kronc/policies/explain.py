@@ -12,36 +12,16 @@ import torch
 
 from ..capture import capture
 from ..sites import Site
-from .choices import BlockSparseChoice, DopedChoice, FormatChoice, KroneckerChoice, LowRankChoice
+from .choices import Choice
 from .errors import PolicyWarning
 from .loader import load_policy
 from .match import Resolution, resolve
 from .model import Policy
 
 
-def _range(lo: float, hi: float | None) -> str:
-    return f"{lo:g}-{'max' if hi is None else f'{hi:g}'}"
-
-
-def _shapes(shapes: Any) -> str:
-    return "auto" if shapes == "auto" else ",".join(f"{a}x{b}" for a, b in shapes)
-
-
-def describe_choice(choice: FormatChoice) -> str:
+def describe_choice(choice: Choice) -> str:
     """A short form of one format choice, e.g. ``doped(kronecker auto, terms<=2, density 0.001-0.05)``."""
-    if isinstance(choice, LowRankChoice):
-        return f"lowrank(rank {_range(choice.rank_min, choice.rank_max)}, x{choice.rank_multiple})"
-    if isinstance(choice, KroneckerChoice):
-        return f"kronecker({_shapes(choice.a_shapes)}, terms<={choice.terms_max})"
-    if isinstance(choice, DopedChoice):
-        base = choice.base
-        if base == "kronecker":
-            base = f"kronecker {_shapes(choice.a_shapes)}, terms<={choice.terms_max}"
-        return f"doped({base}, density {_range(choice.density_min, choice.density_max)})"
-    if isinstance(choice, BlockSparseChoice):
-        blocks = ",".join(f"{r}x{c}" for r, c in choice.blocks)
-        return f"blocksparse({blocks}, density {_range(choice.density_min, choice.density_max)})"
-    return choice.kind
+    return choice.describe()
 
 
 @dataclass(frozen=True)
