@@ -34,11 +34,10 @@ from .capture import capture
 from .errors import MissingPackageError
 from .factory import call_factory
 from .formats import FORMATS, Factorized, FormatError, FormatSpec, SparseIndex, format_module
-from .passes.base import run_passes
-from .passes.rewrite import compress_sites
-from .passes.swap import swap_modules
+from .pipeline import materialize
 from .plan import Plan
-from .sites import Site, logical_shape, module_role
+from .sites import Site, site_of_parameter
+from .state_dicts import alias_map, dedupe, stored_bytes, unshared
 
 FORMAT_VERSION = 1
 """Version of the saved-directory layout; `load` refuses any other."""
@@ -94,8 +93,8 @@ def save(
     if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
         tokenizer.save_pretrained(str(path))
 
-    state = _dedupe(model.state_dict())
-    save_file(_unshared(state), str(path / WEIGHTS), metadata={"kronc_format_version": str(FORMAT_VERSION)})
+    state = dedupe(model.state_dict())
+    save_file(unshared(state), str(path / WEIGHTS), metadata={"kronc_format_version": str(FORMAT_VERSION)})
     (path / EXAMPLES).unlink(missing_ok=True)
     examples = example_inputs if example_inputs is not None else getattr(model, "kronc_example_inputs", None)
     example_spec = _save_examples(examples, path / EXAMPLES) if is_graph and examples is not None else None
@@ -253,56 +252,33 @@ def empty_format(spec: FormatSpec, shape: tuple[int, int], dtype: torch.dtype = 
 
 def _rebuild_modules(model: nn.Module, plan: Plan) -> nn.Module:
     """Swap empty compressed modules in, site by site, without tracing the model."""
-    sites, weights = [], {}
+    sites = {}
     for d in plan.decisions:
-        if d.spec.identity:
-            continue
-        site = _site_from_module(model, d.site, tuple(d.shape))
-        sites.append(site)
-        weights[site.name] = empty_format(d.spec, site.shape, site.dtype)
-    return swap_modules(model, sites, weights)
+        try:
+            site = site_of_parameter(model, d.site)
+        except ValueError as e:
+            raise KroncFileError(f"{e} (was the model saved from a different architecture?)") from e
+        if site.shape != tuple(d.shape):
+            raise KroncFileError(
+                f"site {d.site} is {site.shape[0]}x{site.shape[1]} in this {type(model).__name__} but "
+                f"{d.shape[0]}x{d.shape[1]} in the saved plan: load it into the architecture it was compressed from"
+            )
+        sites[d.site] = site
+    return materialize(plan, sites, _empty, model=model)
 
 
-def _site_from_module(model: nn.Module, name: str, shape: tuple[int, int]) -> Site:
-    try:
-        param = model.get_parameter(name)
-    except AttributeError as e:
-        raise KroncFileError(f"the plan names {name}, which this {type(model).__name__} does not have") from e
-    names = [n for n, p in model.named_parameters(remove_duplicate=False) if p is param]
-    owner, _, attr = name.rpartition(".")
-    mod = model.get_submodule(owner)
-    kind = module_role(mod)
-    if kind is None:
-        raise KroncFileError(
-            f"site {name} belongs to a {type(mod).__name__}, not a Linear/Conv1D/Embedding/LSTM: a module-mode save "
-            "cannot hold it (was the model saved from a different architecture?)"
-        )
-    logical = logical_shape(param, kind)
-    if logical != shape:
-        raise KroncFileError(
-            f"site {name} is {logical[0]}x{logical[1]} in this {type(model).__name__} but {shape[0]}x{shape[1]} in the "
-            "saved plan: load it into the architecture it was compressed from"
-        )
-    return Site(name=names[0], kind=kind, shape=shape, dtype=param.dtype, owner=owner, attr=attr,  # type: ignore[arg-type]
-                aliases=tuple(n for n in names if n != names[0]))
+def _empty(site: Site, spec: FormatSpec) -> Factorized:
+    return empty_format(spec, site.shape, site.dtype)
 
 
 def _rebuild_graph(model: nn.Module, plan: Plan, example_inputs: Any) -> nn.Module:
     """Capture the architecture again and rewrite its graph with empty formats."""
     captured = capture(model, example_inputs)
     sites = {s.name: s for s in captured.sites}
-    chosen = []
-    for d in plan.decisions:
-        site = sites.get(d.site)
-        if site is None:
-            raise KroncFileError(f"the plan names {d.site}, which the captured {type(model).__name__} does not have")
-        if tuple(d.shape) != site.shape:
-            raise KroncFileError(f"site {d.site} is {site.shape} in this model but {tuple(d.shape)} in the saved plan")
-        if not d.spec.identity:
-            chosen.append(site)
-    weights = {s.name: empty_format(plan[s.name].spec, s.shape, s.dtype) for s in chosen}
-    gm = copy.deepcopy(captured.graph_module)
-    return run_passes(gm, [compress_sites(chosen, weights)]).graph_module
+    try:
+        return materialize(plan, sites, _empty, graph=copy.deepcopy(captured.graph_module))
+    except (KeyError, ValueError) as e:
+        raise KroncFileError(f"the saved plan does not fit the captured {type(model).__name__}: {_first_line(e)}") from e
 
 
 def _base_model(path: Path, manifest: Mapping[str, Any], model: ModelArg) -> nn.Module:
@@ -363,7 +339,7 @@ def _hf_model(path: Path, manifest: Mapping[str, Any]) -> nn.Module:
 
 def _load_state(model: nn.Module, stored: dict[str, Tensor]) -> tuple[list[str], list[str], list[str]]:
     state = model.state_dict()
-    aliases = _alias_map(state)
+    aliases = alias_map(state)
     full = {}
     for name in state:
         key = aliases.get(name, name)
@@ -401,39 +377,6 @@ def _check_indices(model: nn.Module, path: Path) -> None:
                                  f"or not {mod.nnz} of them)")
 
 
-def _dedupe(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Tied tensors once, under their first name."""
-    aliases = _alias_map(state)
-    return {k: v for k, v in state.items() if k not in aliases}
-
-
-def _alias_map(state: dict[str, Tensor]) -> dict[str, str]:
-    """Names of tensors that are the same tensor as an earlier entry (same storage, offset, shape, dtype)."""
-    first: dict[tuple[int, int, tuple[int, ...], tuple[int, ...], torch.dtype], str] = {}
-    aliases = {}
-    for name, t in state.items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
-        if t.numel() and key in first:
-            aliases[name] = first[key]
-        else:
-            first[key] = name
-    return aliases
-
-
-def _unshared(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Contiguous CPU tensors, none sharing memory (safetensors refuses shared storage)."""
-    out: dict[str, Tensor] = {}
-    seen: set[int] = set()
-    for k, v in state.items():
-        t = v.detach().cpu().contiguous()
-        ptr = t.untyped_storage().data_ptr()
-        if t.numel() and ptr in seen:
-            t = t.clone()
-        seen.add(t.untyped_storage().data_ptr())
-        out[k] = t
-    return out
-
-
 # --------------------------------------------------------------------------- example inputs
 
 
@@ -466,7 +409,7 @@ def _save_examples(examples: Any, file: Path) -> dict[str, Any] | None:
         else:
             return None
     if tensors:
-        save_file(_unshared(tensors), str(file))
+        save_file(unshared(tensors), str(file))
     return spec
 
 
@@ -525,11 +468,6 @@ def _version(package: str) -> str | None:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
         return None
-
-
-def stored_bytes(model: nn.Module) -> int:
-    """Bytes of every distinct tensor in ``model``'s state dict (tied tensors counted once)."""
-    return sum(t.numel() * t.element_size() for t in _dedupe(model.state_dict()).values())
 
 
 __all__ = [

@@ -116,3 +116,21 @@ def lstm_weight_names(lstm: nn.LSTM) -> list[str]:
 def logical_shape(param: torch.Tensor, kind: str) -> tuple[int, int]:
     """A weight's logical ``(out, in)`` shape (HF ``Conv1D`` stores it transposed)."""
     return (int(param.shape[1]), int(param.shape[0])) if kind == "conv1d" else (int(param.shape[0]), int(param.shape[1]))
+
+
+def site_of_parameter(model: nn.Module, name: str) -> Site:
+    """The site a module-held weight is, found from the model alone (no tracing): how `kronc.load` finds
+    a saved plan's sites. `ValueError` when ``name`` is not a Linear/Conv1D/Embedding/LSTM weight."""
+    try:
+        param = model.get_parameter(name)
+    except AttributeError as e:
+        raise ValueError(f"the plan names {name}, which this {type(model).__name__} does not have") from e
+    names = [n for n, p in model.named_parameters(remove_duplicate=False) if p is param]
+    owner, _, attr = name.rpartition(".")
+    mod = model.get_submodule(owner)
+    kind = module_role(mod)
+    if kind is None:
+        raise ValueError(f"site {name} belongs to a {type(mod).__name__}, not a Linear/Conv1D/Embedding/LSTM: a module-mode "
+                         "save cannot hold it")
+    return Site(name=names[0], kind=kind, shape=logical_shape(param, kind), dtype=param.dtype, owner=owner, attr=attr,
+                aliases=tuple(n for n in names if n != names[0]))

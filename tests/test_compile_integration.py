@@ -25,8 +25,7 @@ from kronc.plan import Decision, Plan
 from kronc.policies import Policy
 from kronc.tools.toy import TOY_MODELS, toy_inputs
 
-FAST = {"solver": {"max_candidates_per_site": 24}}
-POLICY = Policy(budget="4x", **FAST)
+POLICY = Policy(budget="4x")
 MODELS = ["gpt2", "llama", "lstm"]
 HF = {"gpt2", "llama"}
 kronc.register_backend()  # torch.compile(backend="kronc") below

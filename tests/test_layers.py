@@ -2,7 +2,7 @@
 
 Layers, bottom to top (a module may import from its own layer or below):
 
-0. ``reference`` (plain torch math), ``budget``, ``tokens``, ``errors``, ``factory``
+0. ``reference`` (plain torch math), ``budget``, ``tokens``, ``errors``, ``factory``, ``state_dicts``
 1. ``codegen`` (kronc:: ops, Triton kernels, input checks)
 2. ``formats``, ``sites``
 3. ``modules``, ``plan``, ``capture``
@@ -27,7 +27,7 @@ import kronc
 
 ROOT = Path(kronc.__file__).parent
 LAYERS: dict[str, int] = {
-    "reference": 0, "budget": 0, "tokens": 0, "errors": 0, "factory": 0,
+    "reference": 0, "budget": 0, "tokens": 0, "errors": 0, "factory": 0, "state_dicts": 0,
     "codegen": 1,
     "formats": 2, "sites": 2,
     "modules": 3, "plan": 3, "capture": 3,

@@ -7,10 +7,9 @@ magnitude; its positions are stored as a bitmap or compressed rows, whichever is
 
 With a base the overlay is ranked over the whole matrix (it holds the residual's outliers, wherever
 they are). Without one the entries are ranked **per output row** and every row keeps the same count
-(give or take one; see `row_balanced_order`), as Wanda does: on SmolLM2-135M at 2x, row-balanced
-pruning gives perplexity 135 where one ranking over the whole matrix gives 238 (ABC news, 2 windows
-of 512 tokens), although the latter has the smaller layer output error; a matrix-wide ranking
-empties some output features.
+(give or take one; see `row_balanced_order`), as Wanda does: a matrix-wide ranking has the smaller
+layer output error but empties some output features, and the model's perplexity suffers (the
+measurement: ``benchmarks/results/design_measurements.md``, "row-balanced pruning").
 """
 
 from __future__ import annotations

@@ -72,8 +72,7 @@ from ..capture import Captured, find_sites
 from ..formats import Factorized
 from ..formats.sparse_index import SparseIndex
 from ..modules import CompressedEmbedding, CompressedLinear
-from ..passes.base import run_passes
-from ..passes.rewrite import compress_sites
+from ..pipeline import materialize
 from ..plan import Plan
 from ..planning import fit_site
 from ..policies import Policy, resolve
@@ -356,9 +355,9 @@ def compress_graph(
                 log.warning("kronc backend: no calibration data reaches a torch.compile backend; planning on weight error")
             captured = Captured(holder, gm, sites, "fx")
             the_plan, weights = _plan_and_fit(captured, pol, progress)
-            chosen = [s for s in sites if s.name in weights]
             args = tuple(example_inputs) if verify else ()
-            gm = run_passes(gm, [compress_sites(chosen, weights)], args).graph_module
+            by_name = {s.name: s for s in sites}
+            gm = materialize(the_plan, by_name, lambda site, spec: weights[site.name], graph=gm, args=args)  # type: ignore[assignment]
             _freeze_indices(gm)
             _register_sources(gm)
     finally:

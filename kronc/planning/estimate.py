@@ -131,9 +131,8 @@ class SiteAnalysis:
     ``folds``: the moments of two disjoint halves of the calibration data. With them the data-aware
     low-rank errors are **held out**: the mean over the two halves of the error, measured on one,
     of the whitened fit to the other (`heldout_lowrank_tails`). The whitened SVD is the one fit
-    that uses all of ``H``, and with a few thousand calibration tokens it fits their noise: on
-    SmolLM2-135M at 2x its output error on held-out text is twice what it is on the calibration
-    text, while pruning's (ranked by ``diag H`` only) grows by 4%. Every other estimate is the
+    that uses all of ``H``, and with a few thousand calibration tokens it fits their noise (the
+    measurement: ``benchmarks/results/design_measurements.md``, "held-out low rank"). Every other estimate is the
     error on all of the calibration data.
     """
 

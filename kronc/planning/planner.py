@@ -11,9 +11,8 @@ let a site whose output is tiny claim as much budget as one whose output dominat
 The ``importance`` multiplier per site folds in how much the model's output moves per unit of
 output error at that site: `calibrate.collect_sensitivity` measures it (the Fisher information per
 output feature, ``κ``), and `kronc.plan` / `kronc.compile` pass it by default whenever they
-calibrate (policy ``solver.sensitivity``). It matters more than anything else in the damage model:
-on SmolLM2-135M, allocating pruning densities by the plain output error gives perplexity 99,000 at
-2x where uniform densities give 135; weighted by ``κ``, 122 (ABC news, 2 windows of 512 tokens).
+calibrate (policy ``solver.sensitivity``). It matters more than anything else in the damage model
+(the measurement: ``benchmarks/results/design_measurements.md``, "sensitivity").
 Sites missing from ``importance`` get the median of the given values.
 
 When moments are given for only some sites, a site without moments is measured in the weight metric

@@ -104,11 +104,7 @@ the solver can leave the layers that compress worst alone. A format registered l
 DATA_FORMATS: tuple[Choice, ...] = (DenseChoice(), PRUNING)
 """The default formats of a ``data`` objective policy: dense and unstructured pruning at any density.
 
-Measured on SmolLM2-135M (calibration on King James text, perplexity on ABC news, 8 windows of 512
-tokens, training-free): the data-aware estimates of the other formats are right about the
-calibration text (planned with every format, the 2x and 4x plans mix low rank into about half the
-sites and reach a lower King James loss than pruning alone) but low-rank fits to King James
-activations transfer badly to news (4x: perplexity 1.7 million with them, 9,500 without), and
-Kronecker, doped Kronecker and block-sparse plans are never chosen or lose by orders of magnitude.
-Leaving them out also makes the analysis several times faster. Name other formats in
+Why: fits to calibration activations of the other formats transfer badly to other text, and
+leaving them out makes the analysis several times faster (the measurement: ``benchmarks/results/design_measurements.md``,
+"data-objective defaults"). Name other formats in
 ``default_formats`` or in rules to search them."""

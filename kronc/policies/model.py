@@ -103,12 +103,6 @@ class Rule(_Model):
 class SolverOptions(_Model):
     """How the planner picks one candidate per site under the budget."""
 
-    method: Literal["lagrangian", "dp"] = "lagrangian"
-    """``lagrangian``: bisect a price per byte on the convex hull of each site's error-vs-bytes
-    curve (fast, near optimal); ``dp``: exact multiple-choice knapsack by dynamic programming over
-    bytes (slower, exact up to the byte resolution)."""
-    max_candidates_per_site: int = Field(default=64, ge=1)
-    """Cap on the candidates kept per site after pruning dominated ones (more bytes, more error)."""
     sensitivity: Literal["fisher", "none"] = "fisher"
     """Data objective only: ``fisher`` weights each site's output error by how much the model's loss
     moves per unit of it (a Fisher information per output feature, from a backward pass on the first
