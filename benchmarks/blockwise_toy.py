@@ -2,7 +2,7 @@
 
     python benchmarks/blockwise_toy.py --layers 4 --width 128 --budget 10x
 
-A randomly initialised Llama (`kronc.toy.tiny_llama`, weights given power-law spectra so they compress
+A randomly initialised Llama (`kronc.tools.toy.tiny_llama`, weights given power-law spectra so they compress
 as trained ones do) is compressed to ``--budget``; then, from the same compressed copy:
 
 * ``blockwise``: `kronc.recover(method="blockwise")` (``--samples`` windows, ``--epochs`` per block);
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import kronc
 from kronc.policies import Policy
 from kronc.recover.losses import relative_mse
-from kronc.toy import tiny_llama, with_decaying_spectra
+from kronc.tools.toy import tiny_llama, with_decaying_spectra
 
 
 def errors(student: torch.nn.Module, teacher: torch.nn.Module, x: torch.Tensor) -> tuple[float, float]:
@@ -60,7 +60,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     teacher = with_decaying_spectra(tiny_llama(a.layers, a.width, a.vocab))
-    student = kronc.compile(teacher, policy=Policy(budget=a.budget, solver={"max_candidates_per_site": 24}))
+    student = kronc.compile(teacher, policy=Policy(budget=a.budget))
     g = torch.Generator().manual_seed(1)
     train = torch.randint(0, a.vocab, (200_000,), generator=g)
     held = torch.randint(0, a.vocab, (64, a.seq_len), generator=g)

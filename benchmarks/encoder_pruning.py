@@ -36,8 +36,6 @@ import torch
 from torch import nn
 
 import kronc
-from kronc.data import kjv_text, lee_documents, pang_lee_sentences
-from kronc.evaluate import probe_accuracy, similarity_pearson
 from kronc.planning import uniform_plan
 from kronc.recover.schemes import (
     MovementScores,
@@ -46,7 +44,9 @@ from kronc.recover.schemes import (
     movement_prune,
     prune_blocks,
 )
-from kronc.zoo import load_minilm
+from kronc.tools.data import kjv_text, lee_documents, pang_lee_sentences
+from kronc.tools.evaluate import probe_accuracy, similarity_pearson
+from kronc.tools.zoo import load_minilm
 
 RESULTS = Path(__file__).parent / "results"
 BLOCK = (32, 32)

@@ -31,14 +31,14 @@ import torch
 from torch import Tensor, nn
 
 import kronc
-from kronc.data import kjv_text
 from kronc.formats import Factorized
 from kronc.plan import Plan
 from kronc.planning import uniform_plan
 from kronc.policies.model import Scope
 from kronc.recover.schemes import CoMatrixDropout, OverlayAnnealing, denser_plan
-from kronc.toy import LSTMLanguageModel
-from kronc.zoo import default_cache_root
+from kronc.tools.data import kjv_text
+from kronc.tools.toy import LSTMLanguageModel
+from kronc.tools.zoo import default_cache_root
 
 RESULTS = Path(__file__).parent / "results"
 VOCAB, EMBED, HIDDEN, LAYERS, BPTT, BATCH = 5000, 256, 256, 2, 35, 32

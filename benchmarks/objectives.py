@@ -21,13 +21,13 @@ from pathlib import Path
 import torch
 
 import kronc
-from kronc.data import abc_news_text, kjv_text
-from kronc.evaluate import perplexity
 from kronc.planning import collect_input_moments, make_plan, uniform_plan
 from kronc.planning.calibrate import InputMoments
 from kronc.planning.whiten import damped
 from kronc.policies import Policy, resolve
-from kronc.zoo import default_cache_root, load_smollm2
+from kronc.tools.data import abc_news_text, kjv_text
+from kronc.tools.evaluate import perplexity
+from kronc.tools.zoo import default_cache_root, load_smollm2
 
 
 def moments_cache() -> Path:

@@ -36,10 +36,10 @@ from kronc.formats import (
     LowRankSpec,
     fit,
 )
-from kronc.formats.blocksparse import blocksparse_apply
-from kronc.formats.kronecker import kronecker_apply
-from kronc.formats.lowrank import lowrank_apply
-from kronc.formats.sparse_overlay import overlay_apply
+from kronc.reference.blocksparse import blocksparse_apply
+from kronc.reference.kronecker import kronecker_apply
+from kronc.reference.lowrank import lowrank_apply
+from kronc.reference.sparse import overlay_apply
 
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]
 TOKENS = [1, 16, 512]

@@ -51,8 +51,6 @@ import torch
 from torch import nn
 
 import kronc
-from kronc.data import abc_news_text, kjv_text, lee_documents, pang_lee_sentences
-from kronc.evaluate import perplexity, probe_accuracy, similarity_pearson
 from kronc.formats import DopedSpec, KroneckerSpec
 from kronc.plan import Decision, Plan
 from kronc.planning import (
@@ -65,7 +63,9 @@ from kronc.planning import (
 )
 from kronc.planning.estimate import SiteAnalysis
 from kronc.policies import Policy, resolve
-from kronc.zoo import load_minilm, load_smollm2
+from kronc.tools.data import abc_news_text, kjv_text, lee_documents, pang_lee_sentences
+from kronc.tools.evaluate import perplexity, probe_accuracy, similarity_pearson
+from kronc.tools.zoo import load_minilm, load_smollm2
 
 RESULTS = Path(__file__).parent / "results"
 METHODS = ("kronc", "svd", "asvd", "kronecker", "doped-kron", "blocksparse", "wanda", "magnitude")

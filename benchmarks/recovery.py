@@ -32,12 +32,12 @@ from typing import Any
 import torch
 
 import kronc
-from kronc.data import abc_news_text, kjv_text
-from kronc.evaluate import perplexity
 from kronc.plan import Plan
 from kronc.planning import collect_input_moments, uniform_plan
 from kronc.policies import Policy, resolve
-from kronc.zoo import load_smollm2
+from kronc.tools.data import abc_news_text, kjv_text
+from kronc.tools.evaluate import perplexity
+from kronc.tools.zoo import load_smollm2
 
 RESULTS = Path(__file__).parent / "results"
 METHODS = {"kronc": "kronc plan", "kngpt2": "Kronecker, one term, A of 2-4 values (KnGPT2)",

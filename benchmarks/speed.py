@@ -186,7 +186,7 @@ def build_variants(args: argparse.Namespace, model: nn.Module, tokenizer: Any) -
     variants = [Variant("dense", model)]
     calibration = None
     if args.calib_windows:
-        from kronc.data import kjv_text
+        from kronc.tools.data import kjv_text
 
         ids = tokenizer(kjv_text(max_chars=400_000), return_tensors="pt").input_ids[0]
         calibration = [ids[i * 512 : (i + 1) * 512][None] for i in range(args.calib_windows)]
@@ -434,9 +434,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch._dynamo.config.recompile_limit = 64  # every variant compiles the same forward code object
     torch._dynamo.config.accumulated_recompile_limit = 1024
-    from kronc.data import abc_news_text
-    from kronc.evaluate import perplexity
-    from kronc.zoo import load_smollm2
+    from kronc.tools.data import abc_news_text
+    from kronc.tools.evaluate import perplexity
+    from kronc.tools.zoo import load_smollm2
 
     model, tokenizer = load_smollm2()
     model.eval()

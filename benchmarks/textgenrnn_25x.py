@@ -25,14 +25,14 @@ import torch
 from torch import nn
 
 import kronc
-from kronc.data import abc_news_text, kjv_text
-from kronc.evaluate import bits_per_char, char_windows, encode_chars
-from kronc.models.textgenrnn import CONTEXT
 from kronc.plan import Plan
 from kronc.planning import uniform_plan
 from kronc.policies.model import Scope
 from kronc.recover.schemes import CoMatrixDropout, OverlayAnnealing, denser_plan
-from kronc.zoo import load_textgenrnn
+from kronc.tools.data import abc_news_text, kjv_text
+from kronc.tools.evaluate import bits_per_char, char_windows, encode_chars
+from kronc.tools.models.textgenrnn import CONTEXT
+from kronc.tools.zoo import load_textgenrnn
 
 RESULTS = Path(__file__).parent / "results"
 BATCH = 64

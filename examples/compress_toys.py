@@ -15,7 +15,7 @@ import torch
 
 import kronc
 from kronc.policies import Policy
-from kronc.toy import TOY_MODELS, toy_inputs, with_decaying_spectra
+from kronc.tools.toy import TOY_MODELS, toy_inputs, with_decaying_spectra
 
 
 def output(out: object) -> torch.Tensor:

@@ -3,7 +3,7 @@
 import torch
 
 import kronc
-from kronc.toy import tiny_llama
+from kronc.tools.toy import tiny_llama
 
 torch.manual_seed(0)
 model = tiny_llama(layers=2, width=128)

@@ -1,7 +1,7 @@
-"""``python -m kronc``: the ``kronc`` command (see `kronc.cli`)."""
+"""``python -m kronc``: the ``kronc`` command (see `kronc.tools.cli`)."""
 
 import sys
 
-from .cli import main
+from .tools.cli import main
 
 sys.exit(main())

@@ -2,35 +2,23 @@
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .budget import Budget
-from .capture import Captured, CaptureError, capture
-from .formats import Factorized
-from .inputs import (
-    InputError,
-    calibration_batches,
-    check_example_inputs,
-    check_finite_weights,
-    check_model,
-    check_moments,
-)
-from .passes.base import run_passes
-from .passes.rewrite import compress_sites
-from .passes.swap import swap_modules, swappable
+from .capture import Captured, capture
+from .inputs import InputError, calibration_batches, check_moments
+from .pipeline import Output, PipelineState, apply_plan, scope
 from .plan import Plan
-from .policies import Policy, load_policy, resolve
-from .sites import Site
+from .planning import collect_input_moments, collect_sensitivity
+from .policies import Policy, load_policy
 
-Output = Literal["auto", "module", "graph"]
 PolicyLike = Policy | str | Path | Mapping[str, Any]
 
 
@@ -64,31 +52,22 @@ def compile(  # noqa: A001 - mirrors torch.compile on purpose
     ``budget`` (``"25x"``, ``"40MB"``, ``"3M params"``) overrides the policy's. ``policy`` is a
     `Policy`, a file, or the name of a shipped policy (``"edge-25x"``); by default every linear
     and LSTM weight is in scope and may use every format. ``calibration`` is an iterable of model
-    inputs (tensors, tuples or dicts; a ``(batch, seq)`` tensor of ids is that many one-row batches) for
-    data-aware planning (it makes the objective ``data``):
+    inputs (tensors, tuples or dicts) for data-aware planning (it makes the objective ``data``):
     input moments from every batch, sensitivity from the first ``solver.sensitivity_batches``. ``output="module"`` returns the
     same class with compressed modules swapped in (Hugging Face models keep ``generate()``);
     ``"graph"`` returns the rewritten fx graph; ``"auto"`` picks module when every site allows it.
     With ``report=True`` returns ``(model, CompileReport)``.
-
-    Every argument is checked before any work (`kronc.inputs`): an unusable model, weight, policy,
-    example input or calibration batch raises `kronc.inputs.InputError` naming it.
     """
     seconds: dict[str, float] = {}
     t0 = t = time.perf_counter()
-    check_model(model)  # 0. every argument checked before any work
-    example_inputs = check_example_inputs(model, example_inputs)
-    if calibration is not None:
-        calibration = calibration_batches(model, calibration)  # a list: read twice (moments and sensitivity)
-    pol = _policy(policy, budget, calibration)  # the policy: a file, a shipped name or an object; budget overrides
-    captured = capture(model, example_inputs)  # 1. trace the model, find its sites
+    pol = make_policy(policy, budget, calibration)  # 0. the policy: a file, a shipped name or an object; budget overrides
+    state = PipelineState.start(model, pol, example_inputs, progress=progress)  # 1. trace the model, resolve the scope
     seconds["capture"], t = time.perf_counter() - t, time.perf_counter()
-    moments = input_moments(captured, pol, calibration, progress=progress)  # 2. calibrate (data objective only)
-    importance = sensitivity(captured, pol, calibration, progress=progress)
+    state.calibrate(calibration)  # 2. input moments and sensitivity (data objective only)
     seconds["calibrate"], t = time.perf_counter() - t, time.perf_counter()
-    the_plan = plan(captured, pol, moments=moments, importance=importance, progress=progress)  # 3. analyse, solve
+    the_plan = state.make_plan()  # 3. analyse, solve
     seconds["plan"], t = time.perf_counter() - t, time.perf_counter()
-    out = apply(captured, the_plan, output=output, inplace=inplace, moments=moments, progress=progress)  # 4. fit, rewrite
+    out = state.apply(output, inplace=inplace)  # 4. fit, materialize
     seconds["apply"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t0
     out.kronc_policy = pol.model_dump(mode="json")  # type: ignore[assignment]
@@ -116,27 +95,15 @@ def plan(
     ``importance`` is a per-site sensitivity from `sensitivity` (computed here from
     ``calibration`` when the moments are too and the policy asks for it).
     """
-    from .planning import make_plan
-
-    if not isinstance(model, Captured):
-        check_model(model)
-        example_inputs = check_example_inputs(model, example_inputs)
-    if calibration is not None and moments is None:
-        calibration = calibration_batches(model.model if isinstance(model, Captured) else model, calibration)
-    captured = model if isinstance(model, Captured) else capture(model, example_inputs)
-    pol = _policy(policy, budget, calibration if moments is None else moments)
-    resolution, in_scope = _scope(captured, pol)
-    check_finite_weights(in_scope, captured.weight)
+    pol = make_policy(policy, budget, calibration if moments is None else moments)
+    state = PipelineState.start(model, pol, example_inputs, progress=progress)
     if moments is None:
-        moments = input_moments(captured, pol, calibration, progress=progress)
-        if importance is None:
-            importance = sensitivity(captured, pol, calibration, progress=progress)
-    spaces = {s.name: list(resolution[s.name].formats) for s in in_scope}
-    rules = {s.name: resolution[s.name].rule for s in in_scope}
-    return make_plan(
-        in_scope, {s.name: captured.weight(s) for s in in_scope}, spaces, Budget.parse(pol.budget),
-        moments=moments, rules=rules, progress=progress, importance=importance,
-    )
+        state.calibrate(calibration)
+        if importance is not None:
+            state.importance = importance
+    else:
+        state.moments, state.importance = moments, importance
+    return state.make_plan()
 
 
 def input_moments(
@@ -148,13 +115,11 @@ def input_moments(
 ) -> dict[str, Tensor] | None:
     """Input second moments of the in-scope sites over ``calibration``, when the policy's objective is
     ``data`` (else None): what both `plan` and `apply` need for data-aware compression."""
-    from .planning import collect_input_moments
-
     pol = load_policy(policy) if not isinstance(policy, Policy) else policy  # type: ignore[arg-type]
     if calibration is None or pol.objective != "data":
         return None
     calibration = calibration_batches(captured.model, calibration)
-    moments = collect_input_moments(captured.model, _scope(captured, pol, warn=False)[1], calibration, progress=progress)
+    moments = collect_input_moments(captured.model, scope(captured, pol, warn=False)[1], calibration, progress=progress)
     check_moments(moments)
     return moments
 
@@ -168,29 +133,13 @@ def sensitivity(
 ) -> dict[str, float] | None:
     """Per-site sensitivity (`kronc.planning.collect_sensitivity`) over the first calibration batches,
     when the policy's objective is ``data`` and its ``solver.sensitivity`` is ``fisher`` (else None)."""
-    from .planning import collect_sensitivity
-
     pol = load_policy(policy) if not isinstance(policy, Policy) else policy  # type: ignore[arg-type]
     if calibration is None or pol.objective != "data" or pol.solver.sensitivity == "none":
         return None
-    sites = _scope(captured, pol, warn=False)[1]
+    sites = scope(captured, pol, warn=False)[1]
     calibration = calibration_batches(captured.model, calibration)
     found = collect_sensitivity(captured.model, sites, calibration, max_batches=pol.solver.sensitivity_batches, progress=progress)
     return found or None
-
-
-def _scope(captured: Captured, pol: Policy, *, warn: bool = True) -> tuple[Any, list[Site]]:
-    """The policy's resolution over the sites, and the in-scope sites (at least one, or CaptureError)."""
-    resolution = resolve(pol, captured.sites, warn=warn)
-    in_scope = [s for s in captured.sites if resolution[s.name].in_scope]
-    if not captured.sites:
-        raise CaptureError(f"{type(captured.model).__name__} has no compressible weights (Linear, Conv1D, F.linear, Embedding, LSTM)")
-    if not in_scope:
-        raise CaptureError(
-            f"none of the {len(captured.sites)} sites of {type(captured.model).__name__} is in the policy's scope "
-            f"(scope kinds: {', '.join(pol.scope.kinds)}; sites: {', '.join(sorted({s.kind for s in captured.sites}))})"
-        )
-    return resolution, in_scope
 
 
 def apply(
@@ -208,45 +157,12 @@ def apply(
     ``moments`` (input second moments per site, from calibration) make the fits data-aware (whitened
     SVD for low-rank, Wanda-ranked entries and blocks for the sparse formats).
     """
-    from .planning import fit_site
-
     the_plan = plan if isinstance(plan, Plan) else Plan.load(plan)
     captured = model if isinstance(model, Captured) else capture(model, example_inputs)
-    sites = {s.name: s for s in captured.sites}
-    missing = [d.site for d in the_plan.decisions if d.site not in sites]
-    if missing:
-        raise KeyError(f"the plan names sites this model does not have: {', '.join(missing)}")
-    chosen = [sites[d.site] for d in the_plan.decisions if d.spec.kind != "dense"]
-    for d in the_plan.decisions:
-        if tuple(d.shape) != sites[d.site].shape:
-            raise ValueError(f"site {d.site} is {sites[d.site].shape} in this model but {tuple(d.shape)} in the plan")
-    check_finite_weights(chosen, captured.weight)
-    weights: dict[str, Factorized] = {}
-    for site in _progress(chosen, progress, "fit"):
-        weight, spec = captured.weight(site), the_plan[site.name].spec
-        weights[site.name] = fit_site(weight, spec, (moments or {}).get(site.name))
-    mode = _output_mode(output, captured, chosen)
-    if mode == "module":
-        target = captured.model if inplace else copy.deepcopy(captured.model)
-        out = swap_modules(target, chosen, weights)
-    else:
-        gm = captured.graph_module if inplace else copy.deepcopy(captured.graph_module)
-        out = run_passes(gm, [compress_sites(chosen, weights)], captured.example_args, captured.example_kwargs).graph_module
-    out.kronc_plan = the_plan  # type: ignore[assignment]
-    return out
+    return apply_plan(captured, the_plan, output=output, inplace=inplace, moments=moments, progress=progress)
 
 
-def _output_mode(output: Output, captured: Captured, chosen: list[Site]) -> Literal["module", "graph"]:
-    if output not in ("auto", "module", "graph"):
-        raise ValueError(f"output must be 'auto', 'module' or 'graph', got {output!r}")
-    if output != "auto":
-        return output
-    if isinstance(captured.model, torch.fx.GraphModule):
-        return "graph"
-    return "module" if all(swappable(s) for s in chosen) else "graph"
-
-
-def _policy(policy: PolicyLike | None, budget: str | float | Budget | None, calibration: Any = None) -> Policy:
+def make_policy(policy: PolicyLike | None, budget: str | float | Budget | None, calibration: Any = None) -> Policy:
     """The policy, ``budget`` overriding its own; calibration data turns the ``weight`` objective into
     ``data`` (as the command line does), since it would otherwise go unused."""
     if policy is not None and not isinstance(policy, (Policy, str, Path, Mapping)):
@@ -263,11 +179,3 @@ def _policy(policy: PolicyLike | None, budget: str | float | Budget | None, cali
     if calibration is not None and pol.objective == "weight":
         pol = pol.data_aware()
     return pol
-
-
-def _progress(items: list[Site], enabled: bool, desc: str) -> Iterable[Site]:
-    if not enabled:
-        return items
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=desc, unit="site")

@@ -12,25 +12,25 @@ embedding shared with the LM head) are one site with two uses.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, fx, nn
 
-from .sites import Site, SiteKind, Use
+from .sites import (
+    ADDMM,
+    EMBEDDING_FNS,
+    LINEAR_FNS,
+    Site,
+    SiteKind,
+    Use,
+    lstm_weight_names,
+    module_role,
+)
 
 Method = Literal["auto", "fx", "export"]
-
-_LINEAR_FNS: tuple[Callable[..., Any], ...] = (
-    torch.nn.functional.linear,
-    torch._C._nn.linear,
-    torch.ops.aten.linear.default,
-)
-_ADDMM = torch.ops.aten.addmm.default
-_EMBEDDING_FNS: tuple[Callable[..., Any], ...] = (torch.nn.functional.embedding, torch.ops.aten.embedding.default)
-
 
 class CaptureError(RuntimeError):
     """The model could not be traced, or has nothing kronc can compress."""
@@ -127,9 +127,9 @@ def find_sites(model: nn.Module, gm: fx.GraphModule) -> list[Site]:
     for node in gm.graph.nodes:
         if node.op == "call_module":
             mod = gm.get_submodule(node.target)
-            role = _module_role(mod)
+            role = module_role(mod)
             if role == "lstm":
-                for attr in _lstm_weight_names(mod):
+                for attr in lstm_weight_names(mod):
                     record(getattr(mod, attr), Use(node.name, "lstm", node.target))
             elif role is not None:
                 record(mod.weight, Use(node.name, role, node.target))
@@ -177,27 +177,6 @@ def find_sites(model: nn.Module, gm: fx.GraphModule) -> list[Site]:
     return sites
 
 
-def _module_role(mod: nn.Module) -> Literal["linear", "conv1d", "embedding", "lstm"] | None:
-    if isinstance(mod, nn.Linear):
-        return "linear"
-    if isinstance(mod, nn.Embedding):
-        return "embedding"
-    if isinstance(mod, nn.LSTM):
-        return "lstm"
-    if is_hf_conv1d(mod):
-        return "conv1d"
-    return None
-
-
-def is_hf_conv1d(mod: nn.Module) -> bool:
-    """Hugging Face GPT-2's ``Conv1D``: a linear layer whose weight is stored ``(in, out)``."""
-    return type(mod).__name__ == "Conv1D" and hasattr(mod, "nf") and getattr(mod, "weight", None) is not None
-
-
-def _lstm_weight_names(lstm: nn.LSTM) -> list[str]:
-    return [f"weight_{kind}_l{k}" for k in range(lstm.num_layers) for kind in ("ih", "hh")]
-
-
 def _function_weight(gm: fx.GraphModule, node: fx.Node) -> tuple[Tensor, Literal["linear", "conv1d", "embedding"]] | None:
     def attr(arg: object) -> Tensor | None:
         if isinstance(arg, fx.Node) and arg.op == "get_attr":
@@ -207,14 +186,14 @@ def _function_weight(gm: fx.GraphModule, node: fx.Node) -> tuple[Tensor, Literal
                 return None
         return None
 
-    if node.target in _LINEAR_FNS:
+    if node.target in LINEAR_FNS:
         w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
         p = attr(w)
         return None if p is None else (p, "linear")
-    if node.target is _ADDMM and len(node.args) == 3 and not node.kwargs:
+    if node.target is ADDMM and len(node.args) == 3 and not node.kwargs:
         p = attr(node.args[2])
         return None if p is None else (p, "conv1d")
-    if node.target in _EMBEDDING_FNS:
+    if node.target in EMBEDDING_FNS:
         w = node.args[0] if node.target is torch.ops.aten.embedding.default else node.args[1]
         p = attr(w)
         return None if p is None else (p, "embedding")

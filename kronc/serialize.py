@@ -33,26 +33,14 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 
-from .formats import (
-    FORMATS,
-    BlockSparse,
-    BlockSparseSpec,
-    Dense,
-    DenseSpec,
-    Doped,
-    DopedSpec,
-    Factorized,
-    FormatSpec,
-    Kronecker,
-    KroneckerSpec,
-    LowRank,
-    LowRankSpec,
-    SparseIndex,
-    SparseOverlay,
-    fit,
-)
+from .capture import capture
+from .errors import MissingPackageError
+from .factory import call_factory
+from .formats import FORMATS, Factorized, FormatError, FormatSpec, SparseIndex, format_module
+from .pipeline import materialize
 from .plan import Plan
-from .sites import Site, SiteKind
+from .sites import Site, site_of_parameter
+from .state_dicts import alias_map, dedupe, stored_bytes, unshared
 
 FORMAT_VERSION = 1
 """Version of the saved-directory layout; `load` refuses any other."""
@@ -145,8 +133,9 @@ def _write_save(model: nn.Module, plan: Plan, path: Path, *, tokenizer: Any, sou
     if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
         tokenizer.save_pretrained(str(path))
 
-    state = _dedupe(model.state_dict())
-    save_file(_unshared(state), str(path / WEIGHTS), metadata={"kronc_format_version": str(FORMAT_VERSION)})
+    state = dedupe(model.state_dict())
+    save_file(unshared(state), str(path / WEIGHTS), metadata={"kronc_format_version": str(FORMAT_VERSION)})
+    (path / EXAMPLES).unlink(missing_ok=True)
     examples = example_inputs if example_inputs is not None else getattr(model, "kronc_example_inputs", None)
     example_spec = _save_examples(examples, path / EXAMPLES) if is_graph and examples is not None else None
 
@@ -183,8 +172,8 @@ def load(
     Hugging Face models are rebuilt from their saved config (same class; ``generate()`` works).
     Other models need ``model``: the uncompressed architecture as an instance (used and modified
     in place), a zero-argument factory, or a ``"package.module:factory"`` / ``"toy:NAME"`` string;
-    a model saved with ``source="toy:NAME"`` or a built-in name (`kronc.zoo.BUILTIN_MODELS`) is
-    rebuilt by itself. Graph outputs are re-captured from that architecture, which for exported
+    a model saved with ``source="toy:NAME"`` or a built-in name (`kronc.tools.zoo.BUILTIN_MODELS`) is
+    rebuilt by itself when loaded through `kronc.load` (`kronc.tools.resolve_model.load`). Graph outputs are re-captured from that architecture, which for exported
     models needs the example inputs they were captured with (stored in the directory when known,
     else ``example_inputs``, else Hugging Face dummy inputs). ``verify=False`` skips the SHA-256
     check of the weights file.
@@ -290,36 +279,14 @@ def empty_format(spec: FormatSpec, shape: tuple[int, int], dtype: torch.dtype = 
     """A format of ``spec``'s structure for a ``shape`` weight, with uninitialised values (no fitting).
 
     Sparse positions are placeholders; loading a state dict replaces values and positions. Unknown
-    format kinds fall back to fitting a zero matrix.
+    format kinds raise `KroncFileError` naming the kinds this kronc knows.
     """
-    out, inp = shape
-    if isinstance(spec, DenseSpec):
-        return Dense(torch.empty(shape, dtype=dtype), spec)
-    if isinstance(spec, LowRankSpec):
-        spec.check(shape)
-        return LowRank(torch.empty(out, spec.rank, dtype=dtype), torch.empty(spec.rank, inp, dtype=dtype), spec)
-    if isinstance(spec, KroneckerSpec):
-        spec.check(shape)
-        (m1, n1), (m2, n2) = spec.a_shape, spec.b_shape(shape)
-        return Kronecker(torch.empty(spec.terms, m1, n1, dtype=dtype), torch.empty(spec.terms, m2, n2, dtype=dtype), spec)
-    if isinstance(spec, DopedSpec):
-        spec.check(shape)
-        base = None if spec.base is None else empty_format(spec.base, shape, dtype)
-        nnz = spec.nnz(shape)
-        overlay = SparseOverlay(_placeholder_index(shape, nnz), torch.empty(nnz, dtype=dtype))
-        return Doped(base, overlay, spec)  # type: ignore[arg-type]
-    if isinstance(spec, BlockSparseSpec):
-        spec.check(shape)
-        n = spec.nblocks(shape)
-        return BlockSparse(_placeholder_index(spec.grid(shape), n), torch.empty(n, *spec.block, dtype=dtype), spec)
-    if spec.kind not in FORMATS:
-        raise KroncFileError(f"unknown format kind {spec.kind!r}; this kronc knows {', '.join(FORMATS)}")
-    return fit(torch.zeros(shape, dtype=dtype), spec)
-
-
-def _placeholder_index(grid: tuple[int, int], nnz: int) -> SparseIndex:
-    flat = torch.arange(nnz)
-    return SparseIndex(grid, flat // grid[1], flat % grid[1])
+    try:
+        module = format_module(spec.kind)
+    except FormatError as e:
+        raise KroncFileError(f"unknown format kind {spec.kind!r}; this kronc knows {', '.join(FORMATS)}") from e
+    spec.check(shape)
+    return module.empty(spec, shape, dtype)
 
 
 # --------------------------------------------------------------------------- rebuilding
@@ -327,94 +294,48 @@ def _placeholder_index(grid: tuple[int, int], nnz: int) -> SparseIndex:
 
 def _rebuild_modules(model: nn.Module, plan: Plan) -> nn.Module:
     """Swap empty compressed modules in, site by site, without tracing the model."""
-    from .passes.swap import swap_modules
-
-    sites, weights = [], {}
+    sites = {}
     for d in plan.decisions:
-        if d.spec.kind == "dense":
-            continue
-        site = _site_from_module(model, d.site, tuple(d.shape))
-        sites.append(site)
-        weights[site.name] = empty_format(d.spec, site.shape, site.dtype)
-    return swap_modules(model, sites, weights)
+        try:
+            site = site_of_parameter(model, d.site)
+        except ValueError as e:
+            raise KroncFileError(f"{e} (was the model saved from a different architecture?)") from e
+        if site.shape != tuple(d.shape):
+            raise KroncFileError(
+                f"site {d.site} is {site.shape[0]}x{site.shape[1]} in this {type(model).__name__} but "
+                f"{d.shape[0]}x{d.shape[1]} in the saved plan: load it into the architecture it was compressed from"
+            )
+        sites[d.site] = site
+    return materialize(plan, sites, _empty, model=model)
 
 
-def _site_from_module(model: nn.Module, name: str, shape: tuple[int, int]) -> Site:
-    from .capture import is_hf_conv1d
-
-    try:
-        param = model.get_parameter(name)
-    except AttributeError as e:
-        raise KroncFileError(f"the plan names {name}, which this {type(model).__name__} does not have") from e
-    names = [n for n, p in model.named_parameters(remove_duplicate=False) if p is param]
-    owner, _, attr = name.rpartition(".")
-    mod = model.get_submodule(owner)
-    kind: SiteKind
-    if isinstance(mod, nn.LSTM):
-        kind = "lstm"
-    elif isinstance(mod, nn.Embedding):
-        kind = "embedding"
-    elif is_hf_conv1d(mod):
-        kind = "conv1d"
-    elif isinstance(mod, nn.Linear):
-        kind = "linear"
-    else:
-        raise KroncFileError(
-            f"site {name} belongs to a {type(mod).__name__}, not a Linear/Conv1D/Embedding/LSTM: a module-mode save "
-            "cannot hold it (was the model saved from a different architecture?)"
-        )
-    logical = tuple(param.shape[::-1]) if kind == "conv1d" else tuple(param.shape)
-    if logical != shape:
-        raise KroncFileError(
-            f"site {name} is {logical[0]}x{logical[1]} in this {type(model).__name__} but {shape[0]}x{shape[1]} in the "
-            "saved plan: load it into the architecture it was compressed from"
-        )
-    return Site(name=names[0], kind=kind, shape=shape, dtype=param.dtype, owner=owner, attr=attr,  # type: ignore[arg-type]
-                aliases=tuple(n for n in names if n != names[0]))
+def _empty(site: Site, spec: FormatSpec) -> Factorized:
+    return empty_format(spec, site.shape, site.dtype)
 
 
 def _rebuild_graph(model: nn.Module, plan: Plan, example_inputs: Any) -> nn.Module:
     """Capture the architecture again and rewrite its graph with empty formats."""
-    from .capture import capture
-    from .passes.base import run_passes
-    from .passes.rewrite import compress_sites
-
     captured = capture(model, example_inputs)
     sites = {s.name: s for s in captured.sites}
-    chosen = []
-    for d in plan.decisions:
-        site = sites.get(d.site)
-        if site is None:
-            raise KroncFileError(f"the plan names {d.site}, which the captured {type(model).__name__} does not have")
-        if tuple(d.shape) != site.shape:
-            raise KroncFileError(f"site {d.site} is {site.shape} in this model but {tuple(d.shape)} in the saved plan")
-        if d.spec.kind != "dense":
-            chosen.append(site)
-    weights = {s.name: empty_format(plan[s.name].spec, s.shape, s.dtype) for s in chosen}
-    gm = copy.deepcopy(captured.graph_module)
-    return run_passes(gm, [compress_sites(chosen, weights)]).graph_module
+    try:
+        return materialize(plan, sites, _empty, graph=copy.deepcopy(captured.graph_module))
+    except (KeyError, ValueError) as e:
+        raise KroncFileError(f"the saved plan does not fit the captured {type(model).__name__}: {_first_line(e)}") from e
 
 
 def _base_model(path: Path, manifest: Mapping[str, Any], model: ModelArg) -> nn.Module:
     if model is None and manifest.get("huggingface"):
         return _hf_model(path, manifest)
-    if model is None:
-        from .zoo import BUILTIN_MODELS
-
+    if model is None:  # kronc.load (kronc.tools.resolve_model.load) rebuilds toy:NAME and built-in sources first
         source = manifest.get("source")
-        if isinstance(source, str) and (source.startswith("toy:") or source in BUILTIN_MODELS):
-            model = source  # names from kronc's own tables; package.module:factory must be passed explicitly
-        else:
-            # `source` and `model_class` come from the (untrusted) manifest: quoted as data, never as code to run
-            recorded = f" (the save records its source as {source!r}; check it before using it)" if source else ""
-            raise KroncFileError(
-                f"{path} holds a {str(manifest['model_class'])!r}, which kronc cannot rebuild by itself: pass its "
-                f"uncompressed architecture, kronc.load(path, model=MyModel() or model=factory){recorded}"
-            )
+        # `source` and `model_class` come from the (untrusted) manifest: quoted as data, never as code to run
+        recorded = f" (the save records its source as {source!r}; check it before using it)" if source else ""
+        raise KroncFileError(
+            f"{path} holds a {str(manifest['model_class'])!r}, which kronc cannot rebuild by itself: pass its "
+            f"uncompressed architecture, kronc.load(path, model=MyModel() or model=factory){recorded}"
+        )
     if isinstance(model, str):
-        from .resolve_model import build_architecture
-
-        return build_architecture(model)
+        return call_factory(model)[0]
     if isinstance(model, nn.Module):
         return model
     if callable(model):
@@ -428,8 +349,6 @@ def _base_model(path: Path, manifest: Mapping[str, Any], model: ModelArg) -> nn.
 
 
 def _hf_model(path: Path, manifest: Mapping[str, Any]) -> nn.Module:
-    from .zoo import MissingPackageError
-
     try:
         import transformers
     except ImportError as e:
@@ -466,7 +385,7 @@ def _hf_model(path: Path, manifest: Mapping[str, Any]) -> nn.Module:
 
 def _load_state(model: nn.Module, stored: dict[str, Tensor]) -> tuple[list[str], list[str], list[str]]:
     state = model.state_dict()
-    aliases = _alias_map(state)
+    aliases = alias_map(state)
     full = {}
     for name in state:
         key = aliases.get(name, name)
@@ -504,39 +423,6 @@ def _check_indices(model: nn.Module, path: Path) -> None:
                                  f"or not {mod.nnz} of them)")
 
 
-def _dedupe(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Tied tensors once, under their first name."""
-    aliases = _alias_map(state)
-    return {k: v for k, v in state.items() if k not in aliases}
-
-
-def _alias_map(state: dict[str, Tensor]) -> dict[str, str]:
-    """Names of tensors that are the same tensor as an earlier entry (same storage, offset, shape, dtype)."""
-    first: dict[tuple[int, int, tuple[int, ...], tuple[int, ...], torch.dtype], str] = {}
-    aliases = {}
-    for name, t in state.items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
-        if t.numel() and key in first:
-            aliases[name] = first[key]
-        else:
-            first[key] = name
-    return aliases
-
-
-def _unshared(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Contiguous CPU tensors, none sharing memory (safetensors refuses shared storage)."""
-    out: dict[str, Tensor] = {}
-    seen: set[int] = set()
-    for k, v in state.items():
-        t = v.detach().cpu().contiguous()
-        ptr = t.untyped_storage().data_ptr()
-        if t.numel() and ptr in seen:
-            t = t.clone()
-        seen.add(t.untyped_storage().data_ptr())
-        out[k] = t
-    return out
-
-
 # --------------------------------------------------------------------------- example inputs
 
 
@@ -569,7 +455,7 @@ def _save_examples(examples: Any, file: Path) -> dict[str, Any] | None:
         else:
             return None
     if tensors:
-        save_file(_unshared(tensors), str(file))
+        save_file(unshared(tensors), str(file))
     return spec
 
 
@@ -628,11 +514,6 @@ def _version(package: str) -> str | None:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
         return None
-
-
-def stored_bytes(model: nn.Module) -> int:
-    """Bytes of every distinct tensor in ``model``'s state dict (tied tensors counted once)."""
-    return sum(t.numel() * t.element_size() for t in _dedupe(model.state_dict()).values())
 
 
 __all__ = [

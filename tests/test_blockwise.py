@@ -20,11 +20,10 @@ from kronc.recover.blocks import find_blocks
 from kronc.recover.blockwise import BlockwiseResult, reconstruct_blocks
 from kronc.recover.losses import model_output, relative_mse
 from kronc.recover.optim import parameter_roles
-from kronc.toy import TOY_MODELS, FunctionalMLP, toy_inputs, with_decaying_spectra
+from kronc.tools.toy import TOY_MODELS, FunctionalMLP, toy_inputs, with_decaying_spectra
 
 pytest.importorskip("transformers")
 
-FAST = {"solver": {"max_candidates_per_site": 24}}
 SMALL: dict[str, Any] = {"seq_len": 16, "batch_size": 4, "progress": False, "blockwise": {"samples": 16, "epochs": 8, "lr": 3e-3}}
 
 
@@ -40,7 +39,7 @@ def compressed(name: str, budget: str = "10x") -> tuple[nn.Module, nn.Module]:
     """(dense teacher with trained-like spectra, compressed student)."""
     torch.manual_seed(0)
     teacher = with_decaying_spectra(TOY_MODELS[name]())
-    return teacher, kronc.compile(teacher, policy=Policy(budget=budget, **FAST))
+    return teacher, kronc.compile(teacher, policy=Policy(budget=budget))
 
 
 def stream(n: int = 2000, seed: int = 1) -> Tensor:
@@ -209,7 +208,7 @@ def test_bad_input_fails_before_training() -> None:
         recover(student, teacher, stream(), method="blockwise", schemes=[object()], progress=False)
     with pytest.raises(RecoveryError, match="no block structure"):
         mlp = FunctionalMLP().eval()
-        reconstruct_blocks(kronc.compile(mlp, policy=Policy(budget="2x", **FAST)), mlp,
+        reconstruct_blocks(kronc.compile(mlp, policy=Policy(budget="2x")), mlp,
                            [torch.randn(4, 32)], progress=False, trainable="all")
     with pytest.raises(ValueError, match="blockwise.epochs"):
         RecoveryConfig(method="blockwise", blockwise={"epochs": 0})
@@ -217,7 +216,7 @@ def test_bad_input_fails_before_training() -> None:
 
 
 def test_compress_recovers_block_wise_from_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from kronc.cli import EXIT_OK, main
+    from kronc.tools.cli import EXIT_OK, main
 
     text = tmp_path / "text.txt"
     text.write_text("The council said on Tuesday that the new bridge over the river would open in March. " * 8)

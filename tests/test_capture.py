@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 from kronc.capture import CaptureError, capture
-from kronc.toy import FunctionalMLP, LSTMLanguageModel, toy_inputs
+from kronc.tools.toy import FunctionalMLP, LSTMLanguageModel, toy_inputs
 
 transformers = pytest.importorskip("transformers")
-from kronc.toy import tiny_bert, tiny_gpt2, tiny_llama  # noqa: E402
+from kronc.tools.toy import tiny_bert, tiny_gpt2, tiny_llama  # noqa: E402
 
 
 def test_plain_module_uses_fx_and_finds_every_kind() -> None:

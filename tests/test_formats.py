@@ -33,7 +33,7 @@ from kronc.formats import (
 )
 from kronc.formats.blocksparse import to_blocks
 from kronc.formats.doped import row_balanced_mask, row_balanced_order, top_magnitude_mask
-from kronc.formats.kronecker import kronecker_apply, rearrange
+from kronc.reference.kronecker import kronecker_apply, rearrange
 
 EXACT = 1e-10
 LOW_TOL = {torch.float16: 5e-3, torch.bfloat16: 3e-2}

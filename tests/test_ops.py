@@ -18,10 +18,10 @@ import kronc.codegen.ops  # noqa: F401  (registers torch.ops.kronc.*)
 from kronc.codegen import backend
 from kronc.codegen.ops import OpInputError
 from kronc.formats import BlockSparseSpec, DopedSpec, KroneckerSpec, LowRankSpec, fit
-from kronc.formats.blocksparse import blocksparse_apply
-from kronc.formats.kronecker import kronecker_apply, kronecker_rows
-from kronc.formats.lowrank import lowrank_apply
-from kronc.formats.sparse_overlay import overlay_apply
+from kronc.reference.blocksparse import blocksparse_apply
+from kronc.reference.kronecker import kronecker_apply, kronecker_rows
+from kronc.reference.lowrank import lowrank_apply
+from kronc.reference.sparse import overlay_apply
 
 ops = torch.ops.kronc
 F64 = torch.float64

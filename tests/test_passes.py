@@ -14,7 +14,7 @@ from kronc.modules import CompressedEmbedding, CompressedLinear, CompressedLSTM
 from kronc.passes.base import PassError, PassResult, run_passes
 from kronc.passes.rewrite import compress_sites
 from kronc.passes.swap import SwapError, swap_modules
-from kronc.toy import FunctionalMLP, LSTMLanguageModel, toy_inputs
+from kronc.tools.toy import FunctionalMLP, LSTMLanguageModel, toy_inputs
 
 
 def exact_weights(c) -> dict[str, Factorized]:  # type: ignore[no-untyped-def]
@@ -96,7 +96,7 @@ transformers = pytest.importorskip("transformers")
 
 @pytest.mark.parametrize("name", ["gpt2", "llama", "bert"])
 def test_hf_graph_rewrite_and_module_swap_agree_with_dense(name: str) -> None:
-    from kronc.toy import TOY_MODELS
+    from kronc.tools.toy import TOY_MODELS
 
     torch.manual_seed(0)
     model = TOY_MODELS[name]()
@@ -114,7 +114,7 @@ def test_hf_graph_rewrite_and_module_swap_agree_with_dense(name: str) -> None:
 
 
 def test_tied_gpt2_weights_stay_tied_after_swap() -> None:
-    from kronc.toy import tiny_gpt2
+    from kronc.tools.toy import tiny_gpt2
 
     model = tiny_gpt2()
     c = capture(model, {"input_ids": toy_inputs("gpt2")})

@@ -243,7 +243,7 @@ def test_every_problem_gets_its_own_line(tmp_path: Path) -> None:
     ("dup.json", '{"budget": "25x", "budget": "4x"}', "dup.json: JSON error: duplicate key 'budget'"),
     ("bad.toml", 'budget = "25x"\n[[rules]]\nmatch = "x"\n[[rules.formats]]\nkind = "doped"\ndensity_max = 1.5\n',
      "bad.toml: rules[0].formats[0].density_max: must be in (0, 1]"),
-    ("bad.json", '{"budget": "25x", "solver": {"method": "greedy"}}', "bad.json: solver.method: 'greedy' is not allowed"),
+    ("bad.json", '{"budget": "25x", "solver": {"sensitivity": "greedy"}}', "bad.json: solver.sensitivity: 'greedy' is not allowed"),
     ("bad.txt", "budget: 25x", "bad.txt: unsupported file type '.txt'"),
 ])
 def test_toml_and_json_errors(name: str, text: str, expected: str, tmp_path: Path) -> None:
@@ -262,8 +262,8 @@ def test_missing_files_and_unknown_names() -> None:
 
 
 def test_dict_sources_are_validated_too() -> None:
-    with pytest.raises(PolicyError, match=r"^<dict>: solver.max_candidates_per_site: must be >= 1, got 0$"):
-        load_policy({"budget": "4x", "solver": {"max_candidates_per_site": 0}})
+    with pytest.raises(PolicyError, match=r"^<dict>: solver.sensitivity_batches: must be >= 1, got 0$"):
+        load_policy({"budget": "4x", "solver": {"sensitivity_batches": 0}})
 
 
 # --- loading by name, round trips ----------------------------------------------------------------
@@ -293,7 +293,7 @@ def full_python_policy() -> Policy:
         ],
         default_formats=[DenseChoice()],
         objective="data",
-        solver={"method": "dp", "max_candidates_per_site": 7},
+        solver={"sensitivity": "none", "sensitivity_batches": 3},
     )
 
 
@@ -519,7 +519,7 @@ def test_explain_accepts_names_captured_models_and_modules(monkeypatch: pytest.M
         calls.append(model)
         return types.SimpleNamespace(sites=sites)
 
-    monkeypatch.setitem(sys.modules, "kronc.capture", types.SimpleNamespace(capture=fake_capture))
+    monkeypatch.setattr(sys.modules["kronc.policies.explain"], "capture", fake_capture)
     module = torch.nn.Linear(2, 2)
     assert explain(load_policy("lstm-25x"), module).table() == by_name.table() and calls == [module]
 

@@ -146,7 +146,7 @@ st = hypothesis.strategies
 KEYS = ["budget", "name", "description", "scope", "rules", "default_formats", "objective", "solver", "recovery",
         "kinds", "include", "exclude", "include_embeddings", "include_lm_head", "match", "formats", "kind", "base",
         "rank_min", "rank_max", "terms_max", "density_min", "density_max", "block", "a_shape", "method", "steps",
-        "lr", "checkpoint_path", "max_candidates_per_site", "sensitivity"]
+        "lr", "checkpoint_path", "sensitivity_batches", "sensitivity", "blockwise"]
 SCALARS = st.one_of(
     st.none(), st.booleans(), st.integers(-(10**20), 10**20), st.floats(allow_nan=True, allow_infinity=True),
     st.text(max_size=30), st.sampled_from(["4x", "25x", "40MB", "3M params", "lowrank", "kronecker", "doped", "dense",

@@ -16,14 +16,13 @@ import torch
 from torch import Tensor, nn
 
 import kronc
-from kronc.cli import EXIT_INPUT, EXIT_OK, main
 from kronc.policies import Policy, PolicyError, load_policy
 from kronc.recover import RecoveryConfig, RecoveryError, Scheme, recover, recovery_losses
 from kronc.recover.batches import TokenWindows, make_batches
 from kronc.recover.losses import model_output, relative_mse
-from kronc.toy import LSTMLanguageModel, tiny_gpt2, tiny_llama, with_decaying_spectra
+from kronc.tools.cli import EXIT_INPUT, EXIT_OK, main
+from kronc.tools.toy import LSTMLanguageModel, tiny_gpt2, tiny_llama, with_decaying_spectra
 
-FAST = {"solver": {"max_candidates_per_site": 24}}
 SMALL = {"seq_len": 16, "batch_size": 4, "progress": False}
 
 
@@ -48,7 +47,7 @@ def compressed(name: str, budget: str = "10x", formats: list[dict[str, Any]] | N
     """(dense teacher, compressed student)."""
     teacher = build(name)
     extra = {"default_formats": formats} if formats else {}
-    return teacher, kronc.compile(teacher, policy=Policy(budget=budget, **FAST, **extra))
+    return teacher, kronc.compile(teacher, policy=Policy(budget=budget, **extra))
 
 
 def stream(n: int = 2000, seed: int = 1) -> Tensor:
@@ -150,7 +149,7 @@ def test_trainable_selects_parameters() -> None:
     assert "transformer.h.0.ln_1.weight" in sets["factors+norms"] - sets["factors"]
     assert "transformer.h.0.attn.c_attn.bias" in sets["factors+norms+biases"] - sets["factors+norms"]
     assert "transformer.wte.weight" in sets["all"] - sets["factors+norms+biases"]
-    lstm = kronc.compile(LSTMLanguageModel(), policy=Policy(budget="4x", **FAST))
+    lstm = kronc.compile(LSTMLanguageModel(), policy=Policy(budget="4x"))
     biases = set(trainable_parameters(lstm, "factors+norms+biases")) - set(trainable_parameters(lstm, "factors"))
     assert {"lstm.bias_ih.0", "lstm.bias_hh.1", "decoder.bias"} <= biases
 
@@ -219,7 +218,7 @@ def test_scheme_hooks_run_in_order_and_the_penalty_reaches_the_loss(caplog: pyte
     # the penalty's gradient moves the weights: a strong one shrinks the factors
     norms = {}
     for weight in (0.0, 10.0):
-        s = kronc.compile(teacher, policy=Policy(budget="6x", default_formats=[{"kind": "lowrank"}], **FAST))
+        s = kronc.compile(teacher, policy=Policy(budget="6x", default_formats=[{"kind": "lowrank"}]))
         recover(s, teacher, stream(), steps=4, lr=1e-2, schemes=[Recorder(weight)], trainable="factors", **SMALL)
         norms[weight] = sum(float(p.detach().norm()) for n, p in s.named_parameters() if "weight_format" in n)
     assert norms[10.0] < 0.9 * norms[0.0]
@@ -398,7 +397,7 @@ def test_batches_are_windows_drawn_deterministically() -> None:
 
 
 def test_iterables_dicts_text_and_module_pairs() -> None:
-    from kronc.resolve_model import ByteTokenizer
+    from kronc.tools.resolve_model import ByteTokenizer
 
     teacher, student = compressed("lstm", "10x")
     batches = [stream(64, seed=s).reshape(4, 16) for s in range(2)]
@@ -420,11 +419,11 @@ def test_iterables_dicts_text_and_module_pairs() -> None:
 
 def test_an_encoder_is_compared_by_its_hidden_states() -> None:
     pytest.importorskip("transformers")
-    from kronc.toy import tiny_bert
+    from kronc.tools.toy import tiny_bert
 
     torch.manual_seed(0)
     teacher = tiny_bert()
-    student = kronc.compile(teacher, policy=Policy(budget="4x", default_formats=[{"kind": "lowrank"}], **FAST))
+    student = kronc.compile(teacher, policy=Policy(budget="4x", default_formats=[{"kind": "lowrank"}]))
     r = recover(student, teacher, stream(), steps=2, **SMALL)
     assert all({"kd", "hidden"} <= set(h.parts) and math.isfinite(h.loss) for h in r.history)
     with pytest.raises(RecoveryError, match="the lm loss needs next-token logits"):

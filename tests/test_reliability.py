@@ -16,7 +16,7 @@ import torch
 import kronc
 from kronc.budget import Budget, BudgetError
 from kronc.serialize import MANIFEST, WEIGHTS, KroncFileError, load, save
-from kronc.toy import FunctionalMLP, LSTMLanguageModel
+from kronc.tools.toy import FunctionalMLP, LSTMLanguageModel
 
 LOWRANK = {"budget": "4x", "default_formats": [{"kind": "lowrank"}]}
 
@@ -75,7 +75,7 @@ def test_17_02_save_refuses_a_foreign_folder(tmp_path: Path) -> None:
 
 def test_17_03_overwrite_leaves_no_stale_files(tmp_path: Path) -> None:
     pytest.importorskip("transformers")
-    from kronc.toy import TOY_MODELS, toy_inputs
+    from kronc.tools.toy import TOY_MODELS, toy_inputs
 
     torch.manual_seed(0)
     gpt2 = kronc.compile(TOY_MODELS["gpt2"](), policy=LOWRANK, example_inputs=toy_inputs("gpt2"), progress=False)
@@ -109,7 +109,7 @@ def test_17_09_missing_checksum_is_an_error(tmp_path: Path) -> None:
 def test_17_10_model_class_must_be_a_pretrained_model(name: str, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     transformers = pytest.importorskip("transformers")
-    from kronc.toy import TOY_MODELS, toy_inputs
+    from kronc.tools.toy import TOY_MODELS, toy_inputs
 
     torch.manual_seed(0)
     gpt2 = kronc.compile(TOY_MODELS["gpt2"](), policy=LOWRANK, example_inputs=toy_inputs("gpt2"), progress=False)

@@ -51,7 +51,7 @@ from kronc.recover.schemes import (
     prune_blocks,
     sparsity_aware_svd,
 )
-from kronc.toy import FunctionalMLP
+from kronc.tools.toy import FunctionalMLP
 
 F64 = torch.float64
 

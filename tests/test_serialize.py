@@ -11,13 +11,14 @@ import torch
 from torch import fx, nn
 
 import kronc
+from kronc import load
 from kronc.capture import Captured, capture
 from kronc.formats import BlockSparseSpec, DenseSpec, DopedSpec, FormatSpec, KroneckerSpec, LowRankSpec
 from kronc.formats.sparse_index import SparseIndex
 from kronc.plan import Decision, Plan
-from kronc.serialize import FORMAT_VERSION, MANIFEST, WEIGHTS, KroncFileError, empty_format, load, save
+from kronc.serialize import FORMAT_VERSION, MANIFEST, WEIGHTS, KroncFileError, empty_format, save
 from kronc.sites import Site
-from kronc.toy import TOY_MODELS, FunctionalMLP, LSTMLanguageModel, toy_inputs
+from kronc.tools.toy import TOY_MODELS, FunctionalMLP, LSTMLanguageModel, toy_inputs
 
 SPECS: list[FormatSpec] = [
     LowRankSpec(rank=4),

@@ -20,7 +20,7 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
-from kronc.evaluate import (
+from kronc.tools.evaluate import (
     PerplexityResult,
     bits_per_char,
     char_windows,
@@ -29,8 +29,8 @@ from kronc.evaluate import (
     perplexity,
     similarity_pearson,
 )
-from kronc.models.textgenrnn import TextGenRNN, cudnn_lstm_to_torch
-from kronc.zoo import BUILTIN_MODELS, MissingPackageError, package_dir, require
+from kronc.tools.models.textgenrnn import TextGenRNN, cudnn_lstm_to_torch
+from kronc.tools.zoo import BUILTIN_MODELS, MissingPackageError, package_dir, require
 
 
 def _installed(module: str) -> bool:
@@ -296,7 +296,7 @@ class _BagEncoder(nn.Module):
 
 
 def test_similarity_pearson_is_one_against_own_similarities() -> None:
-    from kronc.evaluate import embed
+    from kronc.tools.evaluate import embed
 
     torch.manual_seed(0)
     words = ["red", "green", "blue", "cat", "dog", "fish"]
@@ -333,7 +333,7 @@ def test_logistic_regression_cv_separable_and_chance() -> None:
 
 @pytest.mark.skipif(not _installed("gensim"), reason="gensim not installed")
 def test_gensim_texts() -> None:
-    from kronc.data import abc_news_text, lee_documents, pang_lee_sentences
+    from kronc.tools.data import abc_news_text, lee_documents, pang_lee_sentences
 
     text = abc_news_text()
     assert len(text.splitlines()) == 300 and text.startswith("Hundreds of people")
@@ -350,7 +350,7 @@ def test_gensim_texts() -> None:
 def test_kjv_text() -> None:
     import re
 
-    from kronc.data import kjv_text
+    from kronc.tools.data import kjv_text
 
     text = kjv_text(max_chars=5000)
     assert len(text) == 5000 and text.startswith("In the beginning God created")
@@ -361,7 +361,7 @@ def test_kjv_text() -> None:
     not (_installed("textgenrnn") and _installed("h5py")), reason="textgenrnn or h5py not installed"
 )
 def test_real_textgenrnn_predicts_english() -> None:
-    from kronc.zoo import load_textgenrnn
+    from kronc.tools.zoo import load_textgenrnn
 
     model, vocab = load_textgenrnn()
     assert len(vocab) == 464 and vocab["<s>"] == 464

@@ -25,12 +25,12 @@ from typing import Literal, get_args
 
 import torch
 
+from .checks.common import KernelUnavailable
+
 KernelMode = Literal["auto", "triton", "torch"]
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-class KernelUnavailable(RuntimeError):
-    """``use_kernels("triton")`` was asked for but the Triton kernel cannot run these inputs."""
 
 
 def _parse(mode: str) -> KernelMode:
@@ -89,9 +89,9 @@ def triton_importable() -> str | None:
 
 def kernels_interpreted() -> bool:
     """Whether the kronc Triton kernels were built for the Triton interpreter (run on CPU tensors)."""
-    from .triton import _common
+    from .triton._common import INTERPRETED  # imports triton: only when a kernel may run
 
-    return _common.INTERPRETED
+    return INTERPRETED
 
 
 def use_triton(op: str, *tensors: torch.Tensor) -> bool:

@@ -39,6 +39,8 @@ class FormatSpec(BaseModel, ABC):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     kind: str
+    identity: ClassVar[bool] = False
+    """True for the spec that leaves a weight as it is (dense): nothing to fit or swap."""
 
     @abstractmethod
     def check(self, shape: Shape) -> None:
@@ -77,6 +79,14 @@ class Factorized(nn.Module, ABC):
     @abstractmethod
     def fit(cls, weight: Tensor, spec: FormatSpec) -> Factorized:
         """Fit the format to a dense ``(out, in)`` weight (nearest in Frobenius norm)."""
+
+    @classmethod
+    def empty(cls, spec: FormatSpec, shape: Shape, dtype: torch.dtype) -> Factorized:
+        """A module of ``spec``'s structure with uninitialised values, for loading a state dict into.
+
+        The default fits a zero matrix; formats override it when fitting is slow or positions matter.
+        """
+        return cls.fit(torch.zeros(shape, dtype=dtype), spec)
 
     @abstractmethod
     def forward(self, x: Tensor) -> Tensor:

@@ -14,9 +14,10 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from ..codegen import ops as _ops  # noqa: F401  (registers the torch.ops.kronc.* ops used below)
+from ..reference.sparse import gather_row_entries
 from .base import Factorized, FormatError, FormatSpec, Shape, check_matrix
-from .sparse_index import SparseIndex, count_kept, index_bytes
-from .sparse_overlay import gather_row_entries
+from .registry import register_format
+from .sparse_index import SparseIndex, count_kept, index_bytes, placeholder_index
 
 
 class BlockSparseSpec(FormatSpec):
@@ -83,6 +84,12 @@ class BlockSparse(Factorized):
         rows, cols = index.decode()
         return cls(index, tiles[rows, cols].clone(), spec)
 
+    @classmethod
+    def empty(cls, spec: FormatSpec, shape: Shape, dtype: torch.dtype) -> BlockSparse:
+        assert isinstance(spec, BlockSparseSpec)
+        n = spec.nblocks(shape)
+        return cls(placeholder_index(spec.grid(shape), n), torch.empty(n, *spec.block, dtype=dtype), spec)
+
     def forward(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
         rows, cols = self.index.decode()
         return torch.ops.kronc.blocksparse_linear(x, self.blocks, rows, cols, self.shape[0], bias)
@@ -103,20 +110,12 @@ class BlockSparse(Factorized):
         return tiles.permute(0, 2, 1, 3).reshape(gr * bh, gc * bw)
 
 
-def blocksparse_apply(x: Tensor, blocks: Tensor, rows: Tensor, cols: Tensor, out_features: int) -> Tensor:
-    """``x @ W.T`` from the stored blocks only: one batched matmul, scattered into block rows (reference)."""
-    _, bh, bw = blocks.shape
-    gr, gc = out_features // bh, x.shape[-1] // bw
-    lead = x.shape[:-1]
-    xs = x.reshape(-1, gc, bw)[:, cols].transpose(0, 1)  # (nnzb, T, bw)
-    part = torch.bmm(xs, blocks.transpose(1, 2))  # (nnzb, T, bh)
-    out = part.new_zeros(gr, part.shape[1], bh).index_add(0, rows, part)
-    return out.permute(1, 0, 2).reshape(*lead, gr * bh)
-
-
 def to_blocks(weight: Tensor, block: tuple[int, int]) -> Tensor:
     """``(out, in)`` to ``(out/bh, in/bw, bh, bw)`` tiles."""
     (m, n), (bh, bw) = weight.shape, block
     if m % bh or n % bw:
         raise FormatError(f"block {block} does not divide a {m}x{n} weight")
     return weight.reshape(m // bh, bh, n // bw, bw).permute(0, 2, 1, 3)
+
+
+register_format(BlockSparse)

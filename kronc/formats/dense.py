@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
 from .base import Factorized, Shape, check_matrix
 from .base import FormatSpec as _Spec
+from .registry import register_format
 
 
 class DenseSpec(_Spec):
     """Keep the weight dense."""
 
     kind: Literal["dense"] = "dense"
+    identity: ClassVar[bool] = True
 
     def check(self, shape: Shape) -> None:
         return None
@@ -45,6 +47,11 @@ class Dense(Factorized):
         assert isinstance(spec, DenseSpec)
         return cls(weight, spec)
 
+    @classmethod
+    def empty(cls, spec: _Spec, shape: Shape, dtype: torch.dtype) -> Dense:
+        assert isinstance(spec, DenseSpec)
+        return cls(torch.empty(shape, dtype=dtype), spec)
+
     def forward(self, x: Tensor) -> Tensor:
         return torch.nn.functional.linear(x, self.weight)
 
@@ -53,3 +60,6 @@ class Dense(Factorized):
 
     def to_dense(self) -> Tensor:
         return self.weight
+
+
+register_format(Dense)

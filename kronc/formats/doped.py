@@ -7,10 +7,9 @@ magnitude; its positions are stored as a bitmap or compressed rows, whichever is
 
 With a base the overlay is ranked over the whole matrix (it holds the residual's outliers, wherever
 they are). Without one the entries are ranked **per output row** and every row keeps the same count
-(give or take one; see `row_balanced_order`), as Wanda does: on SmolLM2-135M at 2x, row-balanced
-pruning gives perplexity 135 where one ranking over the whole matrix gives 238 (ABC news, 2 windows
-of 512 tokens), although the latter has the smaller layer output error; a matrix-wide ranking
-empties some output features.
+(give or take one; see `row_balanced_order`), as Wanda does: a matrix-wide ranking has the smaller
+layer output error but empties some output features, and the model's perplexity suffers (the
+measurement: ``benchmarks/results/design_measurements.md``, "row-balanced pruning").
 """
 
 from __future__ import annotations
@@ -24,7 +23,8 @@ from torch import Tensor
 from .base import Factorized, FormatError, FormatSpec, Shape, check_matrix
 from .kronecker import Kronecker, KroneckerSpec
 from .lowrank import LowRank, LowRankSpec
-from .sparse_index import count_kept, index_bytes
+from .registry import register_format
+from .sparse_index import count_kept, index_bytes, placeholder_index
 from .sparse_overlay import SparseOverlay
 
 BaseSpec = Annotated[KroneckerSpec | LowRankSpec, Field(discriminator="kind")]
@@ -98,6 +98,13 @@ class Doped(Factorized):
             mask = top_magnitude_mask(scores, spec.nnz(shape))
         return cls(base, SparseOverlay.from_dense(residual, mask), spec)
 
+    @classmethod
+    def empty(cls, spec: FormatSpec, shape: Shape, dtype: torch.dtype) -> Doped:
+        assert isinstance(spec, DopedSpec)
+        base = None if spec.base is None else (Kronecker if isinstance(spec.base, KroneckerSpec) else LowRank).empty(spec.base, shape, dtype)
+        nnz = spec.nnz(shape)
+        return cls(base, SparseOverlay(placeholder_index(shape, nnz), torch.empty(nnz, dtype=dtype)), spec)  # type: ignore[arg-type]
+
     def forward(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
         rows, cols = self.overlay.index.decode()
         values, out_features = self.overlay.values, self.shape[0]
@@ -158,3 +165,6 @@ def row_balanced_mask(scores: Tensor, keep: int) -> Tensor:
     mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
     mask[row_balanced_order(scores, keep)] = True
     return mask.reshape(scores.shape)
+
+
+register_format(Doped)

@@ -7,7 +7,7 @@ so its truncated SVD gives the best ``A_r, B_r`` and its tail singular values gi
 every term count at once.
 
 Applied to ``x`` as two small matmuls on ``x`` reshaped to ``(n1, n2)``: ``Y = Σ_r A_r X B_r^T``
-(whichever contraction order costs fewer FLOPs), never building ``W``.
+(whichever contraction order costs fewer FLOPs, `kronc.reference.kronecker.b_first`), never building ``W``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from ..codegen import ops as _ops  # noqa: F401  (registers the torch.ops.kronc.* ops used below)
+from ..reference.kronecker import contraction_costs, rearrange
 from .base import Factorized, FormatError, FormatSpec, Shape, check_matrix, svd_dtype
+from .registry import register_format
 
 
 class KroneckerSpec(FormatSpec):
@@ -55,19 +57,10 @@ class KroneckerSpec(FormatSpec):
 
     def flops_per_token(self, shape: Shape) -> int:
         (m1, n1), (m2, n2) = self.a_shape, self.b_shape(shape)
-        b_first = m2 * n1 * (n2 + m1)
-        a_first = m1 * n2 * (n1 + m2)
-        return 2 * self.terms * min(b_first, a_first)
+        return 2 * self.terms * min(contraction_costs(m1, n1, m2, n2))
 
     def describe(self) -> str:
         return f"kron({self.a_shape[0]}x{self.a_shape[1]})x{self.terms}"
-
-
-def rearrange(weight: Tensor, a_shape: tuple[int, int]) -> Tensor:
-    """Van Loan–Pitsianis rearrangement: row ``(i1, j1)`` is the flattened ``(i1, j1)`` block."""
-    (m, n), (m1, n1) = weight.shape, a_shape
-    m2, n2 = m // m1, n // n1
-    return weight.reshape(m1, m2, n1, n2).permute(0, 2, 1, 3).reshape(m1 * n1, m2 * n2)
 
 
 class Kronecker(Factorized):
@@ -93,6 +86,12 @@ class Kronecker(Factorized):
         b = (root[:, None] * vh[: spec.terms]).reshape(spec.terms, m2, n2)
         return cls(a.to(weight.dtype), b.to(weight.dtype), spec)
 
+    @classmethod
+    def empty(cls, spec: FormatSpec, shape: Shape, dtype: torch.dtype) -> Kronecker:
+        assert isinstance(spec, KroneckerSpec)
+        (m1, n1), (m2, n2) = spec.a_shape, spec.b_shape(shape)
+        return cls(torch.empty(spec.terms, m1, n1, dtype=dtype), torch.empty(spec.terms, m2, n2, dtype=dtype), spec)
+
     def forward(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
         return torch.ops.kronc.kron_linear(x, self.a, self.b, bias)
 
@@ -103,33 +102,4 @@ class Kronecker(Factorized):
         return sum(torch.kron(self.a[r], self.b[r]) for r in range(self.a.shape[0]))  # type: ignore[return-value]
 
 
-def kronecker_apply(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    """``x @ (Σ_r a[r] ⊗ b[r]).T`` as two matmuls on ``x`` reshaped to ``(n1, n2)`` (reference).
-
-    Whichever factor costs fewer FLOPs goes first; each contraction is one GEMM over all tokens
-    and terms (no factor is broadcast per token).
-    """
-    terms, m1, n1 = a.shape
-    _, m2, n2 = b.shape
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, n1 * n2)
-    t = x2.shape[0]
-    if m2 * n1 * (n2 + m1) <= m1 * n2 * (n1 + m2):
-        z = x2.reshape(t * n1, n2) @ b.reshape(terms * m2, n2).T  # Z[t, j1, r, i2] = (X_t B_r^T)[j1, i2]
-        z = z.reshape(t, n1, terms, m2).permute(0, 3, 2, 1).reshape(t * m2, terms * n1)
-        y = (z @ a.permute(0, 2, 1).reshape(terms * n1, m1)).reshape(t, m2, m1).transpose(1, 2)  # (T, m1, m2)
-    else:
-        xt = x2.reshape(t, n1, n2).transpose(1, 2).reshape(t * n2, n1)
-        z = xt @ a.reshape(terms * m1, n1).T  # Z[t, j2, r, i1] = (A_r X_t)[i1, j2]
-        z = z.reshape(t, n2, terms, m1).permute(0, 3, 2, 1).reshape(t * m1, terms * n2)
-        y = z @ b.permute(0, 2, 1).reshape(terms * n2, m2)  # (T*m1, m2)
-    return y.reshape(*lead, m1 * m2)
-
-
-def kronecker_rows(index: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    """Rows ``index`` of ``Σ_r a[r] ⊗ b[r]``, each from one row of ``a`` and one of ``b`` (reference)."""
-    m2 = b.shape[1]
-    a_rows = a[:, index // m2]  # (R, *idx, n1)
-    b_rows = b[:, index % m2]  # (R, *idx, n2)
-    out = torch.einsum("r...j,r...k->...jk", a_rows, b_rows)
-    return out.reshape(*index.shape, a.shape[2] * b.shape[2])
+register_format(Kronecker)

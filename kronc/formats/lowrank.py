@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from ..codegen import ops as _ops  # noqa: F401  (registers the torch.ops.kronc.* ops used below)
 from .base import Factorized, FormatError, FormatSpec, Shape, check_matrix, svd_dtype
+from .registry import register_format
 
 
 class LowRankSpec(FormatSpec):
@@ -61,6 +62,11 @@ class LowRank(Factorized):
         v = root[:, None] * vh[: spec.rank]
         return cls(u.to(weight.dtype), v.to(weight.dtype), spec)
 
+    @classmethod
+    def empty(cls, spec: FormatSpec, shape: Shape, dtype: torch.dtype) -> LowRank:
+        assert isinstance(spec, LowRankSpec)
+        return cls(torch.empty(shape[0], spec.rank, dtype=dtype), torch.empty(spec.rank, shape[1], dtype=dtype), spec)
+
     def forward(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
         return torch.ops.kronc.lowrank_linear(x, self.u, self.v, bias)
 
@@ -71,6 +77,4 @@ class LowRank(Factorized):
         return self.u @ self.v
 
 
-def lowrank_apply(x: Tensor, u: Tensor, v: Tensor) -> Tensor:
-    """``x @ (u @ v).T`` as two thin matmuls through the rank-``r`` intermediate (reference)."""
-    return (x @ v.T) @ u.T
+register_format(LowRank)

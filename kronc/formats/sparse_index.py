@@ -116,3 +116,9 @@ def _pack_bits(bits: Tensor) -> Tensor:
 def _unpack_bits(packed: Tensor, n: int) -> Tensor:
     bits = (packed.unsqueeze(1) & _BIT_WEIGHTS.to(packed.device)) != 0
     return bits.reshape(-1)[:n]
+
+
+def placeholder_index(grid: tuple[int, int], nnz: int) -> SparseIndex:
+    """An index of ``nnz`` cells (the first ones, row-major): a stand-in that loading a state dict replaces."""
+    flat = torch.arange(nnz)
+    return SparseIndex(grid, flat // grid[1], flat % grid[1])

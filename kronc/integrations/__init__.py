@@ -1,7 +1,8 @@
 """Integrations with other tools: ``torch.compile`` (the ``"kronc"`` dynamo backend).
 
-Importing `kronc` imports this package, which registers the backend, so
-``torch.compile(model, backend="kronc", options={"budget": "4x"})`` works after ``import kronc``.
+``kronc.register_backend()`` makes ``torch.compile(model, backend="kronc", options={"budget": "4x"})``
+work; an installed kronc also declares the backend as a ``torch_dynamo_backends`` entry point, which
+dynamo loads on first use. ``import kronc`` itself registers nothing with dynamo.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """``torch.compile(model, backend="kronc", options={...})``: compress the captured graph, then compile it.
 
-Registered as the dynamo backend ``"kronc"`` when `kronc` is imported. For each graph dynamo
-captures, the backend
+Registered as the dynamo backend ``"kronc"`` by ``kronc.register_backend()`` (idempotent) or, for an
+installed kronc, on first use through the ``torch_dynamo_backends`` entry point; ``import kronc``
+registers nothing with dynamo. For each graph dynamo captures, the backend
 
 1. **finds the graph's compressible weights.** Dynamo passes an ``nn.Module``'s parameters to the
    graph as inputs (placeholders named like ``L_self_modules_fc_parameters_weight_``); the backend
@@ -63,17 +64,19 @@ from typing import Any
 
 import torch
 from torch import Tensor, fx, nn
+from torch._dynamo.backends.registry import list_backends, register_backend
 
-from ..api import PolicyLike, _policy
-from ..capture import _ADDMM, _EMBEDDING_FNS, _LINEAR_FNS, Captured, find_sites
+from ..api import PolicyLike, make_policy
+from ..api import plan as make_plan
+from ..capture import Captured, find_sites
 from ..formats import Factorized
 from ..formats.sparse_index import SparseIndex
 from ..modules import CompressedEmbedding, CompressedLinear
-from ..passes.base import run_passes
-from ..passes.rewrite import compress_sites
+from ..pipeline import materialize
 from ..plan import Plan
+from ..planning import fit_site
 from ..policies import Policy, resolve
-from ..sites import Site
+from ..sites import ADDMM, EMBEDDING_FNS, LINEAR_FNS, Site
 
 __all__ = ["BACKEND_NAME", "OPTIONS", "clear_cache", "compress_graph", "kronc_backend", "qualified_name", "register"]
 
@@ -179,11 +182,11 @@ def _lift_parameters(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[
 
 
 def _weight_arg(node: fx.Node) -> object:
-    if node.target in _LINEAR_FNS:
+    if node.target in LINEAR_FNS:
         return node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-    if node.target in (_ADDMM, torch.addmm):
+    if node.target in (ADDMM, torch.addmm):
         return node.args[2] if len(node.args) > 2 else None
-    if node.target in _EMBEDDING_FNS:
+    if node.target in EMBEDDING_FNS:
         return node.args[0] if node.target is torch.ops.aten.embedding.default else node.args[1]
     return None
 
@@ -214,7 +217,7 @@ def _prepare_uses(gm: fx.GraphModule, lifted: list[_Lifted]) -> set[str]:
             continue
         entry = by_attr[str(w.target)]
         if node.target is torch.addmm and len(node.args) == 3 and not node.kwargs:
-            node.target = _ADDMM
+            node.target = ADDMM
             changed.add(node.name)
         owner = _module_of(node)
         if owner is not None and _is_weight_owner(owner[1]):
@@ -272,7 +275,7 @@ def _refine(site: Site, gm: fx.GraphModule) -> Site | None:
 def _restore(gm: fx.GraphModule, lifted: list[_Lifted], addmm: set[str]) -> None:
     """Undo the lifting: remaining uses read the graph inputs again; drop our attributes."""
     for node in list(gm.graph.nodes):
-        if node.op == "call_function" and node.name in addmm and node.target is _ADDMM:
+        if node.op == "call_function" and node.name in addmm and node.target is ADDMM:
             node.target = torch.addmm
     read = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
     for entry in lifted:
@@ -304,9 +307,6 @@ def clear_cache() -> None:
 
 
 def _plan_and_fit(captured: Captured, policy: Policy, progress: bool) -> tuple[Plan, dict[str, Factorized]]:
-    from ..api import plan as make_plan
-    from ..planning import fit_site
-
     params = [captured.model.get_parameter(s.name) for s in captured.sites]
     key: _CacheKey = (
         policy.model_dump_json(),
@@ -320,7 +320,7 @@ def _plan_and_fit(captured: Captured, policy: Policy, progress: bool) -> tuple[P
     weights: dict[str, Factorized] = {}
     with torch.no_grad():
         for d in the_plan.decisions:
-            if d.spec.kind != "dense":
+            if not d.spec.identity:
                 fmt = fit_site(captured.weight(d.site), d.spec)
                 weights[d.site] = fmt.requires_grad_(False)
     _CACHE[key] = (the_plan, weights, [weakref.ref(p) for p in params])
@@ -343,7 +343,7 @@ def compress_graph(
     The plan is ``None`` (and the graph unchanged) when the graph reads no in-scope weight. The
     graph keeps its inputs (compressed weights' inputs become unused), so it can be called as before.
     """
-    pol = _policy(policy, budget)
+    pol = make_policy(policy, budget)
     lifted = _lift_parameters(gm, example_inputs)
     addmm = _prepare_uses(gm, lifted)
     holder = _holder(lifted)
@@ -355,9 +355,9 @@ def compress_graph(
                 log.warning("kronc backend: no calibration data reaches a torch.compile backend; planning on weight error")
             captured = Captured(holder, gm, sites, "fx")
             the_plan, weights = _plan_and_fit(captured, pol, progress)
-            chosen = [s for s in sites if s.name in weights]
             args = tuple(example_inputs) if verify else ()
-            gm = run_passes(gm, [compress_sites(chosen, weights)], args).graph_module
+            by_name = {s.name: s for s in sites}
+            gm = materialize(the_plan, by_name, lambda site, spec: weights[site.name], graph=gm, args=args)  # type: ignore[assignment]
             _freeze_indices(gm)
             _register_sources(gm)
     finally:
@@ -462,11 +462,8 @@ def kronc_backend(
 
 
 def register() -> None:
-    """Register `kronc_backend` as ``torch.compile(backend="kronc")`` (done on ``import kronc``; idempotent)."""
-    from torch._dynamo import register_backend
-
-    with contextlib.suppress(AssertionError):  # already registered (a reload): keep the first
+    """Register `kronc_backend` as ``torch.compile(backend="kronc")`` (`kronc.register_backend`; idempotent)."""
+    if BACKEND_NAME in list_backends(exclude_tags=()):
+        return
+    with contextlib.suppress(AssertionError):  # registered meanwhile (a reload): keep the first
         register_backend(kronc_backend, name=BACKEND_NAME)
-
-
-register()

@@ -20,10 +20,9 @@ import operator
 import torch
 from torch import fx, nn
 
-from ..capture import _ADDMM, _EMBEDDING_FNS, _LINEAR_FNS
 from ..formats import Factorized
 from ..modules import CompressedEmbedding, CompressedLinear
-from ..sites import Site
+from ..sites import ADDMM, EMBEDDING_FNS, LINEAR_FNS, Site
 from .base import Pass, PassResult
 from .replacements import replacement_for_module
 from .swap import set_submodule
@@ -65,20 +64,20 @@ def compress_sites(sites: list[Site], weights: dict[str, Factorized]) -> Pass:
 def _rewrite_call(gm: fx.GraphModule, node: fx.Node, fmt: Factorized, name: str) -> None:
     graph = gm.graph
     bias_node: fx.Node | None = None
-    if node.target in _LINEAR_FNS:
+    if node.target in LINEAR_FNS:
         x = node.args[0]
         bias_arg = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
         stored_bias = _stored(gm, bias_arg)
         module: nn.Module = CompressedLinear(fmt, stored_bias)
         if stored_bias is None and isinstance(bias_arg, fx.Node):
             bias_node = bias_arg
-    elif node.target is _ADDMM:
+    elif node.target is ADDMM:
         bias_arg, x = node.args[0], node.args[1]
         stored_bias = _stored(gm, bias_arg)
         module = CompressedLinear(fmt, stored_bias)
         if stored_bias is None:
             bias_node = bias_arg  # type: ignore[assignment]
-    elif node.target in _EMBEDDING_FNS:
+    elif node.target in EMBEDDING_FNS:
         if node.target is torch.ops.aten.embedding.default:
             x, padding = node.args[1], (node.args[2] if len(node.args) > 2 else -1)
         else:

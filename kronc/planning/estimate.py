@@ -1,4 +1,5 @@
-"""Cheap error estimates for every candidate of one site at once.
+"""Cheap error estimates for every candidate of one site at once: the shared decompositions of one weight
+(`SiteAnalysis`); each format's estimate lives in its planning family (`kronc.planning.families`).
 
 The error of a candidate is relative: ``||W - W'|| / ||W||`` in the weight metric, or
 ``||(W - W') S|| / ||W S||`` in the data-aware metric (``S S^T = H + damping``, see `whiten`), where
@@ -42,47 +43,30 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..formats import BlockSparseSpec, DenseSpec, DopedSpec, FormatSpec, KroneckerSpec, LowRankSpec
+from ..formats import FormatSpec
 from ..formats.base import check_matrix
 from ..formats.doped import row_balanced_order
-from ..formats.kronecker import rearrange
+from ..reference.kronecker import rearrange
+from .families.base import family
 from .whiten import column_scale, damped, whitener
 
-_F64 = torch.float64
+F64 = torch.float64
 _CHUNK = 1 << 22  # elements of the largest temporary in the block-sparse data-aware pass
 _SPARSE_SHARE = 0.08  # overlays keeping at most this share of entries: sparse products, else dense
 
 
-def _tails(lam: Tensor) -> Tensor:
+def tail_sums(lam: Tensor) -> Tensor:
     """``tails[r] = sum(lam[r:])`` for ``r = 0..len(lam)``, with ``lam`` in descending order."""
-    out = torch.zeros(lam.numel() + 1, dtype=_F64)
+    out = torch.zeros(lam.numel() + 1, dtype=F64)
     out[:-1] = lam.flip(0).cumsum(0).flip(0)
     return out
 
 
-def _eig_desc(gram: Tensor, vectors: bool) -> tuple[Tensor, Tensor | None]:
+def eig_desc(gram: Tensor, vectors: bool) -> tuple[Tensor, Tensor | None]:
     if vectors:
         lam, vec = torch.linalg.eigh(gram)
         return lam.flip(0).clamp_min(0), vec.flip(1)
     return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0), None
-
-
-def unrearrange(r: Tensor, shape: tuple[int, int], a_shape: tuple[int, int]) -> Tensor:
-    """Inverse of `kronecker.rearrange`."""
-    (m, n), (m1, n1) = shape, a_shape
-    m2, n2 = m // m1, n // n1
-    return r.reshape(m1, n1, m2, n2).permute(0, 2, 1, 3).reshape(m, n)
-
-
-def kron_times(a: Tensor, b: Tensor, x: Tensor) -> Tensor:
-    """``(a ⊗ b) @ x`` for ``x`` of shape ``(n1 n2, c)`` without building the Kronecker product."""
-    (m1, n1), (m2, n2), c = a.shape, b.shape, x.shape[1]
-    x3 = x.reshape(n1, n2, c)
-    if n1 * m2 * (n2 + m1) <= m1 * n2 * (n1 + m2):
-        t = torch.matmul(b, x3)  # (n1, m2, c)
-        return (a @ t.reshape(n1, m2 * c)).reshape(m1 * m2, c)
-    t = (a @ x3.reshape(n1, n2 * c)).reshape(m1, n2, c)
-    return torch.matmul(b, t).reshape(m1 * m2, c)
 
 
 def _threshold(values: Tensor, k: int, stride: int) -> Tensor | None:
@@ -134,7 +118,7 @@ def _overlay_quadratic(rows: Tensor, cols: Tensor, vals: Tensor, h: Tensor, kept
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
             sparse = torch.sparse_csr_tensor(crow, c[order], v[order], (m, n), check_invariants=False)
-        out[k] = float(((sparse @ h32)[r, c] * v).sum(dtype=_F64))
+        out[k] = float(((sparse @ h32)[r, c] * v).sum(dtype=F64))
     return out
 
 
@@ -147,9 +131,8 @@ class SiteAnalysis:
     ``folds``: the moments of two disjoint halves of the calibration data. With them the data-aware
     low-rank errors are **held out**: the mean over the two halves of the error, measured on one,
     of the whitened fit to the other (`heldout_lowrank_tails`). The whitened SVD is the one fit
-    that uses all of ``H``, and with a few thousand calibration tokens it fits their noise: on
-    SmolLM2-135M at 2x its output error on held-out text is twice what it is on the calibration
-    text, while pruning's (ranked by ``diag H`` only) grows by 4%. Every other estimate is the
+    that uses all of ``H``, and with a few thousand calibration tokens it fits their noise (the
+    measurement: ``benchmarks/results/design_measurements.md``, "held-out low rank"). Every other estimate is the
     error on all of the calibration data.
     """
 
@@ -168,11 +151,11 @@ class SiteAnalysis:
         # enough (below ``refine_below``) for float32 rounding (~1e-3 relative) to matter; the
         # data-aware metric's products and the whitened spectrum are float64.
         self.w32 = weight.detach().to(device="cpu", dtype=torch.float32)
-        self.w = self.w32.to(_F64) if self.data else self.w32
-        self.energy = float(self.w32.square().sum(dtype=_F64))  # ||W||^2
+        self.w = self.w32.to(F64) if self.data else self.w32
+        self.energy = float(self.w32.square().sum(dtype=F64))  # ||W||^2
         self.refine_below = refine_below
         self.h: Tensor | None = None
-        self._h32: Tensor | None = None
+        self.h32: Tensor | None = None
         self.p: Tensor | None = None  # W H (data-aware)
         if moments is not None:
             if tuple(moments.shape) != (self.shape[1], self.shape[1]):
@@ -184,7 +167,7 @@ class SiteAnalysis:
             self.total = self.energy
         self._gram: dict[bool, tuple[Tensor, Tensor | None, bool]] = {}  # whitened? -> (eigenvalues, vectors, f64?)
         self._kron: dict[tuple[int, int], tuple[Tensor, Tensor | None, bool]] = {}
-        self._grams: dict[tuple[int, int], Tensor] = {}  # block shape -> block Gram (data-aware)
+        self.grams: dict[tuple[int, int], Tensor] = {}  # block shape -> block Gram (data-aware)
         self.damping = damping
         self.folds = folds if moments is not None else None
 
@@ -194,10 +177,10 @@ class SiteAnalysis:
         float64), redone in float64 when the tail past ``upto`` is small enough to need it. The flag
         says whether it was computed in float64."""
         gram = matrix @ matrix.T if matrix.shape[0] <= matrix.shape[1] else matrix.T @ matrix
-        lam, vec = _eig_desc(gram, vectors)
-        if matrix.dtype != _F64 and self._coarse(lam, upto):
-            return self._decompose(matrix.to(_F64), vectors, upto)
-        return lam.to(_F64), vec, matrix.dtype == _F64
+        lam, vec = eig_desc(gram, vectors)
+        if matrix.dtype != F64 and self._coarse(lam, upto):
+            return self._decompose(matrix.to(F64), vectors, upto)
+        return lam.to(F64), vec, matrix.dtype == F64
 
     def _coarse(self, lam: Tensor, upto: int) -> bool:
         return float(lam[upto:].sum()) < self.refine_below**2 * self.energy
@@ -223,10 +206,10 @@ class SiteAnalysis:
                 return self._decompose(self.w32, vectors, upto)
             if m <= n:  # eigenvalues of W H W^T, no Cholesky needed (float64)
                 assert self.p is not None
-                return (*_eig_desc(self.p @ self.w.T, vectors), True)
+                return (*eig_desc(self.p @ self.w.T, vectors), True)
             assert self.h is not None
             ws = self.w @ whitener(self.h)
-            return (*_eig_desc(ws.T @ ws, vectors), True)
+            return (*eig_desc(ws.T @ ws, vectors), True)
 
         return self._cached(self._gram, whitened, vectors, upto, compute)
 
@@ -252,177 +235,21 @@ class SiteAnalysis:
             a = (r @ b) * inv
         return a * live, b, s * live
 
-    # ---------------------------------------------------------------- families
-    def lowrank_errors(self, ranks: Sequence[int]) -> dict[int, float]:
-        if self.folds is not None:
-            tails = self.heldout_lowrank_tails()
-            return {r: self._rel(tails[min(r, tails.numel() - 1)]) for r in ranks}
-        lam, _ = self.spectrum(upto=max(ranks, default=0))
-        tails = _tails(lam)
-        return {r: self._rel(tails[min(r, lam.numel())]) for r in ranks}
 
-    def heldout_lowrank_tails(self) -> Tensor:
-        """``tails[r]``: squared output error of the whitened rank-``r`` fit, held out (see the class).
 
-        The whitened fit to ``H_a`` is ``P_r W`` with ``P_r`` the projection on the top ``r``
-        eigenvectors ``u_i`` of ``W H_a W^T``, so its error under ``H_b`` is
-        ``tr(W H_b W^T) - sum_{i<r} u_i^T W H_b W^T u_i``. When ``out > in`` the ``u_i`` come from
-        the ``in``-side decomposition of ``W S_a`` (``u_i ∝ W S_a v_i``).
-        """
-        assert self.folds is not None
-        m, n = self.shape
-        w = self.w
-        halves = [damped(f, self.damping) for f in self.folds]
-        out = torch.zeros(min(m, n) + 1, dtype=_F64)
-        for fit_h, eval_h in ((halves[0], halves[1]), (halves[1], halves[0])):
-            if m <= n:
-                lam, u = _eig_desc((w @ fit_h) @ w.T, True)
-                assert u is not None
-                gain = ((u.T @ ((w @ eval_h) @ w.T)) * u.T).sum(1)
-            else:
-                ws = w @ whitener(fit_h)
-                lam, v = _eig_desc(ws.T @ ws, True)
-                assert v is not None
-                z = w.T @ (ws @ v)  # columns: sigma_i W^T u_i
-                live = lam > lam[0] * 1e-12 if lam.numel() and lam[0] > 0 else torch.zeros_like(lam, dtype=torch.bool)
-                gain = torch.where(live, ((eval_h @ z) * z).sum(0) / torch.where(live, lam, 1.0), 0.0)
-            held = float(((w @ eval_h) * w).sum())
-            out += held - torch.cat([torch.zeros(1, dtype=_F64), gain.cumsum(0)])[: out.numel()]
-        return (out / 2).clamp_min(0)
 
-    def kron_errors(
-        self, a_shape: tuple[int, int], terms: Sequence[int], doped: dict[int, Sequence[int]] | None = None
-    ) -> tuple[dict[int, float], dict[tuple[int, int], float]]:
-        """Errors of ``terms``-term sums, and of doped bases ``{terms: [kept entries]}``, for one shape."""
-        doped = doped or {}
-        top = max([*terms, *doped, 0])
-        if not self.data and not doped:
-            lam, _ = self.kron_spectrum(a_shape, upto=top)
-            tails = _tails(lam)
-            return {t: self._rel(tails[min(t, lam.numel())]) for t in terms}, {}
-        a, b, s = self.kron_factors(a_shape, top)
-        dt = torch.promote_types(a.dtype, self.w.dtype)  # float64 data-aware or when refined
-        a, b, s = a.to(dt), b.to(dt), s.to(dt)
-        (m, n), (m1, n1) = self.shape, a_shape
-        m2, n2 = m // m1, n // n1
-        kron_out: dict[int, float] = {}
-        zs: list[Tensor] = []
-        if self.data:
-            assert self.h is not None and self.p is not None
-            lin = s * ((rearrange(self.p, a_shape) @ b) * a).sum(0)  # <W H, K_i>
-            # <K_i H, K_j> = sum H[(c,d),(e,f)] (A_i^T A_j)[c,e] (B_i^T B_j)[d,f]: per pair i <= j,
-            # two small Gram products and one pass over H
-            fa, fb = a.T.reshape(top, m1, n1), b.T.reshape(top, m2, n2)
-            h4 = self.h.reshape(n1, n2, n1, n2).permute(0, 2, 1, 3).reshape(n1 * n1, n2 * n2)
-            quad = torch.zeros(top, top, dtype=dt)
-            for i in range(top):
-                for j in range(i, top):
-                    x, y = (fa[i].T @ fa[j]).reshape(-1), (fb[i].T @ fb[j]).reshape(-1)
-                    quad[i, j] = quad[j, i] = s[i] * s[j] * (x @ h4 @ y)
-            for t in terms:
-                err2 = self.total - 2 * float(lin[:t].sum()) + float(quad[:t, :t].sum())
-                kron_out[t] = self._rel(err2)
-            for i in range(max(doped, default=0)):  # K_i H, for the doped residuals' R H
-                zs.append(kron_times(s[i] * a[:, i].reshape(m1, n1), b[:, i].reshape(m2, n2), self.h))
-        else:
-            lam, _ = self.kron_spectrum(a_shape, upto=top)
-            tails = _tails(lam)
-            kron_out = {t: self._rel(tails[min(t, lam.numel())]) for t in terms}
-        doped_out: dict[tuple[int, int], float] = {}
-        if doped:
-            # residuals for increasing term counts, one term subtracted at a time; in the weight
-            # metric only the multiset of residual entries matters, so it stays rearranged
-            resid = rearrange(self.w.to(dt), a_shape)
-            q = self.p
-            done = 0
-            for t in sorted(doped):
-                resid = resid - (a[:, done:t] * s[done:t]) @ b[:, done:t].T
-                if self.data:
-                    q = q - sum(zs[done:t])  # type: ignore[operator]
-                    errs = self._overlay(unrearrange(resid, self.shape, a_shape), q, doped[t])
-                else:
-                    errs = self._overlay(resid, None, doped[t])
-                done = t
-                doped_out.update({(t, k): e for k, e in errs.items()})
-        return kron_out, doped_out
 
-    def doped_errors(self, base: LowRankSpec | None, kept: Sequence[int]) -> dict[int, float]:
-        """Errors of a low-rank (weight-space fit) or empty base plus the ``kept`` largest residual entries."""
-        if base is None:
-            return self._overlay(self.w, self.p, kept, balanced=True)
-        _, vec = self.spectrum(whitened=False, vectors=True, upto=base.rank)
-        assert vec is not None
-        dt = torch.promote_types(vec.dtype, self.w.dtype)
-        v = vec[:, : base.rank].to(dt)
-        m, n = self.shape
-        w = self.w.to(dt)
-        if m <= n:
-            resid = w - v @ (v.T @ w)
-            q = None if self.p is None else self.p - v @ (v.T @ self.p)
-        else:
-            wv = w @ v
-            resid = w - wv @ v.T
-            q = None if self.h is None or self.p is None else self.p - wv @ (v.T @ self.h)
-        return self._overlay(resid, q, kept)
 
-    def blocksparse_errors(self, block: tuple[int, int], kept: Sequence[int]) -> dict[int, float]:
-        """Errors of keeping the ``kept`` blocks with the largest Frobenius norms."""
-        (m, n), (bh, bw) = self.shape, block
-        gr, gc = m // bh, n // bw
-        norms = self.w32.reshape(gr, bh, gc, bw).to(_F64).square().sum((1, 3)).flatten()  # row-major grid
-        if self.data:  # data-aware ranking, as `fit_site` does it: norms of W * sqrt(diag H)
-            scaled = self.w32.to(_F64) * self._column_scale()
-            ranked = scaled.reshape(gr, bh, gc, bw).square().sum((1, 3)).flatten().float()
-        else:
-            ranked = norms.float()
-        order = torch.argsort(ranked, descending=True, stable=True)
-        if not self.data:
-            tails = self.total - torch.cat([torch.zeros(1, dtype=_F64), norms[order].cumsum(0)])
-            return {k: self._rel(tails[k]) for k in kept}
-        g = self._block_gram(block)
-        out = {}
-        for k in kept:
-            dropped = torch.ones(gr * gc, dtype=_F64)
-            dropped[order[:k]] = 0
-            d = dropped.reshape(gr, gc)
-            out[k] = self._rel(float(torch.einsum("ij,ijk,ik->", d, g, d)))
-        return out
-
-    def _block_gram(self, block: tuple[int, int]) -> Tensor:
-        """``g[I, J, K] = <W_IJ H_JK, W_IK>`` over the block grid (float32 products, float64 result).
-
-        Built from an already computed finer grid when one divides this one (sums of its entries),
-        else in one pass of ``W H`` split by column block.
-        """
-        (m, n), (bh, bw) = self.shape, block
-        gr, gc = m // bh, n // bw
-        for (fh, fw), fine in self._grams.items():
-            if bh % fh == 0 and bw % fw == 0:
-                rh, rw = bh // fh, bw // fw
-                return fine.reshape(gr, rh, gc, rw, gc, rw).sum((1, 3, 5))
-        assert self.h is not None
-        if self._h32 is None:
-            self._h32 = self.h.float()
-        wb32, hb = self.w32.reshape(gr, bh, gc, bw), self._h32.reshape(gc, bw, n)
-        g = torch.empty(gr, gc, gc, dtype=_F64)
-        step = max(1, _CHUNK // (m * n))
-        for j0 in range(0, gc, step):
-            j1 = min(gc, j0 + step)
-            wj = wb32[:, :, j0:j1, :].permute(2, 0, 1, 3).reshape(j1 - j0, m, bw)
-            x = torch.bmm(wj, hb[j0:j1]).reshape(j1 - j0, gr, bh, gc, bw)
-            g[:, j0:j1, :] = torch.einsum("jirkb,irkb->ijk", x, wb32)
-        self._grams[block] = g
-        return g
 
     # ---------------------------------------------------------------- helpers
-    def _column_scale(self) -> Tensor:
+    def input_scale(self) -> Tensor:
         assert self.h is not None
         return column_scale(self.h)
 
-    def _rel(self, err2: float | Tensor) -> float:
+    def rel(self, err2: float | Tensor) -> float:
         return float(np.sqrt(max(float(err2), 0.0) / self.total)) if self.total > 0 else 0.0
 
-    def _overlay(
+    def overlay_errors(
         self, resid: Tensor, q: Tensor | None, kept: Sequence[int], balanced: bool = False
     ) -> dict[int, float]:
         """Errors of ``resid`` minus its ``k`` largest-magnitude entries, for each ``k`` in ``kept``
@@ -430,79 +257,44 @@ class SiteAnalysis:
         flat = resid.reshape(-1)
         top = max(kept, default=0)
         # data-aware ranking as `fit_site` does it: |R_ij| * sqrt(H_jj)
-        scores = resid.abs() if q is None else resid.to(_F64).abs() * self._column_scale()
+        scores = resid.abs() if q is None else resid.to(F64).abs() * self.input_scale()
         idx = row_balanced_order(scores, top) if balanced else top_entries(scores.reshape(-1), top)[1]
         if q is None:
-            cum = torch.cat([torch.zeros(1, dtype=_F64), flat[idx].to(_F64).square().cumsum(0)])
-            energy = float(flat.square().sum(dtype=_F64))
-            return {k: self._rel(energy - float(cum[k])) for k in kept}
+            cum = torch.cat([torch.zeros(1, dtype=F64), flat[idx].to(F64).square().cumsum(0)])
+            energy = float(flat.square().sum(dtype=F64))
+            return {k: self.rel(energy - float(cum[k])) for k in kept}
         assert self.h is not None
         m, n = resid.shape
-        if self._h32 is None:
-            self._h32 = self.h.float()
+        if self.h32 is None:
+            self.h32 = self.h.float()
         out: dict[int, float] = {}
         few = [k for k in kept if k <= _SPARSE_SHARE * m * n]
         if few:  # few kept entries: energy - 2 <S, R H> + <S H, S>, one sparse product per k
             qf = q.reshape(-1)
             energy = float((flat * qf).sum())
-            lin = torch.cat([torch.zeros(1, dtype=_F64), (flat[idx] * qf[idx]).cumsum(0)])
-            quad = _overlay_quadratic(idx // n, idx % n, flat[idx], self._h32, sorted(few))
-            out.update({k: self._rel(energy - 2 * float(lin[k]) + quad[k]) for k in few})
+            lin = torch.cat([torch.zeros(1, dtype=F64), (flat[idx] * qf[idx]).cumsum(0)])
+            quad = _overlay_quadratic(idx // n, idx % n, flat[idx], self.h32, sorted(few))
+            out.update({k: self.rel(energy - 2 * float(lin[k]) + quad[k]) for k in few})
         r32 = resid.float()
         for k in kept:  # many: the dropped part E directly, <E H, E> in one float32 matmul
             if k not in out:
                 e = r32.clone().reshape(-1)
                 e[idx[:k]] = 0
                 e = e.reshape(m, n)
-                out[k] = self._rel(float(((e @ self._h32) * e).sum(dtype=_F64)))
+                out[k] = self.rel(float(((e @ self.h32) * e).sum(dtype=F64)))
         return out
 
-    # ---------------------------------------------------------------- all at once
     def errors(self, specs: Sequence[FormatSpec]) -> np.ndarray:
-        """Relative error of every spec, in order (one decomposition per family, shared)."""
-        shape = self.shape
-        ranks: set[int] = set()
-        kron: dict[tuple[int, int], set[int]] = defaultdict(set)
-        kron_doped: dict[tuple[int, int], dict[int, set[int]]] = defaultdict(lambda: defaultdict(set))
-        lr_doped: dict[LowRankSpec | None, set[int]] = defaultdict(set)
-        blocks: dict[tuple[int, int], set[int]] = defaultdict(set)
-        for spec in specs:
-            spec.check(shape)
-            if isinstance(spec, LowRankSpec):
-                ranks.add(spec.rank)
-            elif isinstance(spec, KroneckerSpec):
-                kron[spec.a_shape].add(spec.terms)
-            elif isinstance(spec, DopedSpec):
-                if isinstance(spec.base, KroneckerSpec):
-                    kron_doped[spec.base.a_shape][spec.base.terms].add(spec.nnz(shape))
-                else:
-                    lr_doped[spec.base].add(spec.nnz(shape))
-            elif isinstance(spec, BlockSparseSpec):
-                blocks[spec.block].add(spec.nblocks(shape))
-            elif not isinstance(spec, DenseSpec):
-                raise ValueError(f"no estimate for format {spec.kind!r}")
-        lowrank = self.lowrank_errors(sorted(ranks)) if ranks else {}
-        kron_err: dict[tuple[int, int], dict[int, float]] = {}
-        kd_err: dict[tuple[int, int], dict[tuple[int, int], float]] = {}
-        for a_shape in sorted(set(kron) | set(kron_doped)):
-            doped = {t: sorted(ks) for t, ks in kron_doped.get(a_shape, {}).items()}
-            kron_err[a_shape], kd_err[a_shape] = self.kron_errors(a_shape, sorted(kron.get(a_shape, ())), doped)
-        lr_err = {base: self.doped_errors(base, sorted(ks)) for base, ks in lr_doped.items()}
-        finest_first = sorted(blocks, key=lambda b: (b[0] * b[1], b))  # coarser grids reuse finer Grams
-        bs_err = {block: self.blocksparse_errors(block, sorted(blocks[block])) for block in finest_first}
+        """Relative error of every spec, in order: each format's family estimates its own specs at once
+        (sharing this analysis's decompositions)."""
         out = np.zeros(len(specs))
+        groups: dict[str, list[int]] = defaultdict(list)
         for i, spec in enumerate(specs):
-            if isinstance(spec, LowRankSpec):
-                out[i] = lowrank[spec.rank]
-            elif isinstance(spec, KroneckerSpec):
-                out[i] = kron_err[spec.a_shape][spec.terms]
-            elif isinstance(spec, DopedSpec):
-                if isinstance(spec.base, KroneckerSpec):
-                    out[i] = kd_err[spec.base.a_shape][(spec.base.terms, spec.nnz(shape))]
-                else:
-                    out[i] = lr_err[spec.base][spec.nnz(shape)]
-            elif isinstance(spec, BlockSparseSpec):
-                out[i] = bs_err[spec.block][spec.nblocks(shape)]
+            spec.check(self.shape)
+            groups[spec.kind].append(i)
+        for kind, where in groups.items():
+            errs = family(kind).errors(self, [specs[i] for i in where])
+            out[where] = np.asarray(errs, dtype=np.float64)
         return out
 
 

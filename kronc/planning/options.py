@@ -10,8 +10,9 @@ from dataclasses import dataclass
 class SearchOptions:
     """How many candidates the planner enumerates per site and how it measures them.
 
-    The defaults keep a SmolLM2-135M-sized model (210 sites) under 30 s of analysis on two CPU
-    cores (``benchmarks/search_speed.py``); raise them for a wider search on bigger machines.
+    The defaults keep the analysis of a 135M-parameter model within a short wait on a small CPU
+    (``benchmarks/search_speed.py``; ``benchmarks/results/design_measurements.md``, "search speed"); raise them for a wider search on
+    bigger machines.
     """
 
     kron_shapes: int = 8

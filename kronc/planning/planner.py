@@ -11,9 +11,8 @@ let a site whose output is tiny claim as much budget as one whose output dominat
 The ``importance`` multiplier per site folds in how much the model's output moves per unit of
 output error at that site: `calibrate.collect_sensitivity` measures it (the Fisher information per
 output feature, ``κ``), and `kronc.plan` / `kronc.compile` pass it by default whenever they
-calibrate (policy ``solver.sensitivity``). It matters more than anything else in the damage model:
-on SmolLM2-135M, allocating pruning densities by the plain output error gives perplexity 99,000 at
-2x where uniform densities give 135; weighted by ``κ``, 122 (ABC news, 2 windows of 512 tokens).
+calibrate (policy ``solver.sensitivity``). It matters more than anything else in the damage model
+(the measurement: ``benchmarks/results/design_measurements.md``, "sensitivity").
 Sites missing from ``importance`` get the median of the given values.
 
 When moments are given for only some sites, a site without moments is measured in the weight metric
@@ -34,12 +33,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..budget import Budget, BudgetError
-from ..formats import BlockSparseSpec, DenseSpec, DopedSpec, FormatSpec, KroneckerSpec, LowRankSpec
+from ..formats import FormatSpec
 from ..plan import Decision, Plan
-from ..policies.choices import BlockSparseChoice, FormatChoice
 from ..sites import Site
-from .candidates import Candidate, factor_shapes, site_candidates
+from .candidates import Candidate, site_candidates
 from .estimate import SiteAnalysis
+from .families import FAMILIES, Choice, family
 from .options import SearchOptions
 from .solver import solve
 from .whiten import damped
@@ -101,7 +100,7 @@ def _size(n: float, key: str) -> str:
 def make_plan(
     sites: Sequence[Site],
     weights: Mapping[str, Tensor],
-    spaces: Mapping[str, Sequence[FormatChoice]],
+    spaces: Mapping[str, Sequence[Choice]],
     budget: Budget | str | float,
     moments: Mapping[str, Tensor] | None = None,
     rules: Mapping[str, str] | None = None,
@@ -179,49 +178,11 @@ def make_plan(
 # ------------------------------------------------------------------------------------------ uniform
 
 
-def _largest(fits: Callable[[int], bool], hi: int) -> int:
-    """Largest ``k`` in ``[0, hi]`` with ``fits(k)`` (``fits`` monotone: true then false); 0 if none."""
-    lo = 0
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if fits(mid):
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
-
-
 def _uniform_specs(site: Site, fmt: str, cap: float, options: SearchOptions) -> list[FormatSpec]:
-    """Specs of format ``fmt`` storing at most ``cap`` bytes, one per structural variant."""
-    (m, n), item = site.shape, site.itemsize
-    if fmt == "dense":
-        return [DenseSpec()] if m * n * item <= cap else []
-    if fmt == "lowrank":
-        r = min(m, n, int(cap // (item * (m + n))))
-        return [LowRankSpec(rank=r)] if r >= 1 else []
-    if fmt == "kronecker":
-        specs = []
-        for m1, n1 in factor_shapes(site.shape, 2, options.kron_shapes):
-            per_term = (m1 * n1 + (m // m1) * (n // n1)) * item
-            t = min(int(cap // per_term), m1 * n1, (m // m1) * (n // n1))
-            if t >= 1:
-                specs.append(KroneckerSpec(a_shape=(m1, n1), terms=t))
-        return specs
-    if fmt == "doped":
-        total = m * n
-        nnz = _largest(lambda k: DopedSpec(density=k / total).nbytes(site.shape, item) <= cap, total)
-        return [DopedSpec(density=nnz / total)] if nnz >= 1 else []
-    if fmt == "blocksparse":
-        specs = []
-        for bh, bw in BlockSparseChoice().blocks:
-            if m % bh or n % bw:
-                continue
-            grid = (m // bh) * (n // bw)
-            k = _largest(lambda k: BlockSparseSpec(block=(bh, bw), density=k / grid).nbytes(site.shape, item) <= cap, grid)  # noqa: B023
-            if k >= 1:
-                specs.append(BlockSparseSpec(block=(bh, bw), density=k / grid))
-        return specs
-    raise ValueError(f"unknown format {fmt!r}: use dense, lowrank, kronecker, doped or blocksparse")
+    """Specs of format ``fmt`` storing at most ``cap`` bytes, one per structural variant (its family's)."""
+    if fmt not in FAMILIES:
+        raise ValueError(f"unknown format {fmt!r}: use {', '.join(FAMILIES)}")
+    return family(fmt).uniform(site.shape, site.itemsize, cap, options)
 
 
 def uniform_plan(

@@ -19,6 +19,7 @@ import annotated_types as at
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
+from .choices import ChoiceByKind, tagged_union
 from .errors import Problem
 
 _NOUNS = {
@@ -55,6 +56,8 @@ def _unwrap(tp: Any) -> tuple[Any, str | None]:
     """Strip ``Annotated``; return the bare type and its discriminator, if any."""
     disc = None
     while get_origin(tp) is typing.Annotated:
+        if ChoiceByKind in tp.__metadata__:  # a registry-dispatched choice reads as the tagged union
+            tp = tagged_union()
         for meta in tp.__metadata__:
             if isinstance(meta, FieldInfo) and isinstance(meta.discriminator, str):
                 disc = meta.discriminator

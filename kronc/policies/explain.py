@@ -10,37 +10,18 @@ from typing import Any
 
 import torch
 
+from ..capture import capture
 from ..sites import Site
-from .choices import BlockSparseChoice, DopedChoice, FormatChoice, KroneckerChoice, LowRankChoice
+from .choices import Choice
 from .errors import PolicyWarning
 from .loader import load_policy
-from .match import Resolution, _resolve
+from .match import Resolution, resolve
 from .model import Policy
 
 
-def _range(lo: float, hi: float | None) -> str:
-    return f"{lo:g}-{'max' if hi is None else f'{hi:g}'}"
-
-
-def _shapes(shapes: Any) -> str:
-    return "auto" if shapes == "auto" else ",".join(f"{a}x{b}" for a, b in shapes)
-
-
-def describe_choice(choice: FormatChoice) -> str:
+def describe_choice(choice: Choice) -> str:
     """A short form of one format choice, e.g. ``doped(kronecker auto, terms<=2, density 0.001-0.05)``."""
-    if isinstance(choice, LowRankChoice):
-        return f"lowrank(rank {_range(choice.rank_min, choice.rank_max)}, x{choice.rank_multiple})"
-    if isinstance(choice, KroneckerChoice):
-        return f"kronecker({_shapes(choice.a_shapes)}, terms<={choice.terms_max})"
-    if isinstance(choice, DopedChoice):
-        base = choice.base
-        if base == "kronecker":
-            base = f"kronecker {_shapes(choice.a_shapes)}, terms<={choice.terms_max}"
-        return f"doped({base}, density {_range(choice.density_min, choice.density_max)})"
-    if isinstance(choice, BlockSparseChoice):
-        blocks = ",".join(f"{r}x{c}" for r, c in choice.blocks)
-        return f"blocksparse({blocks}, density {_range(choice.density_min, choice.density_max)})"
-    return choice.kind
+    return choice.describe()
 
 
 @dataclass(frozen=True)
@@ -74,8 +55,6 @@ class Explanation:
 
 def _sites_of(model_or_sites: Any) -> list[Site]:
     if isinstance(model_or_sites, torch.nn.Module):
-        from ..capture import capture  # lazy: capture pulls in torch.fx / torch.export
-
         return list(capture(model_or_sites).sites)
     if hasattr(model_or_sites, "sites"):  # a kronc.capture.Captured
         return list(model_or_sites.sites)
@@ -88,7 +67,7 @@ def explain(
     """Show, for each site of a model (an ``nn.Module``, a captured model or a list of `Site`), whether
     it is in scope, which rule applied and which formats it may use. ``policy`` may be anything
     `load_policy` accepts (a `Policy`, a file, a shipped policy's name, a dict)."""
-    res = _resolve(load_policy(policy), _sites_of(model_or_sites))
+    res = resolve(load_policy(policy), _sites_of(model_or_sites), warn=False)
     for m in res.warnings:
         warnings.warn(m, PolicyWarning, stacklevel=2)
     return Explanation(res)

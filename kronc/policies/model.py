@@ -32,9 +32,9 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..budget import Budget
-from ..recover.config import RecoveryConfig
 from .choices import ALL_FORMATS, DATA_FORMATS, FormatChoice
 from .patterns import check_pattern
+from .recovery import RecoveryConfig
 
 ScopeKind = Literal["linear", "conv1d", "functional", "lstm"]
 """Site kinds `Scope.kinds` can list: every `kronc.sites.SiteKind` except ``embedding``, which
@@ -106,12 +106,6 @@ class Rule(_Model):
 class SolverOptions(_Model):
     """How the planner picks one candidate per site under the budget."""
 
-    method: Literal["lagrangian", "dp"] = "lagrangian"
-    """``lagrangian``: bisect a price per byte on the convex hull of each site's error-vs-bytes
-    curve (fast, near optimal); ``dp``: exact multiple-choice knapsack by dynamic programming over
-    bytes (slower, exact up to the byte resolution)."""
-    max_candidates_per_site: int = Field(default=64, ge=1)
-    """Cap on the candidates kept per site after pruning dominated ones (more bytes, more error)."""
     sensitivity: Literal["fisher", "none"] = "fisher"
     """Data objective only: ``fisher`` weights each site's output error by how much the model's loss
     moves per unit of it (a Fisher information per output feature, from a backward pass on the first

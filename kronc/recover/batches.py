@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from ..tokens import token_ids
 from .config import RecoveryConfig, RecoveryError
 
 IGNORE = -100
@@ -209,9 +210,7 @@ def make_batches(data: Any, config: RecoveryConfig, tokenizer: Any = None) -> Ba
             raise RecoveryError("the training text is empty")
         if tokenizer is None:
             raise RecoveryError("a training text needs a tokenizer (tokenizer=...); or pass token ids as a 1-D tensor")
-        from ..evaluate import _token_ids
-
-        ids = _token_ids(tokenizer, data)
+        ids = token_ids(tokenizer, data)
         return TokenWindows(ids, config.seq_len, config.batch_size, config.seed, "the training text")
     if isinstance(data, Tensor):
         if data.dim() == 1:

@@ -54,9 +54,10 @@ from torch import Tensor, nn
 from .batches import Batch, TokenWindows, make_batches
 from .blocks import Block, BlockChain, Slot, find_blocks, first_tensor
 from .checkpoint import MAY_CHANGE_ON_RESUME
-from .config import RecoveryConfig, RecoveryError
+from .config import RecoveryConfig, RecoveryError, make_config
 from .guards import check_models, check_windows, device_of, models_restored, seeded
-from .losses import _takes, kl_loss, model_output, relative_mse
+from .loop import distill
+from .losses import kl_loss, model_output, relative_mse, takes_argument
 from .optim import make_optimizer, make_scheduler, trainable_parameters
 from .result import RecoveryResult
 from .tail import blocks_skipped
@@ -225,16 +226,14 @@ def reconstruct_blocks(
     set by ``config.blockwise``. The teacher is never modified. Raises `RecoveryError` before any training
     for unusable data, no block structure, or an in-memory cache over ``blockwise.max_cache_gb``.
     """
-    from .loop import _config
-
-    cfg = _config(config, overrides)
+    cfg = make_config(config, overrides)
     check_models(student, teacher)
     batches = _calibration(student, data, cfg, tokenizer)
     params = trainable_parameters(student, cfg.trainable)
     if not params:
         raise RecoveryError(f"no trainable parameters: trainable={cfg.trainable!r} selects none of the student's "
                             "parameters (was it compressed with kronc.compile?)")
-    extra = {"use_cache": False} if _takes(student, "use_cache") else {}
+    extra = {"use_cache": False} if takes_argument(student, "use_cache") else {}
     first = batches[0].to(device_of(student))
     probe_args = tuple(_rows(a) for a in first.args)
     probe_kwargs = {k: _rows(v) for k, v in {**first.kwargs, **extra}.items()}
@@ -571,13 +570,11 @@ def _load(resume: bool | str | Path, cfg: RecoveryConfig, blocks: int) -> dict[s
 def _end_to_end(student: nn.Module, teacher: nn.Module, data: Any, cfg: RecoveryConfig, tokenizer: Any,
                 resume: bool | str | Path, progress: bool, blocks: BlockwiseResult) -> BlockwiseResult:
     """The short distillation pass after the blocks, training ``e2e_trainable`` only."""
-    from .loop import recover
-
     bw = cfg.blockwise
     e2e_path = None if cfg.checkpoint_path is None else f"{cfg.checkpoint_path}.e2e"
     e2e_cfg = cfg.model_copy(update={"method": "distill", "steps": bw.e2e_steps, "trainable": bw.e2e_trainable,
                                      "lr": bw.e2e_lr or cfg.lr, "checkpoint_path": e2e_path})
-    res = recover(student, teacher, data, e2e_cfg, tokenizer=tokenizer, resume=bool(resume) and e2e_path is not None,
+    res = distill(student, teacher, data, e2e_cfg, tokenizer=tokenizer, resume=bool(resume) and e2e_path is not None,
                   progress=progress)
     return BlockwiseResult(res.history, res.steps, res.stopped, blocks.block_seconds + res.seconds,
                            blocks.tokens + res.tokens, res.resumed_from, res.checkpoint, blocks=blocks.blocks,

@@ -1,4 +1,5 @@
-"""`recover`: distil the dense teacher back into its compressed student, in place.
+"""`distill`: distil the dense teacher back into its compressed student end to end, in place
+(`kronc.recover` with ``method="distill"``).
 
 One step, with the scheme hooks in the order `kronc.recover.schemes.base` documents::
 
@@ -24,7 +25,7 @@ from torch import Tensor, nn
 
 from . import checkpoint
 from .batches import Batch, BatchSource, TokenWindows, make_batches, to_batch
-from .config import RecoveryConfig, RecoveryError
+from .config import RecoveryConfig, RecoveryError, make_config
 from .guards import check_models, check_schemes, check_windows, device_of, models_restored, seeded
 from .losses import Distiller, weighted_total
 from .optim import make_optimizer, make_scheduler, trainable_parameters
@@ -32,45 +33,19 @@ from .progress import Progress
 from .result import RecoveryResult, StepRecord
 
 
-def recover(
+def distill(
     student: nn.Module,
     teacher: nn.Module,
     data: Any,
-    config: RecoveryConfig | Mapping[str, Any] | None = None,
+    cfg: RecoveryConfig,
     *,
     tokenizer: Any = None,
     schemes: Sequence[Any] = (),
     resume: bool | str | Path = False,
     progress: bool = True,
-    **overrides: Any,
 ) -> RecoveryResult:
-    """Train the compressed ``student`` toward the dense ``teacher`` by knowledge distillation, in place.
-
-    ``student`` is the model `kronc.compile` returned (a compressed copy that never shares tensors
-    with the dense model); its parameters selected by ``trainable`` are updated where they are. The
-    ``teacher`` is never modified: it runs in eval mode without gradients, and every module's training
-    flag (and the student's ``requires_grad`` flags) are put back afterwards.
-
-    ``data`` is a ``str`` of text (with ``tokenizer``), a 1-D tensor of token ids, or an iterable of
-    batches (see `kronc.recover.batches`). ``config`` is a `RecoveryConfig` (or a dict of its fields);
-    keyword ``overrides`` (``steps=100, lr=1e-3``) replace single fields. ``schemes`` take part
-    through the `Scheme` hooks. ``resume=True`` continues from ``config.checkpoint_path`` when that file
-    exists (a path: from that file), giving the same weights as a run never interrupted.
-
-    ``method="blockwise"`` (in ``config``) reconstructs one block at a time instead and returns a
-    `kronc.recover.blockwise.BlockwiseResult` (see that module).
-
-    Raises `RecoveryError` before training for unusable data, mismatched models or nothing to train,
-    and during training when a loss part turns NaN/inf: the student is then put back to the last
-    checkpoint whose loss was finite, and the error names the step and the part.
-    """
-    cfg = _config(config, overrides)
-    if cfg.method == "blockwise":
-        if schemes:
-            raise RecoveryError("method='blockwise' takes no schemes: run them in a method='distill' call afterwards")
-        from .blockwise import reconstruct_blocks
-
-        return reconstruct_blocks(student, teacher, data, cfg, tokenizer=tokenizer, resume=resume, progress=progress)
+    """End-to-end knowledge distillation (``method="distill"``), as `kronc.recover` documents; block-wise
+    reconstruction calls it for its short end-to-end pass."""
     scheme_list, names = check_schemes(schemes)
     check_models(student, teacher)
     if cfg.kd == cfg.hidden == cfg.lm == 0:
@@ -103,7 +78,7 @@ def recovery_losses(student: nn.Module, teacher: nn.Module, batch: Any, config: 
     Both models run in eval mode without gradients (their flags are put back). ``batch`` is what an
     iterable of training batches yields: a ``(batch, seq)`` tensor of ids, a mapping or a tuple.
     """
-    cfg = _config(config, overrides)
+    cfg = make_config(config, overrides)
     b = batch if isinstance(batch, Batch) else to_batch(batch)
     distiller = Distiller(student, teacher, cfg)
     try:
@@ -115,18 +90,6 @@ def recovery_losses(student: nn.Module, teacher: nn.Module, batch: Any, config: 
     finally:
         distiller.close()
     return {"loss": float(total), **{k: float(v) for k, v in parts.items()}}
-
-
-def _config(config: RecoveryConfig | Mapping[str, Any] | None, overrides: Mapping[str, Any]) -> RecoveryConfig:
-    if config is None:
-        base: dict[str, Any] = {}
-    elif isinstance(config, RecoveryConfig):
-        base = config.model_dump()
-    elif isinstance(config, Mapping):
-        base = dict(config)
-    else:
-        raise RecoveryError(f"config must be a RecoveryConfig or a dict of its fields, got {type(config).__name__}")
-    return RecoveryConfig.model_validate({**base, **overrides})
 
 
 def _resume_snapshot(resume: bool | str | Path, cfg: RecoveryConfig, names: list[str]) -> checkpoint.Snapshot | None:

@@ -132,7 +132,8 @@ def is_huggingface(model: nn.Module) -> bool:
     return hasattr(getattr(model, "config", None), "output_hidden_states")
 
 
-def _takes(model: nn.Module, name: str) -> bool:
+def takes_argument(model: nn.Module, name: str) -> bool:
+    """Whether ``model.forward`` names the argument ``name`` (``use_cache`` is passed only where it is)."""
     try:
         return name in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
@@ -167,7 +168,7 @@ class Distiller:
         extra: dict[str, Any] = {}
         if self.hf_hidden:
             extra["output_hidden_states"] = True
-        if _takes(model, "use_cache"):
+        if takes_argument(model, "use_cache"):
             extra["use_cache"] = False
         return extra
 

@@ -17,7 +17,7 @@ formula.
 
 from __future__ import annotations
 
-from ._checks import OpInputError
+from ..checks.common import OpInputError
 from .blocksparse import blocksparse_linear
 from .doped import doped_kron_linear
 from .kron import kron_embedding, kron_linear

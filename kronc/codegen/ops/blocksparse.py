@@ -12,51 +12,20 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ...reference.blocksparse import blocksparse_apply
 from ..backend import use_triton
-from ._checks import (
-    check_bias,
-    check_index,
-    check_index_values,
-    check_input,
-    check_like,
-    fail,
+from ..checks.blocksparse import check_blocksparse
+from ..checks.common import (
     mark_checked,
     needs_grad,
-    shape,
     transpose_order,
 )
 from ._registry import kronc_op
 
 
-def check_blocksparse(
-    op: str, x: Tensor, blocks: Tensor, rows: Tensor, cols: Tensor, out_features: int, bias: Tensor | None
-) -> None:
-    check_input(op, x)
-    if blocks.dim() != 3:
-        raise fail(op, f"blocks must be a (nnzb, bh, bw) stack, got shape {shape(blocks)}")
-    nnzb, bh, bw = blocks.shape
-    in_features = x.shape[-1]
-    if bh < 1 or bw < 1 or out_features % bh or in_features % bw:
-        raise fail(
-            op,
-            f"blocks of shape ({bh}, {bw}) do not tile a {out_features}x{in_features} weight "
-            f"(x {shape(x)}, out_features={out_features})",
-        )
-    check_like(op, x, blocks=blocks, bias=bias)
-    check_index(op, "rows", rows, x.device)
-    check_index(op, "cols", cols, x.device)
-    if rows.shape != (nnzb,) or cols.shape != (nnzb,):
-        raise fail(op, f"rows {shape(rows)} and cols {shape(cols)} must list one grid position per block ({nnzb})")
-    check_index_values(op, "rows", rows, out_features // bh, need_sorted=True)
-    check_index_values(op, "cols", cols, in_features // bw)
-    check_bias(op, bias, out_features)
-
-
 def blocksparse_linear_torch(
     x: Tensor, blocks: Tensor, rows: Tensor, cols: Tensor, out_features: int, bias: Tensor | None = None
 ) -> Tensor:
-    from ...formats.blocksparse import blocksparse_apply
-
     y = blocksparse_apply(x, blocks, rows, cols, out_features)
     return y if bias is None else y + bias
 

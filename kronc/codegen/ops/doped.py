@@ -10,27 +10,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ...reference.kronecker import kronecker_apply
 from ..backend import use_triton
-from ._checks import check_like, needs_grad
+from ..checks.common import needs_grad
+from ..checks.doped import check_doped
 from ._registry import kronc_op
-from .kron import bias_grad, check_kron, kron_factor_grads
-from .sparse import check_entries, overlay_product, sparse_input_grad, values_grad
-
-
-def check_doped(
-    op: str, x: Tensor, a: Tensor, b: Tensor, rows: Tensor, cols: Tensor, values: Tensor, bias: Tensor | None
-) -> int:
-    out_features, _ = check_kron(op, x, a, b, bias)
-    check_like(op, x, values=values)
-    check_entries(op, x, rows, cols, values, out_features)
-    return out_features
+from .kron import bias_grad, kron_factor_grads
+from .sparse import overlay_product, sparse_input_grad, values_grad
 
 
 def doped_kron_linear_torch(
     x: Tensor, a: Tensor, b: Tensor, rows: Tensor, cols: Tensor, values: Tensor, bias: Tensor | None = None
 ) -> Tensor:
-    from ...formats.kronecker import kronecker_apply
-
     y = kronecker_apply(x, a, b) + overlay_product(x, rows, cols, values, a.shape[1] * b.shape[1])
     return y if bias is None else y + bias
 

@@ -12,43 +12,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ...reference.kronecker import b_first, contraction_costs, kronecker_apply, kronecker_rows
 from ..backend import use_triton
-from ._checks import (
-    check_bias,
-    check_features,
-    check_index,
-    check_index_values,
-    check_input,
-    check_like,
-    fail,
+from ..checks.common import (
     needs_grad,
-    shape,
 )
+from ..checks.kron import check_kron, check_kron_embedding
 from ._registry import kronc_op
 
 # ---- checks ---------------------------------------------------------------------------------
-
-
-def check_factors(op: str, a: Tensor, b: Tensor) -> None:
-    if a.dim() != 3 or b.dim() != 3:
-        raise fail(op, f"a and b must be (terms, m, n) stacks, got a {shape(a)} and b {shape(b)}")
-    if a.shape[0] != b.shape[0]:
-        raise fail(op, f"a has {a.shape[0]} terms but b has {b.shape[0]} (a {shape(a)}, b {shape(b)})")
-    if not a.is_floating_point():
-        raise fail(op, f"a and b must be floating point, got {a.dtype}")
-    if a.device != b.device or a.dtype != b.dtype:
-        raise fail(op, f"a ({a.dtype}, {a.device}) and b ({b.dtype}, {b.device}) must share dtype and device")
-
-
-def check_kron(op: str, x: Tensor, a: Tensor, b: Tensor, bias: Tensor | None) -> tuple[int, int]:
-    """Validate a Kronecker linear; returns ``(out_features, in_features)``."""
-    check_input(op, x)
-    check_factors(op, a, b)
-    (_, m1, n1), (_, m2, n2) = a.shape, b.shape
-    check_features(op, x, n1 * n2, f"a {shape(a)} ⊗ b {shape(b)} (n1*n2 = {n1}*{n2})")
-    check_like(op, x, a=a, b=b, bias=bias)
-    check_bias(op, bias, m1 * m2)
-    return m1 * m2, n1 * n2
 
 
 def _empty_out(x: Tensor, out_features: int) -> Tensor:
@@ -63,8 +35,6 @@ def _add_bias(y: Tensor, bias: Tensor | None) -> Tensor:
 
 
 def kron_linear_torch(x: Tensor, a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
-    from ...formats.kronecker import kronecker_apply
-
     return _add_bias(kronecker_apply(x, a, b), bias)
 
 
@@ -99,8 +69,9 @@ def kron_factor_grads(
     gs = g.reshape(-1, m1, m2)
     T = xs.shape[0]
     ga = gb = None
+    b_cost, a_cost = contraction_costs(m1, n1, m2, n2)
     if need_a:
-        if n1 * m2 * (n2 + m1) <= m1 * n2 * (m2 + n1):
+        if b_first(m1, n1, m2, n2):
             q = (xs.reshape(T * n1, n2) @ b.reshape(R * m2, n2).T).reshape(T, n1, R, m2)  # (X_t B_r^T)[j1, i2]
             ga = torch.einsum("tim,tjrm->rij", gs, q)
         else:
@@ -108,7 +79,7 @@ def kron_factor_grads(
             p = (gs.reshape(T * m1, m2) @ bf).reshape(T, m1, R, n2)  # (G_t B_r)[i1, j2]
             ga = torch.einsum("tirn,tjn->rij", p, xs)
     if need_b:
-        if m1 * n2 * (n1 + m2) <= m2 * n1 * (m1 + n2):
+        if a_cost <= b_cost:
             xt = xs.transpose(1, 2).reshape(T * n2, n1)
             p = (xt @ a.reshape(R * m1, n1).T).reshape(T, n2, R, m1)  # (A_r X_t)[i1, j2]
             gb = torch.einsum("tim,tnri->rmn", gs, p)
@@ -142,18 +113,7 @@ kron_linear.register_autograd(_kron_backward, setup_context=_kron_setup)
 # ---- kron_embedding -------------------------------------------------------------------------
 
 
-def check_kron_embedding(op: str, index: Tensor, a: Tensor, b: Tensor) -> tuple[int, int]:
-    """Validate a Kronecker row lookup; returns ``(rows, row length)`` of the table."""
-    check_factors(op, a, b)
-    check_index(op, "index", index, a.device, dim=None)
-    (_, m1, n1), (_, m2, n2) = a.shape, b.shape
-    check_index_values(op, "index", index, m1 * m2)
-    return m1 * m2, n1 * n2
-
-
 def kron_embedding_torch(index: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    from ...formats.kronecker import kronecker_rows
-
     return kronecker_rows(index, a, b)
 
 

@@ -9,25 +9,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ...reference.lowrank import lowrank_apply
 from ..backend import kernel_mode, use_triton
-from ._checks import check_bias, check_features, check_input, check_like, fail, needs_grad, shape
+from ..checks.common import needs_grad
+from ..checks.lowrank import check_lowrank
 from ._registry import kronc_op
 
 
-def check_lowrank(op: str, x: Tensor, u: Tensor, v: Tensor, bias: Tensor | None) -> int:
-    """Validate a low-rank linear; returns ``out_features``."""
-    check_input(op, x)
-    if u.dim() != 2 or v.dim() != 2 or u.shape[1] != v.shape[0]:
-        raise fail(op, f"u must be (out, r) and v (r, in) with one rank r, got u {shape(u)} and v {shape(v)}")
-    check_features(op, x, v.shape[1], f"v {shape(v)}")
-    check_like(op, x, u=u, v=v, bias=bias)
-    check_bias(op, bias, u.shape[0])
-    return u.shape[0]
-
-
 def lowrank_linear_torch(x: Tensor, u: Tensor, v: Tensor, bias: Tensor | None = None) -> Tensor:
-    from ...formats.lowrank import lowrank_apply
-
     y = lowrank_apply(x, u, v)
     return y if bias is None else y + bias
 

@@ -16,46 +16,17 @@ import warnings
 import torch
 from torch import Tensor
 
+from ...reference import sparse as reference_sparse
+from ...reference.sparse import overlay_apply
 from ..backend import use_triton
-from ._checks import (
-    check_bias,
-    check_index,
-    check_index_values,
-    check_input,
-    check_like,
-    fail,
+from ..checks.common import (
     is_traced,
     mark_checked,
     needs_grad,
-    shape,
     transpose_order,
 )
+from ..checks.sparse import check_sparse
 from ._registry import kronc_op
-
-_CHUNK_ELEMENTS = 1 << 24  # bound on tokens x nnz materialised at once (as the format's reference)
-
-
-def check_entries(op: str, x: Tensor, rows: Tensor, cols: Tensor, values: Tensor, out_features: int) -> None:
-    """``(rows, cols, values)`` are matching 1-D entry lists of an ``(out_features, x.shape[-1])`` matrix."""
-    check_index(op, "rows", rows, x.device)
-    check_index(op, "cols", cols, x.device)
-    if values.dim() != 1 or rows.shape != values.shape or cols.shape != values.shape:
-        raise fail(
-            op, f"rows {shape(rows)}, cols {shape(cols)} and values {shape(values)} must be 1-D of one length"
-        )
-    if out_features < 0:
-        raise fail(op, f"out_features must be >= 0, got {out_features}")
-    check_index_values(op, "rows", rows, out_features, need_sorted=True)
-    check_index_values(op, "cols", cols, x.shape[-1])
-
-
-def check_sparse(
-    op: str, x: Tensor, rows: Tensor, cols: Tensor, values: Tensor, out_features: int, bias: Tensor | None
-) -> None:
-    check_input(op, x)
-    check_like(op, x, values=values, bias=bias)
-    check_entries(op, x, rows, cols, values, out_features)
-    check_bias(op, bias, out_features)
 
 
 def csr_product(x: Tensor, rows: Tensor, cols: Tensor, values: Tensor, out_features: int) -> Tensor | None:
@@ -110,8 +81,6 @@ def densified_product(x: Tensor, rows: Tensor, cols: Tensor, values: Tensor, out
 
 def overlay_product(x: Tensor, rows: Tensor, cols: Tensor, values: Tensor, out_features: int) -> Tensor:
     """``x @ S.T``: a transient dense GEMM or the CSR product where they apply, else `overlay_apply`."""
-    from ...formats.sparse_overlay import overlay_apply
-
     y = densified_product(x, rows, cols, values, out_features)
     if y is None:
         y = csr_product(x, rows, cols, values, out_features)
@@ -174,7 +143,7 @@ def values_grad(g: Tensor, x: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
     if g2.shape[1] * x2.shape[1] <= _DENSE_GRAD_ELEMENTS:
         return (g2.T @ x2)[rows, cols]
     out = x2.new_zeros(nnz)
-    step = max(1, _CHUNK_ELEMENTS // max(1, nnz))
+    step = max(1, reference_sparse.CHUNK_ELEMENTS // max(1, nnz))
     for s in range(0, x2.shape[0], step):
         out += (g2[s : s + step, rows] * x2[s : s + step, cols]).sum(0)
     return out

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..backend import KernelUnavailable
+from ..checks.common import KernelUnavailable
 
 INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
 """Whether the kernels in this package were built for the interpreter (decided at import)."""

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..ops.blocksparse import check_blocksparse
+from ..checks.blocksparse import check_blocksparse
 from ._common import autotuned as _autotuned
 from ._common import (
     check_device,

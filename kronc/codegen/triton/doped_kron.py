@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..ops.doped import check_doped
+from ..checks.doped import check_doped
 from ._common import autotuned as _autotuned
 from ._common import check_device, csr_overlay, csr_pointers, flat_tokens, kron_tile
 from .kron import CONFIGS, launch_kron

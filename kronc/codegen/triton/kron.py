@@ -17,7 +17,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..ops.kron import check_kron
+from ...reference.kronecker import b_first
+from ..checks.kron import check_kron
 from ._common import autotuned as _autotuned
 from ._common import (
     check_device,
@@ -82,10 +83,9 @@ def plan_order(m1: int, n1: int, m2: int, n2: int) -> bool:
     ``p1`` block) and then ``P1*Q1*P2``.
     """
 
-    def cost(p1: int, q1: int, p2: int, q2: int) -> int:
-        return math.ceil(p1 / next_pow2(p1, hi=MAX_BP1)) * q1 * q2 * p2 + p1 * q1 * p2
-
-    return cost(m1, n1, m2, n2) <= cost(m2, n2, m1, n1)
+    b_passes = math.ceil(m1 / next_pow2(m1, hi=MAX_BP1))
+    a_passes = math.ceil(m2 / next_pow2(m2, hi=MAX_BP1))
+    return b_first(m1, n1, m2, n2, b_passes, a_passes)
 
 
 def launch_kron(

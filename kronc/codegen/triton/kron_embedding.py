@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..ops.kron import check_kron_embedding
+from ..checks.kron import check_kron_embedding
 from ._common import autotuned as _autotuned
 from ._common import check_device, is_interpreted, launcher
 

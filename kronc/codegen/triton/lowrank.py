@@ -15,8 +15,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..backend import KernelUnavailable
-from ..ops.lowrank import check_lowrank
+from ..checks.common import KernelUnavailable
+from ..checks.lowrank import check_lowrank
 from ._common import autotuned as _autotuned
 from ._common import (
     check_device,

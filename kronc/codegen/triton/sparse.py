@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..ops.sparse import check_sparse
+from ..checks.sparse import check_sparse
 from ._common import autotuned as _autotuned
 from ._common import (
     check_device,

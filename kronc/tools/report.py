@@ -26,7 +26,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .plan import Plan
+from ..plan import Plan
+from ..serialize import read_manifest
+from ..serialize import stored_bytes as _stored
+from .zoo import MissingPackageError
 
 RESULTS = "results.json"
 EVAL = "eval.json"
@@ -165,8 +168,6 @@ def measure_latency_pair(a: Callable[[], Any], b: Callable[[], Any], repeats: in
 
 def stored_bytes(model: nn.Module) -> int:
     """Bytes of every distinct tensor the model stores (tied tensors once)."""
-    from .serialize import stored_bytes as _stored
-
     return _stored(model)
 
 
@@ -184,8 +185,6 @@ def size(n: float | None) -> str:
 
 def read_runs(paths: Sequence[str | Path]) -> tuple[list[Run], Measurement | None, str]:
     """Runs from kronc save folders and ``results.json`` files/folders; the dense reference if any; a title."""
-    from .serialize import read_manifest
-
     runs: list[Run] = []
     dense: Measurement | None = None
     titles: list[str] = []
@@ -222,8 +221,6 @@ def read_runs(paths: Sequence[str | Path]) -> tuple[list[Run], Measurement | Non
 
 def require_matplotlib() -> Any:
     """``matplotlib.pyplot`` on the Agg backend, or `MissingPackageError` naming the pip command."""
-    from .zoo import MissingPackageError
-
     try:
         import matplotlib
     except ImportError as e:

@@ -5,8 +5,8 @@ MODEL may be:
 * a local Hugging Face folder (``config.json``; loaded with ``AutoModelForCausalLM`` when its
   architecture is a causal LM, else ``AutoModel``, in fp32, offline);
 * a folder written by `kronc.save` (``kronc.json``; loaded with `kronc.load`, never recompressed);
-* a built-in name from `kronc.zoo.BUILTIN_MODELS` (``smollm2-135m``, ``minilm-l6``, ``textgenrnn``);
-* ``toy:NAME``, a small random model from `kronc.toy.TOY_MODELS` (seeded, so every call builds the
+* a built-in name from `kronc.tools.zoo.BUILTIN_MODELS` (``smollm2-135m``, ``minilm-l6``, ``textgenrnn``);
+* ``toy:NAME``, a small random model from `kronc.tools.toy.TOY_MODELS` (seeded, so every call builds the
   same weights);
 * ``package.module:factory``, a zero-argument callable returning an ``nn.Module`` (or a
   ``(model, tokenizer)`` pair), or an ``nn.Module`` attribute.
@@ -16,8 +16,6 @@ Unknown or unreadable MODEL raises `ModelSpecError` (a ``ValueError``) naming th
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,15 +25,18 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from ..errors import ModelSpecError
+from ..factory import call_factory
+from ..serialize import ModelArg, read_manifest
+from ..serialize import load as load_compressed
+from .toy import TOY_MODELS, toy_inputs
+from .zoo import BUILTIN_MODELS, require
+
 Task = Literal["causal-lm", "char-lm", "encoder", "other"]
 Kind = Literal["huggingface", "saved", "builtin", "toy", "factory"]
 
 TOY_PREFIX = "toy:"
 TOY_SEED = 0
-
-
-class ModelSpecError(ValueError):
-    """MODEL names nothing kronc can load."""
 
 
 @dataclass
@@ -90,8 +91,6 @@ def resolve(spec: str, *, architecture: str | None = None) -> ResolvedModel:
         )
     if spec.startswith(TOY_PREFIX):
         return _toy(spec)
-    from .zoo import BUILTIN_MODELS
-
     if spec in BUILTIN_MODELS:
         return _builtin(spec)
     if ":" in spec and not path.exists():
@@ -103,9 +102,6 @@ def resolve(spec: str, *, architecture: str | None = None) -> ResolvedModel:
 
 
 def accepted_forms() -> str:
-    from .toy import TOY_MODELS
-    from .zoo import BUILTIN_MODELS
-
     return (
         "use a Hugging Face folder, a kronc save folder, a built-in name "
         f"({', '.join(BUILTIN_MODELS)}), toy:NAME ({', '.join(TOY_MODELS)}) or package.module:factory"
@@ -115,8 +111,6 @@ def accepted_forms() -> str:
 def build_architecture(spec: str) -> nn.Module:
     """The uncompressed architecture named by ``toy:NAME``, a built-in name or ``package.module:factory``
     (for `kronc.load`)."""
-    from .zoo import BUILTIN_MODELS
-
     if spec.startswith(TOY_PREFIX):
         return _toy_model(spec)
     if spec in BUILTIN_MODELS:
@@ -130,8 +124,6 @@ def build_architecture(spec: str) -> nn.Module:
 
 
 def _toy_model(spec: str) -> nn.Module:
-    from .toy import TOY_MODELS
-
     name = spec[len(TOY_PREFIX):]
     if name not in TOY_MODELS:
         raise ModelSpecError(f"unknown toy model {name!r}; toy models: {', '.join(TOY_MODELS)}")
@@ -144,8 +136,6 @@ def _toy_model(spec: str) -> nn.Module:
 
 
 def _toy(spec: str) -> ResolvedModel:
-    from .toy import toy_inputs
-
     model = _toy_model(spec)
     resolved = _finish(model, spec, "toy", None)
     resolved.example_inputs = toy_inputs(spec[len(TOY_PREFIX):])
@@ -153,8 +143,6 @@ def _toy(spec: str) -> ResolvedModel:
 
 
 def _builtin(name: str) -> ResolvedModel:
-    from .zoo import BUILTIN_MODELS
-
     model, tokenizer = BUILTIN_MODELS[name]()
     if isinstance(tokenizer, Mapping):  # textgenrnn: a char vocabulary
         return _char_lm(model, name, "builtin", tokenizer)
@@ -162,8 +150,6 @@ def _builtin(name: str) -> ResolvedModel:
 
 
 def _huggingface_folder(path: Path) -> ResolvedModel:
-    from .zoo import require
-
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     transformers = require("transformers", "pip install 'transformers>=5.0'")
@@ -198,9 +184,6 @@ def folder_tokenizer(path: Path) -> Any:
 
 
 def _saved(path: Path, architecture: str | None) -> ResolvedModel:
-    from .serialize import load, read_manifest
-    from .zoo import BUILTIN_MODELS
-
     manifest = read_manifest(path)
     source = manifest.get("source")
     arch: str | nn.Module | None = architecture
@@ -213,8 +196,6 @@ def _saved(path: Path, architecture: str | None) -> ResolvedModel:
     resolved = _finish(model, str(path), "saved", folder_tokenizer(path))
     source = source or architecture
     if isinstance(source, str) and source.startswith(TOY_PREFIX):
-        from .toy import toy_inputs
-
         resolved.example_inputs = toy_inputs(source[len(TOY_PREFIX):])
     return resolved
 
@@ -226,30 +207,7 @@ def _char_lm(model: nn.Module, spec: str, kind: Kind, vocab: Mapping[str, int]) 
 
 
 def _factory(spec: str) -> tuple[nn.Module, Any]:
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise ModelSpecError(f"cannot read {spec!r}: write package.module:factory")
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ModelSpecError(f"cannot import {module_name!r} (from {spec!r}): {_first_line(e)}") from e
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ModelSpecError(f"module {module_name!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    if isinstance(obj, nn.Module):
-        return obj, None
-    if not callable(obj):
-        raise ModelSpecError(f"{spec} is a {type(obj).__name__}, not an nn.Module or a factory")
-    if inspect.isclass(obj) and not issubclass(obj, nn.Module):
-        raise ModelSpecError(f"{spec} is the class {obj.__name__}, not an nn.Module")
-    built = obj()
-    tokenizer = None
-    if isinstance(built, tuple) and len(built) == 2:
-        built, tokenizer = built
-    if not isinstance(built, nn.Module):
-        raise ModelSpecError(f"{spec}() returned a {type(built).__name__}, not an nn.Module")
-    return built, tokenizer
+    return call_factory(spec)
 
 
 # --------------------------------------------------------------------------- what a model is
@@ -334,3 +292,20 @@ __all__ = [
     "ByteTokenizer", "ModelSpecError", "ResolvedModel", "accepted_forms", "build_architecture", "detect_task",
     "max_length", "resolve", "sample_inputs", "vocab_size",
 ]
+
+
+def load(path: str | Path, model: ModelArg = None, *, example_inputs: Any = None, verify: bool = True) -> nn.Module:
+    """`kronc.load`: `kronc.serialize.load` that also knows kronc's own model names.
+
+    A model saved with ``source="toy:NAME"`` or a built-in name (`kronc.tools.zoo.BUILTIN_MODELS`) is
+    rebuilt by itself, and ``model`` may be such a name; everything else is as in `kronc.serialize.load`.
+    """
+    if model is None or isinstance(model, str):
+        name = model if model is not None else read_manifest(path).get("source") if not _is_hf(path) else None
+        if isinstance(name, str) and (name.startswith(TOY_PREFIX) or name in BUILTIN_MODELS):
+            model = build_architecture(name)
+    return load_compressed(path, model, example_inputs=example_inputs, verify=verify)
+
+
+def _is_hf(path: str | Path) -> bool:
+    return bool(read_manifest(path).get("huggingface"))

@@ -1,7 +1,7 @@
 """Text that installs from PyPI: evaluation and calibration corpora, read from installed packages.
 
 All functions are pure (same output on every call), locate their package without importing it,
-and raise `kronc.zoo.MissingPackageError` naming the pip command when it is absent. No data is
+and raise `kronc.tools.zoo.MissingPackageError` naming the pip command when it is absent. No data is
 copied into this repository.
 
 Keep calibration and training text apart from evaluation text:
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kronc.zoo import MissingPackageError, package_dir
+from kronc.tools.zoo import MissingPackageError, package_dir
 
 __all__ = [
     "abc_news_text",

@@ -2,7 +2,7 @@
 
 * `perplexity`: causal LMs (any Hugging Face causal LM, or a callable ids -> logits) over
   non-overlapping windows of a token stream.
-* `bits_per_char`: a fixed-context character model such as `kronc.models.TextGenRNN`.
+* `bits_per_char`: a fixed-context character model such as `kronc.tools.models.TextGenRNN`.
 * `embed`, `similarity_pearson`, `probe_accuracy`: sentence encoders such as all-MiniLM-L6-v2
   (mean-pooled, L2-normalised embeddings).
 
@@ -22,6 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..tokens import token_ids
 
 __all__ = [
     "PerplexityResult",
@@ -124,30 +126,6 @@ class PerplexityResult:
         return f"ppl {self.ppl:.3f} ({self.tokens} tokens, {self.windows} windows of {self.window})"
 
 
-def _token_ids(tokenizer_or_ids: Any, text: str | None) -> Tensor:
-    if isinstance(tokenizer_or_ids, Tensor):
-        return tokenizer_or_ids.reshape(-1).long()
-    if isinstance(tokenizer_or_ids, np.ndarray):
-        return torch.from_numpy(tokenizer_or_ids.reshape(-1)).long()
-    if isinstance(tokenizer_or_ids, Sequence) and not isinstance(tokenizer_or_ids, str):
-        return torch.tensor(list(tokenizer_or_ids), dtype=torch.long)
-    if text is None:
-        raise ValueError("text is required when a tokenizer is given")
-    tokenizer = tokenizer_or_ids
-    encode = getattr(tokenizer, "encode", None)
-    if callable(encode):
-        try:
-            ids = encode(text, add_special_tokens=False)
-        except TypeError:
-            ids = encode(text)
-    else:
-        ids = tokenizer(text)
-    ids = getattr(ids, "ids", ids)  # a `tokenizers.Encoding`
-    if isinstance(ids, Mapping):
-        ids = ids["input_ids"]
-    return torch.as_tensor(ids, dtype=torch.long).reshape(-1)
-
-
 def perplexity(
     model: Callable[..., Any],
     tokenizer_or_ids: Any,
@@ -168,7 +146,7 @@ def perplexity(
     """
     if window < 2:
         raise ValueError(f"window must be at least 2 tokens, got {window}")
-    ids = _token_ids(tokenizer_or_ids, text)
+    ids = token_ids(tokenizer_or_ids, text)
     n_windows = ids.numel() // window
     if max_windows is not None:
         n_windows = min(n_windows, max_windows)
@@ -323,7 +301,7 @@ def similarity_pearson(
 ) -> float:
     """Pearson correlation between embedding cosine similarities and ``human`` ratings.
 
-    Taken over the upper triangle (``i < j``) of the ``(n, n)`` matrices (e.g. `kronc.data.lee_documents`).
+    Taken over the upper triangle (``i < j``) of the ``(n, n)`` matrices (e.g. `kronc.tools.data.lee_documents`).
     """
     human = np.asarray(human, dtype=np.float64)
     n = len(docs)

@@ -1,0 +1,33 @@
+"""Dense: the identity choice (a site left as it is); error zero."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Literal
+
+from ...formats import DenseSpec, FormatSpec, Shape
+from ..estimate import SiteAnalysis
+from ..options import SearchOptions
+from .base import Choice, Family
+
+
+class DenseChoice(Choice):
+    """Leave the site dense."""
+
+    kind: Literal["dense"] = "dense"
+    """Format tag: ``dense`` keeps the weight as it is."""
+
+
+class DenseFamily(Family):
+    kind = "dense"
+    choice = DenseChoice
+
+    def structures(self, shape: Shape, choice: Choice, options: SearchOptions) -> Iterable[FormatSpec]:
+        return [DenseSpec()]
+
+    def errors(self, analysis: SiteAnalysis, specs: Sequence[FormatSpec]) -> list[float]:
+        return [0.0] * len(specs)
+
+    def uniform(self, shape: Shape, itemsize: int, cap: float, options: SearchOptions) -> list[FormatSpec]:
+        return [DenseSpec()] if shape[0] * shape[1] * itemsize <= cap else []
+

@@ -1,0 +1,117 @@
+"""``kronc compress``: compress MODEL under a budget or policy (optionally recover it) and save it."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import kronc
+
+from ...recover import RecoveryConfig, recover
+from ...recover.batches import make_batches
+from ...tokens import token_ids
+from ..data import kjv_text
+from ..evaluate import encode_chars
+from ..report import size
+from ..resolve_model import ByteTokenizer, vocab_size
+from .args import EXIT_OK, UsageError, budget_args, calibration_args, model_arg, quiet_arg, recover_args
+from .inputs import calibration_batches, data_aware, policy_and_budget, read_text, resolve_spec
+
+HELP = "compress MODEL under a budget or policy and save it to --out"
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    model_arg(p)
+    budget_args(p)
+    p.add_argument("--out", "-o", required=True, type=Path, metavar="DIR", help="folder to save the compressed model in")
+    p.add_argument("--output", choices=("auto", "module", "graph"), default="auto",
+                   help="module: same class with compressed modules (keeps generate()); graph: rewritten fx graph")
+    calibration_args(p)
+    recover_args(p)
+    quiet_arg(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    out: Path = args.out
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "kronc.json").is_file())):
+        raise UsageError(f"{out} exists and is not an empty folder or a kronc save",
+                         "pick a new --out folder (an earlier 'kronc compress' folder is overwritten)")
+    policy, budget = policy_and_budget(args)
+    if (args.recover_steps or args.recover_seconds or args.recover_method) and not args.recover_text:
+        raise UsageError("--recover-steps, --recover-seconds and --recover-method need --recover-text FILE (the text to "
+                         "distil on)")
+    resolved = resolve_spec(args.model, for_compression=True)
+    calibration = calibration_batches(args, resolved)
+    if calibration is not None:
+        policy = data_aware(policy, budget)
+    recovery = _recovery_data(args, resolved, _recovery_recipe(args, policy))  # read and checked before compressing
+    t = time.perf_counter()
+    small, report = kronc.compile(resolved.model, budget, policy=policy, example_inputs=resolved.example_inputs,
+                                  calibration=calibration, output=args.output, progress=not args.quiet, report=True)
+    seconds = time.perf_counter() - t
+    recovered = _recover(args, resolved, small, *recovery) if recovery is not None else None
+    source = resolved.spec if resolved.kind in ("toy", "factory", "builtin") else None
+    kronc.save(small, out, tokenizer=resolved.tokenizer, source=source, example_inputs=resolved.example_inputs)
+    plan = report.plan
+    print(plan.table())
+    print()
+    stored = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    print(f"in-scope weights {size(plan.bytes_before)} -> {size(plan.bytes_after)} ({plan.ratio:.2f}x); "
+          f"output {report.output}; compressed in {seconds:.1f}s")
+    if recovered is not None:
+        print(recovered)
+    how = f"kronc.load({str(out)!r}, model={resolved.spec!r})" if resolved.kind == "factory" else f"kronc.load({str(out)!r})"
+    print(f"saved to {out} ({size(stored)} of tensors); load with {how}")
+    return EXIT_OK
+
+
+def _recovery_recipe(args: argparse.Namespace, policy: Any) -> Any:
+    """The policy's recovery recipe (or the defaults) with the command line's overrides; None: no recovery."""
+    if not args.recover_text:
+        return None
+    recipe = (policy.recovery if policy is not None else None) or RecoveryConfig()
+    update = {k: v for k, v in (("steps", args.recover_steps), ("max_seconds", args.recover_seconds),
+                                ("method", args.recover_method)) if v is not None}
+    return RecoveryConfig.model_validate({**recipe.model_dump(), **update})
+
+
+def _recovery_data(args: argparse.Namespace, resolved: Any, recipe: Any) -> tuple[Any, Any] | None:
+    """Token ids of ``--recover-text`` for ``resolved``'s model, and the recipe fitted to the model."""
+    if recipe is None:
+        return None
+    if resolved.task == "char-lm" and isinstance(resolved.tokenizer, dict):  # fixed-context char models
+        ids = encode_chars(resolved.tokenizer, _recovery_text(args.recover_text, recipe))[0]
+        recipe = recipe.model_copy(update={"seq_len": resolved.context or recipe.seq_len, "lm": 0.0})
+    else:
+        vocab = vocab_size(resolved.model)
+        tokenizer = resolved.tokenizer or (ByteTokenizer(vocab) if vocab else None)
+        if tokenizer is None:
+            raise UsageError(f"--recover-text needs a model that reads token ids; {resolved.spec} is {resolved.task}",
+                             "recover it from Python: kronc.recover(small, model, batches)")
+        ids = token_ids(tokenizer, _recovery_text(args.recover_text, recipe))
+        if resolved.max_length and recipe.seq_len > resolved.max_length:
+            recipe = recipe.model_copy(update={"seq_len": resolved.max_length})
+    ids = torch.as_tensor(ids, dtype=torch.long)
+    make_batches(ids, recipe)  # too short or empty: RecoveryError now, not after compressing
+    return ids, recipe
+
+
+def _recovery_text(name: str, recipe: Any) -> str:
+    if name == "kjv":
+        return kjv_text(max_chars=8 * recipe.steps * recipe.batch_size * (recipe.seq_len + 1))
+    return read_text(Path(name))
+
+
+def _recover(args: argparse.Namespace, resolved: Any, small: Any, ids: Any, recipe: Any) -> str:
+    """Run `kronc.recover` on the compressed model (trained in place); returns the line to print."""
+    result = recover(small, resolved.model, ids, recipe, progress=not args.quiet)
+    source = "kjv" if args.recover_text == "kjv" else Path(args.recover_text).name
+    if not result.history:  # block-wise without an end-to-end pass
+        return f"recovered on {source}: {result}"
+    first, last = result.history[0], result.history[-1]
+    return (f"recovered on {source}: {result.steps} steps ({result.stopped}), {result.tokens} tokens in "
+            f"{result.seconds:.1f}s; training loss {first.loss:.4g} -> {last.loss:.4g}")
