@@ -118,5 +118,16 @@ class QuantizedTensor(nn.Module):
 
         return quant_linear(x, self.codes, self.scales, self.minima, bias, self.precision.bits)
 
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
+        """Device moves apply; dtype casts (``.half()``, ``.to(torch.float64)``) do not: the stored
+        precision is chosen by the `Precision`, not by the model's float dtype."""
+        dtypes = {name: b.dtype for name, b in self._buffers.items() if b is not None}
+        super()._apply(fn, recurse)
+        for name, dtype in dtypes.items():
+            b = self._buffers[name]
+            if b is not None and b.dtype != dtype:
+                self._buffers[name] = b.to(dtype)
+        return self
+
     def extra_repr(self) -> str:
         return f"shape={self.shape}, precision={self.precision.describe()}, nbytes={self.nbytes()}"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, model_validator
 
 ValueDtype = Literal["fp32", "bf16", "fp16", "int8", "int4", "int3", "int2"]
 Fit = Literal["rtn", "hqq", "gptq"]
