@@ -68,7 +68,7 @@ from kronc.policies import Policy, resolve
 from kronc.tools.data import abc_news_text, kjv_text, lee_documents, pang_lee_sentences
 from kronc.tools.evaluate import perplexity, probe_accuracy, similarity_pearson
 from kronc.tools.zoo import load_minilm, load_smollm2
-from kronc.values import Precision, PrecisionError, decode, encode, fit_joint
+from kronc.values import Precision, PrecisionError, decode, encode, encode_levels, fit_gptq, fit_joint
 
 RESULTS = Path(__file__).parent / "results"
 METHODS = ("kronc", "svd", "asvd", "kronecker", "doped-kron", "blocksparse", "wanda", "magnitude")
@@ -196,7 +196,10 @@ class Bench:
                     dense = decode(jf.base) + (left @ right).reshape(w.shape)
                     stored += jf.base.nbytes() + half.nbytes(tuple(left.shape)) + half.nbytes(tuple(right.shape))
                 else:
-                    e = encode(w, q.precision, h)
+                    if q.damp is not None:
+                        e = encode_levels(fit_gptq(w, q.precision, h, damp=q.damp), q.precision, tuple(w.shape))
+                    else:
+                        e = encode(w, q.precision, h)
                     dense = decode(e)
                     stored += e.nbytes()
                     assert e.nbytes() == q.precision.nbytes(tuple(w.shape))
@@ -261,7 +264,7 @@ QUANT_DEFAULT = (
 )
 """The standard set, most informative first (results are written after each); g128 does not divide
 SmolLM2's width 576, so those run on MiniLM only."""
-_QUANT_RE = re.compile(r"^(bf16|fp16|int8|int4|int3|int2)(?:g(\d+))?(a)?(?:-(rtn|hqq|gptq))?(?:\+r(\d+))?$")
+_QUANT_RE = re.compile(r"^(bf16|fp16|int8|int4|int3|int2)(?:g(\d+))?(a)?(?:-(rtn|hqq|gptq))?(?:@([0-9.]+))?(?:\+r(\d+))?$")
 
 
 @dataclass(frozen=True)
@@ -272,18 +275,22 @@ class QuantConfig:
     name: str
     precision: Precision
     rank: int = 0
+    damp: float | None = None
+    """GPTQ's damping (fraction of the mean diagonal of the Gram matrix); None: `fit_gptq`'s default."""
 
     @classmethod
     def parse(cls, text: str) -> QuantConfig:
         """``bf16``, ``int8``, ``int4g32`` (symmetric), ``int4g32a`` (asymmetric), ``-hqq``/``-gptq`` for the fit,
-        ``+r16`` for a rank-16 joint correction."""
+        ``@0.1`` after ``-gptq`` for its damping, ``+r16`` for a rank-16 joint correction."""
         m = _QUANT_RE.match(text.strip())
         if not m:
             raise ValueError(f"--quant entry {text!r}: expected e.g. bf16, int8, int4g32, int3g64a-gptq, int3g64a+r16")
-        dtype, group, asym, fit, rank = m.groups()
+        dtype, group, asym, fit, damp, rank = m.groups()
+        if damp is not None and fit != "gptq":
+            raise ValueError(f"--quant entry {text!r}: a damping (@...) applies to -gptq only")
         precision = Precision(dtype=dtype, group_size=int(group) if group else None, symmetric=not asym,
                               fit=fit or "rtn")
-        return cls(text.strip(), precision, int(rank or 0))
+        return cls(text.strip(), precision, int(rank or 0), None if damp is None else float(damp))
 
     @property
     def family(self) -> str:
@@ -293,7 +300,7 @@ class QuantConfig:
         p = self.precision
         return {"config": self.name, "family": self.family, "bits": p.bits, "group": p.group_size,
                 "symmetric": p.symmetric if not p.is_float else None, "fit": None if p.is_float else p.fit,
-                "rank": self.rank}
+                "rank": self.rank, "damp": self.damp}
 
 
 def run_quant(bench: Bench, configs: list[QuantConfig], dense_bytes: int, on_row, joint_iters: int) -> list[dict[str, Any]]:  # type: ignore[no-untyped-def]
@@ -417,6 +424,8 @@ def main() -> None:
                     help="run the uniform quantization baselines instead (comma-separated configs, e.g. "
                          "int4g32,int3g64a-gptq,int3g64a+r16; 'default' or no value: the standard set) and write "
                          "benchmarks/results/quality_quant.*")
+    ap.add_argument("--append", action="store_true",
+                    help="with --quant: add (or replace, by config name) rows in the existing results instead of starting anew")
     ap.add_argument("--joint-iters", type=int, default=3, help="alternations of the joint quantized + low-rank fit")
     ap.add_argument("--models", default="smollm2,minilm")
     ap.add_argument("--windows", type=int, default=8, help="ABC news windows of 512 tokens to evaluate SmolLM2 on")
@@ -442,24 +451,33 @@ def main() -> None:
         configs = [QuantConfig.parse(c) for c in (QUANT_DEFAULT if args.quant == "default" else args.quant).split(",")]
         report["arguments"] = (f"--quant {args.quant} --models {args.models} --windows {args.windows} "
                                f"--calib-windows {args.calib_windows} --joint-iters {args.joint_iters} --threads {args.threads}")
+        previous: dict[str, Any] = {}
+        if args.append and out.with_suffix(".json").exists():
+            previous = json.loads(out.with_suffix(".json").read_text())
+            report["models"] = previous["models"]
+            report["command"] = previous["command"] + "; then " + report["command"]
+            report["arguments"] = previous.get("arguments", "") + "; then " + report["arguments"]
         for key in models:
+            kept = [r for r in report["models"].get(key, {}).get("rows", [])
+                    if r["config"] not in {c.name for c in configs}]
             bench, dense_scores, info, _ = _smollm2(args, kjv, heldout=True) if key == "smollm2" else _minilm(args, kjv)
             dense_bytes = sum(s.nbytes for s in bench.sites)
             info.update(dense_bytes=dense_bytes, rows=[])
             report["models"][key] = info
 
-            def on_row(rows: list[dict[str, Any]], info: dict[str, Any] = info, dense: dict[str, float] = dense_scores) -> None:
+            def on_row(rows: list[dict[str, Any]], info: dict[str, Any] = info, dense: dict[str, float] = dense_scores,
+                       kept: list[dict[str, Any]] = kept) -> None:
                 for r in rows:
                     if "ppl" in r:
                         r["ppl_ratio"] = r["ppl"] / dense["ppl"]
                         if "kjv_ppl" in r:
                             r["kjv_ppl_ratio"] = r["kjv_ppl"] / dense["kjv_ppl"]
-                info["rows"] = rows
+                info["rows"] = kept + rows
                 write_quant(report, out)
 
             run_quant(bench, configs, dense_bytes, on_row, args.joint_iters)
             del bench
-        report["total_s"] = round(time.perf_counter() - start)
+        report["total_s"] = round(time.perf_counter() - start) + previous.get("total_s", 0)
         write_quant(report, out)
         say(f"done in {report['total_s'] / 60:.1f} min")
         return
