@@ -647,14 +647,20 @@ def write_quant(report: dict[str, Any], out: Path) -> None:
         general = [r for r in rows if not _source_grid(key, r)]
         metric = "ppl" if lm else "pearson"
         lines += ["Best uniform method per ratio band" + (" (excluding the Q4_1 source-grid configuration)" if lm else "")
-                  + ":", "", "| band | best | ratio | " + ("perplexity (x dense) |" if lm else "Pearson |"), "|---|---|---|---|"]
+                  + ":", "", "| band | best | ratio | " + ("perplexity (x dense) | best on held-out King James |" if lm else "Pearson |"),
+                  "|---|---|---|---|" + ("---|" if lm else "")]
         for lo, hi, label in BANDS:
             band = [r for r in general if lo <= r["ratio"] < hi]
             if not band:
                 continue
             b = min(band, key=lambda r: r["ppl"]) if lm else max(band, key=lambda r: r["pearson"])
             val = f"{b['ppl']:.4g} ({b['ppl_ratio']:.3f}x)" if lm else f"{b[metric]:.3f}"
-            lines.append(f"| {label} ({lo:g}-{hi:g}x) | `{b['config']}` ({QUANT_FAMILIES[b['family']]}) | {b['ratio']:.2f}x | {val} |")
+            extra = ""
+            if lm and all("kjv_ppl" in r for r in band):
+                k = min(band, key=lambda r: r["kjv_ppl"])
+                extra = f" `{k['config']}` {k['ratio']:.2f}x: {k['kjv_ppl']:.4g} ({k['kjv_ppl_ratio']:.3f}x) |"
+            lines.append(f"| {label} ({lo:g}-{hi:g}x) | `{b['config']}` ({QUANT_FAMILIES[b['family']]}) | {b['ratio']:.2f}x | {val} |"
+                         + extra)
         lines.append("")
         grid_rows = [r for r in rows if _source_grid(key, r)]
         if grid_rows:
