@@ -680,6 +680,7 @@ def write_quant(report: dict[str, Any], out: Path) -> None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         say("matplotlib not installed: no plot (pip install matplotlib)")
         return
@@ -708,7 +709,10 @@ def write_quant(report: dict[str, Any], out: Path) -> None:
             ax.set_yscale("log")
         ticks = [2, 4, 8, 10, 16]
         ax.set_xticks(ticks, [f"{t}x" for t in ticks])
-        ax.minorticks_off()
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        if lm:
+            ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+            ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
         ax.set_xlabel("compression of the in-scope linears (fp32 bytes / stored bytes)")
         ax.set_ylabel("ABC news perplexity (log)" if lm else "Lee similarity Pearson r")
         ax.set_title("SmolLM2-135M" if lm else "all-MiniLM-L6-v2")
