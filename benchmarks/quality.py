@@ -611,7 +611,7 @@ def write_quant(report: dict[str, Any], out: Path) -> None:
               "joint fit), exact from `kronc.values`; biases stay fp32 and are not counted on either side",
               "- config names: `int4g32` = int4, groups of 32 along the input, symmetric; trailing `a` = asymmetric "
               "(scale + minimum); `-hqq` data-free fit (clip search + HQQ zero point); `-gptq` GPTQ-style fit with "
-              "the calibration Gram matrix (damping 1%, no act-order); `+r16` joint quantized base (round to nearest) "
+              "the calibration Gram matrix (damping 1% of the mean diagonal, `@0.1`: 10%; no act-order); `+r16` joint quantized base (round to nearest) "
               "+ rank-16 correction, whitened by the calibration Gram matrix",
               "- `calib err`: mean over sites of the relative calibration output error ||(W - Ŵ) S|| / ||W S|| "
               "(S Sᵀ = E[x xᵀ] over the calibration windows: the quantity GPTQ minimises, in sample)",
