@@ -710,7 +710,8 @@ def write_quant(report: dict[str, Any], out: Path) -> None:
         ticks = [2, 4, 8, 10, 16]
         ax.set_xticks(ticks, [f"{t}x" for t in ticks])
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-        if lm:
+        values = [r[metric] for r in rows] + [info["dense"][metric]]
+        if lm and max(values) < 10 * min(values):  # within a decade: label the minor ticks too
             ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
             ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
         ax.set_xlabel("compression of the in-scope linears (fp32 bytes / stored bytes)")
