@@ -301,11 +301,6 @@ def _capture(student: nn.Module, teacher: nn.Module, chain: BlockChain, batches:
         raise _Stop
 
     device = device_of(student)
-    out = 0  # bytes of the model's output: the tail's targets
-    if cfg.blockwise.tail:
-        with torch.no_grad():
-            b = batches[0].to(device)
-            out = _nbytes(model_output(teacher(*b.args, **b.kwargs, **extra))[0])
     handle = chain.entry.register_forward_pre_hook(hook, with_kwargs=True)
     t_handle = chain.teacher_entry.register_forward_pre_hook(hook, with_kwargs=True)
     teacher_stream = cfg.blockwise.target != "student_inputs"
@@ -326,7 +321,7 @@ def _capture(student: nn.Module, teacher: nn.Module, chain: BlockChain, batches:
                 raise RecoveryError(f"{chain.container!r} was called with an initial state or keyword inputs; "
                                     "block-wise reconstruction splits LSTMs called on their input alone")
             if j == 0:
-                _check_memory(inputs, out, chain, len(batches), cfg, progress)
+                _check_memory(inputs, chain, len(batches), cfg, progress)
             cache.set_inputs(j, inputs)
             cache.masks.append(b.mask)
     finally:
@@ -334,10 +329,12 @@ def _capture(student: nn.Module, teacher: nn.Module, chain: BlockChain, batches:
         t_handle.remove()
 
 
-def _check_memory(inputs: Inputs, output: int, chain: BlockChain, n: int, cfg: RecoveryConfig, progress: bool) -> None:
+def _check_memory(inputs: Inputs, chain: BlockChain, n: int, cfg: RecoveryConfig, progress: bool) -> int:
+    """Print (and log) the cache's size in bytes, and return it; raise when it is over ``max_cache_gb`` in memory."""
     one = _nbytes(_stream(inputs, chain.blocks[0].slot))
-    streams = {"student_inputs": 1, "teacher_stream": 2, "both": 3}[cfg.blockwise.target]  # targets (+ dense stream)
-    stream = max(streams * one, output)  # the blocks' targets, then the tail's
+    # the blocks' targets (+ the dense stream); the tail's target is the teacher's final stream, one stream
+    # (in the place of the blocks' target), never the model's outputs: their vocabulary does not count
+    stream = {"student_inputs": 1, "teacher_stream": 2, "both": 3}[cfg.blockwise.target] * one
     total = n * (_nbytes(inputs) + stream)  # inputs (masks, position embeddings included) + the targets
     bw = cfg.blockwise
     where = "on disk" if bw.cache == "disk" else "in memory"
@@ -349,6 +346,7 @@ def _check_memory(inputs: Inputs, output: int, chain: BlockChain, n: int, cfg: R
     if bw.cache == "memory" and total > bw.max_cache_gb * 2**30:
         raise RecoveryError(f"the block-wise cache needs {total / 2**30:.2f} GiB, over max_cache_gb={bw.max_cache_gb}: "
                             "set blockwise.cache='disk' (and cache_dir), or fewer blockwise.samples")
+    return total
 
 
 def _bar(total: int, desc: str, enabled: bool, position: int, leave: bool, initial: int = 0) -> Any:
@@ -426,31 +424,59 @@ def _train_block(student: nn.Module, i: int, block: Block, cache: _Cache, cfg: R
 def _train_tail(student: nn.Module, teacher: nn.Module, chain: BlockChain, cache: _Cache, batches: list[Batch],
                 extra: dict[str, Any], cfg: RecoveryConfig, params: dict[str, nn.Parameter],
                 progress: bool) -> BlockRecord:
-    """What follows the last block, trained on the model's output (see `kronc.recover.tail`)."""
+    """What follows the last block, trained on the model's output (see `kronc.recover.tail`).
+
+    The teacher's outputs (logits: windows x positions x vocabulary, 12 GiB for 128 windows of 512 on a
+    49k vocabulary) are not cached: its final stream is (one hidden stream per batch), and each step runs
+    the teacher's own tail on it, with the teacher's blocks skipped the same way as the student's.
+    """
     device = device_of(student)
     last = chain.blocks[-1]
-    kind = cfg.output_loss
     with torch.no_grad():
         args, kwargs = cache.get_inputs(0)
         tuple_output = isinstance(last.student(*args, **kwargs), tuple)
         for j, batch in enumerate(batches):
-            b = batch.to(device)
-            out, out_kind = model_output(teacher(*b.args, **b.kwargs, **extra))
-            kind = kind if kind != "auto" else ("mse" if out_kind == "hidden" else "kl")
-            cache.set_target(j, out.detach())
+            cache.set_target(j, _teacher_final_stream(teacher, chain, batch.to(device), extra))
     in_blocks = {id(p) for blk in chain.blocks for p in blk.student.parameters()}
     chosen = {n: p for n, p in params.items() if id(p) not in in_blocks}
-    with blocks_skipped(student, chain, tuple_output) as feed:
+    kinds: dict[str, str] = {}
+    with blocks_skipped(student, chain, tuple_output) as feed, blocks_skipped(teacher, chain, tuple_output) as t_feed:
 
         def loss(j: int) -> Tensor:
             b = batches[j].to(device)
+            with torch.no_grad():
+                t_feed.value = cache.get_target(j)
+                t, out_kind = model_output(teacher(*b.args, **b.kwargs, **extra))
             feed.value = _stream(cache.get_inputs(j), last.slot)
             s = model_output(student(*b.args, **b.kwargs, **extra))[0]
-            t = cache.get_target(j)
+            kind = kinds.setdefault("kind", cfg.output_loss if cfg.output_loss != "auto"
+                                    else ("mse" if out_kind == "hidden" else "kl"))
             return kl_loss(s, t, cfg.temperature, b.mask) if kind == "kl" else relative_mse(s, t, b.mask)
 
         tokens = [b.tokens for b in batches]
         return _fit(student, f"tail after {last.name}", len(chain.blocks), chosen, loss, tokens, cfg, progress)
+
+
+def _teacher_final_stream(teacher: nn.Module, chain: BlockChain, b: Batch, extra: dict[str, Any]) -> Tensor:
+    """The teacher's stream after its last block (its pass stops there: the tail runs per step)."""
+    seen: list[Tensor] = []
+
+    def hook(module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+        seen.append(first_tensor(out).detach())
+        raise _Stop
+
+    recurrent = chain.entry is not chain.blocks[0].student  # layer views: the whole recurrent module's output
+    module = chain.teacher_entry if recurrent else chain.blocks[-1].teacher
+    handle = module.register_forward_hook(hook)
+    try:
+        with contextlib.suppress(_Stop):
+            teacher(*b.args, **b.kwargs, **extra)
+    finally:
+        handle.remove()
+    if len(seen) != 1:
+        raise RecoveryError(f"the teacher's last block {chain.blocks[-1].name!r} ran {len(seen)} times in one "
+                            "forward pass; block-wise reconstruction needs each block to run once")
+    return seen[0]
 
 
 def _fit(student: nn.Module, name: str, index: int, chosen: dict[str, nn.Parameter], loss_of: Any,
