@@ -275,3 +275,35 @@ def test_the_teachers_tail_on_its_final_stream_gives_its_output(name: str) -> No
     assert final.shape[:-1] == x.shape  # one hidden stream per position
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     assert same(state(teacher), state(compressed(name, "4x")[0]))  # put back as it was
+
+
+# --------------------------------------------------------------------------- time budget
+
+
+def test_a_time_budget_stops_every_block_and_no_budget_runs_every_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fake clock that moves one second per loss evaluation: the phase must end near its budget."""
+    teacher, student = compressed("llama")
+    untimed = copy.deepcopy(student)
+    full = reconstruct_blocks(untimed, teacher, stream(), **SMALL)
+    assert all(b.steps == 8 * 4 and not b.timed_out for b in full.blocks)  # 8 epochs of 4 batches, every block
+
+    clock = [0.0]
+    fake = type("FakeTime", (), {"perf_counter": staticmethod(lambda: clock[0])})
+    monkeypatch.setattr(bw, "time", fake)
+    for name in ("relative_mse", "kl_loss"):
+        real = getattr(bw, name)
+
+        def ticking(*args: Any, _real: Any = real, **kwargs: Any) -> Tensor:
+            clock[0] += 1.0
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(bw, name, ticking)
+    budget = 60.0
+    timed = reconstruct_blocks(student, teacher, stream(), **{**SMALL, "blockwise": {**SMALL["blockwise"], "max_seconds": budget}})
+    assert [b.name for b in timed.blocks] == [b.name for b in full.blocks]
+    assert all(b.timed_out and 0 < b.steps < 8 * 4 for b in timed.blocks), timed.blocks
+    assert all(b.tokens == b.steps * 4 * 16 for b in timed.blocks)
+    # the last step may start just before its block's share ends, then the loss after it is measured: one
+    # block's evaluation (4 batches, 2 losses each for target="both") past the budget at most
+    assert clock[0] <= budget + 2 * 4 + 2
+    assert "cut short by max_seconds" in str(timed)

@@ -84,6 +84,8 @@ class BlockRecord:
     seconds: float
     tokens: int
     """Input tokens the block's training steps processed (windows x positions, all epochs)."""
+    timed_out: bool = False
+    """True when the block's share of ``blockwise.max_seconds`` ran out before all its epochs."""
 
     @property
     def tokens_per_second(self) -> float:
@@ -100,7 +102,9 @@ class BlockwiseResult(RecoveryResult):
 
     def __str__(self) -> str:
         kept = sum(b.kept_initial for b in self.blocks)
-        done = f"{len(self.blocks)} blocks" + (f" ({kept} kept their initial weights)" if kept else "")
+        timed = sum(b.timed_out for b in self.blocks)
+        notes = [f"{kept} kept their initial weights"] * bool(kept) + [f"{timed} cut short by max_seconds"] * bool(timed)
+        done = f"{len(self.blocks)} blocks" + (f" ({'; '.join(notes)})" if notes else "")
         losses = " ".join(f"{b.loss_before:.3g}->{b.loss_after:.3g}" for b in self.blocks)
         e2e = f"; then {RecoveryResult.__str__(self)}" if self.history else ""
         return f"block-wise reconstruction: {done} in {self.block_seconds:.1f}s, losses {losses}{e2e}"
@@ -244,6 +248,7 @@ def reconstruct_blocks(
     state = _load(resume, cfg, len(chain.blocks)) if resume not in (False, None) else None
     cache = _Cache(None if cfg.blockwise.cache == "memory" else (cfg.blockwise.cache_dir or ""))
     t0 = time.perf_counter()
+    deadline = None if cfg.blockwise.max_seconds is None else t0 + cfg.blockwise.max_seconds
     try:
         with seeded(cfg.seed, device_of(student)), models_restored(student, teacher):
             student.eval()
@@ -254,9 +259,10 @@ def reconstruct_blocks(
             start, count = len(records), len(chain.blocks)
             if start < count or (start == count and cfg.blockwise.tail):
                 _capture(student, teacher, chain, batches, extra, cache, cfg, progress)
-                _run_blocks(student, chain, cache, cfg, params, records, start, progress)
+                _run_blocks(student, chain, cache, cfg, params, records, start, progress, deadline)
                 if cfg.blockwise.tail:
-                    records.append(_train_tail(student, teacher, chain, cache, batches, extra, cfg, params, progress))
+                    records.append(_train_tail(student, teacher, chain, cache, batches, extra, cfg, params, progress,
+                                               deadline))
                     _report(records[-1])
                     if cfg.checkpoint_path is not None:
                         _save(cfg, student, records)
@@ -361,15 +367,18 @@ def _bar(total: int, desc: str, enabled: bool, position: int, leave: bool, initi
 
 
 def _run_blocks(student: nn.Module, chain: BlockChain, cache: _Cache, cfg: RecoveryConfig,
-                params: dict[str, nn.Parameter], records: list[BlockRecord], start: int, progress: bool) -> None:
-    """Replay the finished blocks (resume), then train, check, propagate and checkpoint the rest."""
+                params: dict[str, nn.Parameter], records: list[BlockRecord], start: int, progress: bool,
+                deadline: float | None = None) -> None:
+    """Replay the finished blocks (resume), then train, check, propagate and checkpoint the rest (each
+    block until its share of the time left before ``deadline``, when there is one)."""
     outer = _bar(len(chain.blocks), "blocks", progress, 0, True, start)
     try:
         for i, block in enumerate(chain.blocks):
             block.student.eval()
             block.teacher.eval()
             if i >= start:
-                record = _train_block(student, i, block, cache, cfg, params, progress)
+                until = _share(deadline, len(chain.blocks) - i + cfg.blockwise.tail)
+                record = _train_block(student, i, block, cache, cfg, params, progress, until)
                 records.append(record)
                 _report(record)
                 if outer is not None:
@@ -381,6 +390,14 @@ def _run_blocks(student: nn.Module, chain: BlockChain, cache: _Cache, cfg: Recov
     finally:
         if outer is not None:
             outer.close()
+
+
+def _share(deadline: float | None, left: int) -> float | None:
+    """When a block must stop training: an equal share of the time left for the ``left`` blocks to come."""
+    if deadline is None:
+        return None
+    now = time.perf_counter()
+    return now + max(deadline - now, 0.0) / max(left, 1)
 
 
 def _report(record: BlockRecord) -> None:
@@ -401,7 +418,7 @@ def _block_loss(block: Block, cache: _Cache, j: int) -> Tensor:
 
 
 def _train_block(student: nn.Module, i: int, block: Block, cache: _Cache, cfg: RecoveryConfig,
-                 params: dict[str, nn.Parameter], progress: bool) -> BlockRecord:
+                 params: dict[str, nn.Parameter], progress: bool, until: float | None = None) -> BlockRecord:
     """Targets from the teacher block on the student's inputs, then AdamW on this block's trainable parameters."""
     target = cfg.blockwise.target
     with torch.no_grad():
@@ -418,12 +435,12 @@ def _train_block(student: nn.Module, i: int, block: Block, cache: _Cache, cfg: R
     mine = {id(p) for p in block.student.parameters()}
     chosen = {n: p for n, p in params.items() if id(p) in mine}
     tokens = [int(_stream(cache.get_inputs(j), block.slot).shape[:-1].numel()) for j in range(len(cache))]
-    return _fit(student, block.name, i, chosen, lambda j: _block_loss(block, cache, j), tokens, cfg, progress)
+    return _fit(student, block.name, i, chosen, lambda j: _block_loss(block, cache, j), tokens, cfg, progress, until)
 
 
 def _train_tail(student: nn.Module, teacher: nn.Module, chain: BlockChain, cache: _Cache, batches: list[Batch],
                 extra: dict[str, Any], cfg: RecoveryConfig, params: dict[str, nn.Parameter],
-                progress: bool) -> BlockRecord:
+                progress: bool, deadline: float | None = None) -> BlockRecord:
     """What follows the last block, trained on the model's output (see `kronc.recover.tail`).
 
     The teacher's outputs (logits: windows x positions x vocabulary, 12 GiB for 128 windows of 512 on a
@@ -454,7 +471,8 @@ def _train_tail(student: nn.Module, teacher: nn.Module, chain: BlockChain, cache
             return kl_loss(s, t, cfg.temperature, b.mask) if kind == "kl" else relative_mse(s, t, b.mask)
 
         tokens = [b.tokens for b in batches]
-        return _fit(student, f"tail after {last.name}", len(chain.blocks), chosen, loss, tokens, cfg, progress)
+        return _fit(student, f"tail after {last.name}", len(chain.blocks), chosen, loss, tokens, cfg, progress,
+                    deadline)
 
 
 def _teacher_final_stream(teacher: nn.Module, chain: BlockChain, b: Batch, extra: dict[str, Any]) -> Tensor:
@@ -480,9 +498,10 @@ def _teacher_final_stream(teacher: nn.Module, chain: BlockChain, b: Batch, extra
 
 
 def _fit(student: nn.Module, name: str, index: int, chosen: dict[str, nn.Parameter], loss_of: Any,
-         tokens_of: list[int], cfg: RecoveryConfig, progress: bool) -> BlockRecord:
-    """``epochs`` passes of AdamW over the cached batches (order seeded by ``seed`` and ``index``); the
-    parameters go back to where they started when the mean loss ends higher (or non-finite)."""
+         tokens_of: list[int], cfg: RecoveryConfig, progress: bool, until: float | None = None) -> BlockRecord:
+    """``epochs`` passes of AdamW over the cached batches (order seeded by ``seed`` and ``index``), no step
+    starting after ``until`` (a `time.perf_counter` value; None: all of them); the parameters go back to
+    where they started when the mean loss ends higher (or non-finite)."""
     bw = cfg.blockwise
     n = len(tokens_of)
 
@@ -504,10 +523,13 @@ def _fit(student: nn.Module, name: str, index: int, chosen: dict[str, nn.Paramet
     scheduler = make_scheduler(optimizer, block_cfg)
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7_919 * (index + 1))
     bar = _bar(steps, name, progress, 1, False)
-    tokens, finite, used, t0 = 0, True, 0, time.perf_counter()
+    tokens, finite, used, done, timed_out, t0 = 0, True, 0, 0, False, time.perf_counter()
     try:
         for _ in range(bw.epochs):
             for j in torch.randperm(n, generator=g).tolist():
+                if until is not None and time.perf_counter() >= until:
+                    timed_out = True
+                    break
                 optimizer.zero_grad(set_to_none=True)
                 loss = loss_of(j)
                 if not torch.isfinite(loss):
@@ -519,23 +541,25 @@ def _fit(student: nn.Module, name: str, index: int, chosen: dict[str, nn.Paramet
                 optimizer.step()
                 scheduler.step()
                 tokens += tokens_of[j]
+                done += 1
                 if bar is not None:
                     bar.set_postfix({"loss": f"{float(loss.detach()):.4g}"}, refresh=False)
                     bar.update(1)
-            if not finite:
+            if not finite or timed_out:
                 break
     finally:
         if bar is not None:
             bar.close()
     optimizer.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - t0
-    trained = mean_loss() if finite else math.nan
+    trained = (mean_loss() if done else loss_before) if finite else math.nan
     kept = not (math.isfinite(trained) and trained <= loss_before)
     if kept:
         with torch.no_grad():
             for k, p in chosen.items():
                 p.copy_(saved[k])
-    return BlockRecord(name, used, loss_before, loss_before if kept else trained, kept, trained, steps, seconds, tokens)
+    return BlockRecord(name, used, loss_before, loss_before if kept else trained, kept, trained, done, seconds, tokens,
+                       timed_out)
 
 
 def _propagate(block: Block, cache: _Cache) -> None:
@@ -584,7 +608,7 @@ def _load(resume: bool | str | Path, cfg: RecoveryConfig, blocks: int) -> dict[s
     now = cfg.model_dump(mode="json")
     may_change = MAY_CHANGE_ON_RESUME | {"blockwise"}
     changed = [k for k in now if k not in may_change and now[k] != saved.get(k)]
-    changed += [f"blockwise.{k}" for k in now["blockwise"] if not k.startswith(("cache", "max_cache", "e2e"))
+    changed += [f"blockwise.{k}" for k in now["blockwise"] if not k.startswith(("cache", "max_", "e2e"))
                 and now["blockwise"][k] != saved["blockwise"].get(k)]
     if changed:
         raise RecoveryError(f"{path} was written with a different recipe ({', '.join(changed)} differ): resume with "

@@ -27,6 +27,12 @@ class BlockwiseConfig(BaseModel):
     lr: float = Field(default=1e-3, gt=0)
     """Peak learning rate of AdamW per block (warmup and decay as the recipe's ``schedule``, over the block's
     steps). Higher than end-to-end distillation's: one block's loss is smooth and its inputs are fixed."""
+    max_seconds: float | None = Field(default=None, gt=0)
+    """Time budget of the block phase (capture, targets, training, propagation; the end-to-end pass has the
+    recipe's ``max_seconds``). Each block, the tail included, gets an equal share of what is left when it
+    starts (time a block leaves unused goes to the ones after it) and stops its epochs when the share is
+    spent; its learning-rate schedule still spans ``samples x epochs``. None: every block runs all its
+    steps (deterministic)."""
     cache: Literal["memory", "disk"] = "memory"
     """Where block inputs and the teacher's targets live between blocks: ``memory`` or ``disk`` (files in
     ``cache_dir``, read back batch by batch)."""

@@ -42,7 +42,8 @@ class RecoveryConfig(BaseModel):
     method: Literal["distill", "blockwise"] = "distill"
     """``distill``: end-to-end knowledge distillation; ``blockwise``: reconstruct one block at a time against
     the dense block's output (settings in ``blockwise``), then optionally a short end-to-end pass
-    (``max_seconds`` bounds only that pass; the block phase costs ``samples x epochs`` per block)."""
+    (``max_seconds`` bounds only that pass; the block phase runs ``samples x epochs`` per block, or
+    until ``blockwise.max_seconds``)."""
     blockwise: BlockwiseConfig = Field(default_factory=BlockwiseConfig)
     """Settings of ``method="blockwise"``."""
     steps: int = Field(default=200, ge=1)
