@@ -2,6 +2,7 @@
 
     python benchmarks/recovery.py --budgets 4x,10x,25x --lr 5e-5 --minutes 15 --segments 3
     python benchmarks/recovery.py --budgets 2x --methods kngpt2,asvd --lr 1e-4 --minutes 6 --segments 2 --out kngpt2
+    python benchmarks/recovery.py --budgets 10x --recovery distill,blockwise --minutes 20 --segments 4 --out blockwise
 
 For each budget of the decoder linears (q, k, v, o, gate, up, down of all 30 layers; embeddings and
 the tied LM head dense) and each method (``--methods``: ``kronc``, kronc's data-aware plan;
@@ -15,13 +16,23 @@ intermediate-layer distillation of every decoder layer's hidden state, factors +
 trained, AdamW at a constant ``--lr``, ``--batch`` windows of ``--seq-len`` tokens per step). The run is
 cut into ``--segments`` equal time slices, resumed from its checkpoint each time, and perplexity on the
 ABC news text (first ``--windows`` windows of 512 tokens) is measured after each slice (evaluation time
-is not counted in the budget), giving perplexity against training time. Writes
+is not counted in the budget), giving perplexity against training time.
+
+``--recovery`` picks how the minutes are spent, from the same compressed student: ``distill`` (the above,
+the default) and ``blockwise``: first block-wise reconstruction (`kronc.recover(method="blockwise")`,
+``--bw-samples`` KJV windows, ``--bw-epochs``, AdamW at ``--bw-lr``, teacher-stream + own-input targets)
+for ``--block-share`` of the minutes (rounded to whole segments, at least one; ``blockwise.max_seconds``
+splits it equally over the 30 layers and the tail), then, in the remaining segments, the same end-to-end
+distillation training norms and biases only (at ``--e2e-lr``). Perplexity is measured at the same
+minute marks; "tokens" of the block phase are the windows each block trained on (x epochs), the tokens
+that went through every block. Writes
 ``benchmarks/results/<--out>.{md,json,png}``; ``--render`` rewrites the markdown and plot from the JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import tempfile
@@ -40,6 +51,7 @@ from kronc.tools.evaluate import perplexity
 from kronc.tools.zoo import load_smollm2
 
 RESULTS = Path(__file__).parent / "results"
+RECOVERY = {"distill": "end-to-end distillation", "blockwise": "block-wise, then norms+biases end to end"}
 METHODS = {"kronc": "kronc plan", "kngpt2": "Kronecker, one term, A of 2-4 values (KnGPT2)",
            "kronecker": "Kronecker sum (uniform)", "svd": "low rank, SVD (uniform)",
            "asvd": "low rank, activation-aware SVD (uniform)"}
@@ -58,6 +70,12 @@ def main() -> None:
     ap.add_argument("--out", default="recovery", help="results file name under benchmarks/results/")
     ap.add_argument("--render", action="store_true", help="only rewrite the markdown and plot from the JSON")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--recovery", default="distill", help=f"comma-separated subset of {','.join(RECOVERY)}")
+    ap.add_argument("--block-share", type=float, default=0.5, help="blockwise: share of --minutes for the block phase")
+    ap.add_argument("--bw-samples", type=int, default=16, help="blockwise: calibration windows of --seq-len")
+    ap.add_argument("--bw-epochs", type=int, default=4, help="blockwise: passes over them per block")
+    ap.add_argument("--bw-lr", type=float, default=1e-3, help="blockwise: peak AdamW lr per block")
+    ap.add_argument("--e2e-lr", type=float, default=None, help="blockwise: lr of the end-to-end pass (default --lr)")
     args = ap.parse_args()
     if args.render:
         record = json.loads((RESULTS / f"{args.out}.json").read_text())
@@ -67,6 +85,12 @@ def main() -> None:
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         ap.error(f"unknown --methods {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    recoveries = args.recovery.split(",")
+    unknown = sorted(set(recoveries) - set(RECOVERY))
+    if unknown:
+        ap.error(f"unknown --recovery {', '.join(unknown)}; choose from {', '.join(RECOVERY)}")
+    if "blockwise" in recoveries and (args.segments < 2 or not 0 < args.block_share < 1):
+        ap.error("--recovery blockwise needs --segments >= 2 and 0 < --block-share < 1 (time is left for the e2e pass)")
     torch.set_num_threads(args.threads)
 
     model, tok = load_smollm2()
@@ -83,6 +107,14 @@ def main() -> None:
     cap = kronc.capture(model, {"input_ids": torch.zeros(1, 8, dtype=torch.long)})
     record: dict[str, Any] = {"dense_ppl": dense, "windows": args.windows, "minutes": args.minutes,
                               "seq_len": args.seq_len, "batch": args.batch, "lr": args.lr, "runs": []}
+    if "blockwise" in recoveries:
+        first = min(max(round(args.block_share * args.segments), 1), args.segments - 1)
+        record["blockwise"] = (
+            f"the first {first} segment(s) reconstruct the blocks ({args.bw_samples} KJV windows of {args.seq_len}, "
+            f"{args.bw_epochs} epochs, AdamW lr {args.bw_lr:g} per block, `blockwise.max_seconds` shared equally by "
+            f"the layers and the tail), the rest distil end to end training norms and biases only (lr "
+            f"{args.e2e_lr or args.lr:g}); their tokens are those each block saw in the block phase plus the "
+            "end-to-end tokens.")
     moments: dict[str, torch.Tensor] | None = None
     runs = [(budget, method) for budget in args.budgets.split(",") for method in methods]
     for budget, method in runs:
@@ -98,27 +130,54 @@ def main() -> None:
         kinds: dict[str, int] = {}
         for d in plan.decisions:
             kinds[d.spec.kind] = kinds.get(d.spec.kind, 0) + 1
-        curve = [{"seconds": 0.0, "tokens": 0, "ppl": ppl(student)}]
+        free = ppl(student)
         print(f"{budget} {method}: plan {kinds}, {plan.bytes_before / plan.bytes_after:.2f}x, compiled in {compile_s:.0f} s; "
-              f"training-free ppl {curve[0]['ppl']:.2f}", flush=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = str(Path(tmp) / "recover.pt")
-            for seg in range(args.segments):
-                result = kronc.recover(
-                    student, model, train, steps=100_000, schedule="constant", warmup=0.0, lr=args.lr,
-                    batch_size=args.batch, seq_len=args.seq_len, kd=1.0, hidden=1.0, lm=0.0, temperature=2.0,
-                    trainable="factors+norms+biases", max_seconds=args.minutes * 60 / args.segments,
-                    checkpoint_path=ckpt, checkpoint_every=1_000_000, resume=seg > 0, progress=False, log_every=20)
-                last = result.history[-1]
-                curve.append({"seconds": last.seconds, "tokens": last.tokens, "steps": last.step + 1,
-                              "kd": last.parts.get("kd"), "ppl": ppl(student)})
-                print(f"  {budget} after {last.seconds / 60:.1f} min ({last.step + 1} steps, {last.tokens:,} tokens): "
-                      f"ppl {curve[-1]['ppl']:.2f}", flush=True)
-        record["runs"].append({"budget": budget, "method": method, "ratio": plan.bytes_before / plan.bytes_after,
-                               "formats": kinds, "compile_seconds": compile_s, "curve": curve})
-        record["command"] = ("python benchmarks/recovery.py " + " ".join(sys.argv[1:])).strip()
-        write(record, args.out)  # after every run: a cut-short benchmark keeps what it measured
+              f"training-free ppl {free:.2f}", flush=True)
+        for recovery in recoveries:
+            trained = copy.deepcopy(student) if len(recoveries) > 1 else student
+            curve = [{"seconds": 0.0, "tokens": 0, "ppl": free}]
+            train_curve(trained, model, train, args, recovery, ppl, curve, f"{budget} {method} {recovery}")
+            record["runs"].append({"budget": budget, "method": method, "recovery": recovery,
+                                   "ratio": plan.bytes_before / plan.bytes_after, "formats": kinds,
+                                   "compile_seconds": compile_s, "curve": curve})
+            del trained
+            record["command"] = ("python benchmarks/recovery.py " + " ".join(sys.argv[1:])).strip()
+            write(record, args.out)  # after every run: a cut-short benchmark keeps what it measured
     print(render(record))
+
+
+def train_curve(student: torch.nn.Module, model: torch.nn.Module, train: torch.Tensor, args: argparse.Namespace,
+                recovery: str, ppl: Any, curve: list[dict[str, Any]], label: str) -> None:
+    """Train ``student`` for ``--minutes`` the ``recovery`` way, appending perplexity at each segment's end."""
+    segment = args.minutes * 60 / args.segments
+    distill = {"steps": 100_000, "schedule": "constant", "warmup": 0.0, "batch_size": args.batch, "seq_len": args.seq_len,
+               "kd": 1.0, "hidden": 1.0, "lm": 0.0, "temperature": 2.0, "checkpoint_every": 1_000_000,
+               "progress": False, "log_every": 20}
+    first, done_s, done_tokens = 0, 0.0, 0
+    if recovery == "blockwise":
+        first = min(max(round(args.block_share * args.segments), 1), args.segments - 1)
+        bw = kronc.recover(student, model, train, method="blockwise", batch_size=args.batch, seq_len=args.seq_len,
+                           blockwise={"samples": args.bw_samples, "epochs": args.bw_epochs, "lr": args.bw_lr,
+                                      "max_seconds": first * segment}, progress=False)
+        done_s = bw.block_seconds
+        done_tokens = round(sum(b.tokens for b in bw.blocks) / max(len(bw.blocks), 1))
+        cut = sum(b.timed_out for b in bw.blocks)
+        curve.append({"seconds": done_s, "tokens": done_tokens, "steps": sum(b.steps for b in bw.blocks),
+                      "block_tokens_per_second": sum(b.tokens for b in bw.blocks) / max(done_s, 1e-9), "ppl": ppl(student)})
+        print(f"  {label} after the block phase, {done_s / 60:.1f} min ({len(bw.blocks)} blocks, {cut} cut short by "
+              f"the time budget, {done_tokens:,} tokens per block): ppl {curve[-1]['ppl']:.2f}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = str(Path(tmp) / "recover.pt")
+        for seg in range(first, args.segments):
+            e2e = ({"trainable": "norms+biases", "lr": args.e2e_lr or args.lr} if recovery == "blockwise"
+                   else {"trainable": "factors+norms+biases", "lr": args.lr})
+            result = kronc.recover(student, model, train, **distill, **e2e, max_seconds=segment, checkpoint_path=ckpt,
+                                   resume=seg > first)
+            last = result.history[-1]
+            curve.append({"seconds": done_s + last.seconds, "tokens": done_tokens + last.tokens, "steps": last.step + 1,
+                          "kd": last.parts.get("kd"), "ppl": ppl(student)})
+            print(f"  {label} after {curve[-1]['seconds'] / 60:.1f} min ({last.step + 1} e2e steps, "
+                  f"{curve[-1]['tokens']:,} tokens): ppl {curve[-1]['ppl']:.2f}", flush=True)
 
 
 def make_plan(cap: kronc.Captured, sites: list, policy: Policy, method: str, budget: str,
@@ -157,7 +216,7 @@ def plot(record: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for r in record["runs"]:
         curve = r["curve"]
-        label = f"{r['budget']} {METHODS[r.get('method', 'kronc')]}"
+        label = f"{r['budget']} {METHODS[r.get('method', 'kronc')]}, {r.get('recovery', 'distill')}"
         ax.plot([c["seconds"] / 60 for c in curve], [c["ppl"] for c in curve], marker="o", label=label)
     ax.axhline(record["dense_ppl"], color="k", linestyle="--", label=f"dense ({record['dense_ppl']:.1f})")
     ax.set_yscale("log")
@@ -183,15 +242,17 @@ def render(record: dict[str, Any], png: str | None = None) -> str:
         f"constant, logit KL (T=2) + hidden-state distillation of every decoder layer, factors, norms and biases "
         f"trained, {record['minutes']:g} min per run on this 2-core machine (shared with other jobs while "
         "measured; evaluation time not counted). Each cell: perplexity (minutes trained, tokens seen).", "",
-        "| budget | method | ratio | formats | training-free | " + " | ".join(f"segment {i + 1}" for i in range(n))
-        + " | final / dense |",
-        "|---|---|---|---|---|" + "---|" * n + "---|",
+        *([f"Block-wise runs: {record['blockwise']}", ""] if record.get("blockwise") else []),
+        "| budget | method | recovery | ratio | formats | training-free | "
+        + " | ".join(f"segment {i + 1}" for i in range(n)) + " | final / dense |",
+        "|---|---|---|---|---|---|" + "---|" * n + "---|",
     ]
     for r in runs:
         formats = ", ".join(f"{k} {v}" for k, v in sorted(r["formats"].items()))
         cells = [f"{c['ppl']:.1f} ({c['seconds'] / 60:.1f} min, {c['tokens'] / 1000:.0f}k)" for c in r["curve"][1:]]
         cells += [""] * (n - len(cells))
-        lines.append(f"| {r['budget']} | {METHODS[r.get('method', 'kronc')]} | {r['ratio']:.2f}x | {formats} | "
+        lines.append(f"| {r['budget']} | {METHODS[r.get('method', 'kronc')]} | {RECOVERY[r.get('recovery', 'distill')]} | "
+                     f"{r['ratio']:.2f}x | {formats} | "
                      f"{r['curve'][0]['ppl']:.1f} | {' | '.join(cells)} | {r['curve'][-1]['ppl'] / dense:.2f}x |")
     if png:
         lines += ["", f"![perplexity against recovery time]({png})"]

@@ -228,3 +228,81 @@ def test_compress_recovers_block_wise_from_the_cli(tmp_path: Path, capsys: pytes
     out = capsys.readouterr().out
     assert "recovered on text.txt: block-wise reconstruction: 3 blocks" in out
     assert kronc.load(tmp_path / "rec").kronc_policy["recovery"]["method"] == "distill"  # the policy as given
+
+
+# --------------------------------------------------------------------------- the tail's memory
+
+
+def _estimate(caplog: pytest.LogCaptureFixture, vocab: int) -> float:
+    from kronc.tools.toy import tiny_llama
+
+    torch.manual_seed(0)
+    teacher = with_decaying_spectra(tiny_llama(vocab=vocab))
+    student = kronc.compile(teacher, policy=Policy(budget="4x"))
+    caplog.clear()
+    with caplog.at_level("INFO", logger="kronc.recover"):
+        reconstruct_blocks(student, teacher, stream(), **{**SMALL, "blockwise": {**SMALL["blockwise"], "epochs": 1}})
+    [message] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("block-wise cache")]
+    return float(message.split(" = ")[1].split(" MiB")[0])
+
+
+@pytest.mark.filterwarnings("ignore:block .* keeps its weights")
+def test_the_cache_estimate_does_not_grow_with_the_vocabulary(caplog: pytest.LogCaptureFixture) -> None:
+    small, large = _estimate(caplog, 128), _estimate(caplog, 8192)
+    assert small > 0
+    assert large == small  # the tail caches the teacher's final stream, not its 8192-wide logits
+
+
+@pytest.mark.parametrize("name", ["llama", "lstm", "gpt2"])
+def test_the_teachers_tail_on_its_final_stream_gives_its_output(name: str) -> None:
+    from kronc.recover.batches import Batch
+    from kronc.recover.tail import blocks_skipped
+
+    teacher, student = compressed(name, "4x")
+    x = toy_inputs(name)
+    chain = find_blocks(student, teacher, (x,), {})
+    with torch.no_grad():
+        final = bw._teacher_final_stream(teacher, chain, Batch((x,), tokens=x.numel()), {})
+        kinds: list[bool] = []
+        handle = chain.blocks[-1].teacher.register_forward_hook(lambda m, a, out: kinds.append(isinstance(out, tuple)))
+        expected = model_output(teacher(x))[0]
+        handle.remove()
+        tuple_output = kinds[-1] if kinds else True  # an LSTM layer view never runs inside the teacher
+        with blocks_skipped(teacher, chain, tuple_output) as feed:
+            feed.value = final
+            got = model_output(teacher(x))[0]
+    assert final.shape[:-1] == x.shape  # one hidden stream per position
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert same(state(teacher), state(compressed(name, "4x")[0]))  # put back as it was
+
+
+# --------------------------------------------------------------------------- time budget
+
+
+def test_a_time_budget_stops_every_block_and_no_budget_runs_every_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fake clock that moves one second per loss evaluation: the phase must end near its budget."""
+    teacher, student = compressed("llama")
+    untimed = copy.deepcopy(student)
+    full = reconstruct_blocks(untimed, teacher, stream(), **SMALL)
+    assert all(b.steps == 8 * 4 and not b.timed_out for b in full.blocks)  # 8 epochs of 4 batches, every block
+
+    clock = [0.0]
+    fake = type("FakeTime", (), {"perf_counter": staticmethod(lambda: clock[0])})
+    monkeypatch.setattr(bw, "time", fake)
+    for name in ("relative_mse", "kl_loss"):
+        real = getattr(bw, name)
+
+        def ticking(*args: Any, _real: Any = real, **kwargs: Any) -> Tensor:
+            clock[0] += 1.0
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(bw, name, ticking)
+    budget = 60.0
+    timed = reconstruct_blocks(student, teacher, stream(), **{**SMALL, "blockwise": {**SMALL["blockwise"], "max_seconds": budget}})
+    assert [b.name for b in timed.blocks] == [b.name for b in full.blocks]
+    assert all(b.timed_out and 0 < b.steps < 8 * 4 for b in timed.blocks), timed.blocks
+    assert all(b.tokens == b.steps * 4 * 16 for b in timed.blocks)
+    # the last step may start just before its block's share ends, then the loss after it is measured: one
+    # block's evaluation (4 batches, 2 losses each for target="both") past the budget at most
+    assert clock[0] <= budget + 2 * 4 + 2
+    assert "cut short by max_seconds" in str(timed)

@@ -29,7 +29,7 @@ ROOT = Path(kronc.__file__).parent
 LAYERS: dict[str, int] = {
     "reference": 0, "budget": 0, "tokens": 0, "errors": 0, "factory": 0, "state_dicts": 0,
     "codegen": 1,
-    "formats": 2, "sites": 2, "inputs": 2,
+    "formats": 2, "sites": 2, "inputs": 2, "values": 2,
     "modules": 3, "plan": 3, "capture": 3,
     "planning": 4, "passes": 4, "policies": 4,
     "pipeline": 5, "recover": 5, "serialize": 5, "api": 5,

@@ -52,6 +52,12 @@ class BlockwiseConfig(BaseModel):
     lr: float = Field(default=1e-3, gt=0)
     """Peak learning rate of AdamW per block (warmup and decay as the recipe's ``schedule``, over the block's
     steps). Higher than end-to-end distillation's: one block's loss is smooth and its inputs are fixed."""
+    max_seconds: float | None = Field(default=None, gt=0)
+    """Time budget of the block phase (capture, targets, training, propagation; the end-to-end pass has the
+    recipe's ``max_seconds``). Each block, the tail included, gets an equal share of what is left when it
+    starts (time a block leaves unused goes to the ones after it) and stops its epochs when the share is
+    spent; its learning-rate schedule still spans ``samples x epochs``. None: every block runs all its
+    steps (deterministic)."""
     cache: Literal["memory", "disk"] = "memory"
     """Where block inputs and the teacher's targets live between blocks: ``memory`` or ``disk`` (files in
     ``cache_dir``, read back batch by batch)."""
@@ -78,7 +84,8 @@ class RecoveryConfig(BaseModel):
     method: Literal["distill", "blockwise"] = "distill"
     """``distill``: end-to-end knowledge distillation; ``blockwise``: reconstruct one block at a time against
     the dense block's output (settings in ``blockwise``), then optionally a short end-to-end pass
-    (``max_seconds`` bounds only that pass; the block phase costs ``samples x epochs`` per block)."""
+    (``max_seconds`` bounds only that pass; the block phase runs ``samples x epochs`` per block, or
+    until ``blockwise.max_seconds``)."""
     blockwise: BlockwiseConfig = Field(default_factory=BlockwiseConfig)
     """Settings of ``method="blockwise"``."""
     steps: int = Field(default=200, ge=1)

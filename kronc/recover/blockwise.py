@@ -85,6 +85,8 @@ class BlockRecord:
     seconds: float
     tokens: int
     """Input tokens the block's training steps processed (windows x positions, all epochs)."""
+    timed_out: bool = False
+    """True when the block's share of ``blockwise.max_seconds`` ran out before all its epochs."""
 
     @property
     def tokens_per_second(self) -> float:
@@ -101,7 +103,9 @@ class BlockwiseResult(RecoveryResult):
 
     def __str__(self) -> str:
         kept = sum(b.kept_initial for b in self.blocks)
-        done = f"{len(self.blocks)} blocks" + (f" ({kept} kept their initial weights)" if kept else "")
+        timed = sum(b.timed_out for b in self.blocks)
+        notes = [f"{kept} kept their initial weights"] * bool(kept) + [f"{timed} cut short by max_seconds"] * bool(timed)
+        done = f"{len(self.blocks)} blocks" + (f" ({'; '.join(notes)})" if notes else "")
         losses = " ".join(f"{b.loss_before:.3g}->{b.loss_after:.3g}" for b in self.blocks)
         e2e = f"; then {RecoveryResult.__str__(self)}" if self.history else ""
         return f"block-wise reconstruction: {done} in {self.block_seconds:.1f}s, losses {losses}{e2e}"
@@ -243,6 +247,7 @@ def reconstruct_blocks(
     state = _load(resume, cfg, len(chain.blocks)) if resume not in (False, None) else None
     cache = _Cache(None if cfg.blockwise.cache == "memory" else (cfg.blockwise.cache_dir or ""))
     t0 = time.perf_counter()
+    deadline = None if cfg.blockwise.max_seconds is None else t0 + cfg.blockwise.max_seconds
     try:
         with seeded(cfg.seed, device_of(student)), models_restored(student, teacher):
             student.eval()
@@ -253,9 +258,10 @@ def reconstruct_blocks(
             start, count = len(records), len(chain.blocks)
             if start < count or (start == count and cfg.blockwise.tail):
                 _capture(student, teacher, chain, batches, extra, cache, cfg, progress)
-                _run_blocks(student, chain, cache, cfg, params, records, start, progress)
+                _run_blocks(student, chain, cache, cfg, params, records, start, progress, deadline)
                 if cfg.blockwise.tail:
-                    records.append(_train_tail(student, teacher, chain, cache, batches, extra, cfg, params, progress))
+                    records.append(_train_tail(student, teacher, chain, cache, batches, extra, cfg, params, progress,
+                                               deadline))
                     _report(records[-1])
                     if cfg.checkpoint_path is not None:
                         _save(cfg, student, records)
@@ -300,11 +306,6 @@ def _capture(student: nn.Module, teacher: nn.Module, chain: BlockChain, batches:
         raise _Stop
 
     device = device_of(student)
-    out = 0  # bytes of the model's output: the tail's targets
-    if cfg.blockwise.tail:
-        with torch.no_grad():
-            b = batches[0].to(device)
-            out = _nbytes(model_output(teacher(*b.args, **b.kwargs, **extra))[0])
     handle = chain.entry.register_forward_pre_hook(hook, with_kwargs=True)
     t_handle = chain.teacher_entry.register_forward_pre_hook(hook, with_kwargs=True)
     teacher_stream = cfg.blockwise.target != "student_inputs"
@@ -325,7 +326,7 @@ def _capture(student: nn.Module, teacher: nn.Module, chain: BlockChain, batches:
                 raise RecoveryError(f"{chain.container!r} was called with an initial state or keyword inputs; "
                                     "block-wise reconstruction splits LSTMs called on their input alone")
             if j == 0:
-                _check_memory(inputs, out, chain, len(batches), cfg, progress)
+                _check_memory(inputs, chain, len(batches), cfg, progress)
             cache.set_inputs(j, inputs)
             cache.masks.append(b.mask)
     finally:
@@ -333,10 +334,12 @@ def _capture(student: nn.Module, teacher: nn.Module, chain: BlockChain, batches:
         t_handle.remove()
 
 
-def _check_memory(inputs: Inputs, output: int, chain: BlockChain, n: int, cfg: RecoveryConfig, progress: bool) -> None:
+def _check_memory(inputs: Inputs, chain: BlockChain, n: int, cfg: RecoveryConfig, progress: bool) -> int:
+    """Print (and log) the cache's size in bytes, and return it; raise when it is over ``max_cache_gb`` in memory."""
     one = _nbytes(_stream(inputs, chain.blocks[0].slot))
-    streams = {"student_inputs": 1, "teacher_stream": 2, "both": 3}[cfg.blockwise.target]  # targets (+ dense stream)
-    stream = max(streams * one, output)  # the blocks' targets, then the tail's
+    # the blocks' targets (+ the dense stream); the tail's target is the teacher's final stream, one stream
+    # (in the place of the blocks' target), never the model's outputs: their vocabulary does not count
+    stream = {"student_inputs": 1, "teacher_stream": 2, "both": 3}[cfg.blockwise.target] * one
     total = n * (_nbytes(inputs) + stream)  # inputs (masks, position embeddings included) + the targets
     bw = cfg.blockwise
     where = "on disk" if bw.cache == "disk" else "in memory"
@@ -348,6 +351,7 @@ def _check_memory(inputs: Inputs, output: int, chain: BlockChain, n: int, cfg: R
     if bw.cache == "memory" and total > bw.max_cache_gb * 2**30:
         raise RecoveryError(f"the block-wise cache needs {total / 2**30:.2f} GiB, over max_cache_gb={bw.max_cache_gb}: "
                             "set blockwise.cache='disk' (and cache_dir), or fewer blockwise.samples")
+    return total
 
 
 def _bar(total: int, desc: str, enabled: bool, position: int, leave: bool, initial: int = 0) -> Any:
@@ -362,15 +366,18 @@ def _bar(total: int, desc: str, enabled: bool, position: int, leave: bool, initi
 
 
 def _run_blocks(student: nn.Module, chain: BlockChain, cache: _Cache, cfg: RecoveryConfig,
-                params: dict[str, nn.Parameter], records: list[BlockRecord], start: int, progress: bool) -> None:
-    """Replay the finished blocks (resume), then train, check, propagate and checkpoint the rest."""
+                params: dict[str, nn.Parameter], records: list[BlockRecord], start: int, progress: bool,
+                deadline: float | None = None) -> None:
+    """Replay the finished blocks (resume), then train, check, propagate and checkpoint the rest (each
+    block until its share of the time left before ``deadline``, when there is one)."""
     outer = _bar(len(chain.blocks), "blocks", progress, 0, True, start)
     try:
         for i, block in enumerate(chain.blocks):
             block.student.eval()
             block.teacher.eval()
             if i >= start:
-                record = _train_block(student, i, block, cache, cfg, params, progress)
+                until = _share(deadline, len(chain.blocks) - i + cfg.blockwise.tail)
+                record = _train_block(student, i, block, cache, cfg, params, progress, until)
                 records.append(record)
                 _report(record)
                 if outer is not None:
@@ -382,6 +389,14 @@ def _run_blocks(student: nn.Module, chain: BlockChain, cache: _Cache, cfg: Recov
     finally:
         if outer is not None:
             outer.close()
+
+
+def _share(deadline: float | None, left: int) -> float | None:
+    """When a block must stop training: an equal share of the time left for the ``left`` blocks to come."""
+    if deadline is None:
+        return None
+    now = time.perf_counter()
+    return now + max(deadline - now, 0.0) / max(left, 1)
 
 
 def _report(record: BlockRecord) -> None:
@@ -402,7 +417,7 @@ def _block_loss(block: Block, cache: _Cache, j: int) -> Tensor:
 
 
 def _train_block(student: nn.Module, i: int, block: Block, cache: _Cache, cfg: RecoveryConfig,
-                 params: dict[str, nn.Parameter], progress: bool) -> BlockRecord:
+                 params: dict[str, nn.Parameter], progress: bool, until: float | None = None) -> BlockRecord:
     """Targets from the teacher block on the student's inputs, then AdamW on this block's trainable parameters."""
     target = cfg.blockwise.target
     with torch.no_grad():
@@ -419,43 +434,73 @@ def _train_block(student: nn.Module, i: int, block: Block, cache: _Cache, cfg: R
     mine = {id(p) for p in block.student.parameters()}
     chosen = {n: p for n, p in params.items() if id(p) in mine}
     tokens = [int(_stream(cache.get_inputs(j), block.slot).shape[:-1].numel()) for j in range(len(cache))]
-    return _fit(student, block.name, i, chosen, lambda j: _block_loss(block, cache, j), tokens, cfg, progress)
+    return _fit(student, block.name, i, chosen, lambda j: _block_loss(block, cache, j), tokens, cfg, progress, until)
 
 
 def _train_tail(student: nn.Module, teacher: nn.Module, chain: BlockChain, cache: _Cache, batches: list[Batch],
                 extra: dict[str, Any], cfg: RecoveryConfig, params: dict[str, nn.Parameter],
-                progress: bool) -> BlockRecord:
-    """What follows the last block, trained on the model's output (see `kronc.recover.tail`)."""
+                progress: bool, deadline: float | None = None) -> BlockRecord:
+    """What follows the last block, trained on the model's output (see `kronc.recover.tail`).
+
+    The teacher's outputs (logits: windows x positions x vocabulary, 12 GiB for 128 windows of 512 on a
+    49k vocabulary) are not cached: its final stream is (one hidden stream per batch), and each step runs
+    the teacher's own tail on it, with the teacher's blocks skipped the same way as the student's.
+    """
     device = device_of(student)
     last = chain.blocks[-1]
-    kind = cfg.output_loss
     with torch.no_grad():
         args, kwargs = cache.get_inputs(0)
         tuple_output = isinstance(last.student(*args, **kwargs), tuple)
         for j, batch in enumerate(batches):
-            b = batch.to(device)
-            out, out_kind = model_output(teacher(*b.args, **b.kwargs, **extra))
-            kind = kind if kind != "auto" else ("mse" if out_kind == "hidden" else "kl")
-            cache.set_target(j, out.detach())
+            cache.set_target(j, _teacher_final_stream(teacher, chain, batch.to(device), extra))
     in_blocks = {id(p) for blk in chain.blocks for p in blk.student.parameters()}
     chosen = {n: p for n, p in params.items() if id(p) not in in_blocks}
-    with blocks_skipped(student, chain, tuple_output) as feed:
+    kinds: dict[str, str] = {}
+    with blocks_skipped(student, chain, tuple_output) as feed, blocks_skipped(teacher, chain, tuple_output) as t_feed:
 
         def loss(j: int) -> Tensor:
             b = batches[j].to(device)
+            with torch.no_grad():
+                t_feed.value = cache.get_target(j)
+                t, out_kind = model_output(teacher(*b.args, **b.kwargs, **extra))
             feed.value = _stream(cache.get_inputs(j), last.slot)
             s = model_output(student(*b.args, **b.kwargs, **extra))[0]
-            t = cache.get_target(j)
+            kind = kinds.setdefault("kind", cfg.output_loss if cfg.output_loss != "auto"
+                                    else ("mse" if out_kind == "hidden" else "kl"))
             return kl_loss(s, t, cfg.temperature, b.mask) if kind == "kl" else relative_mse(s, t, b.mask)
 
         tokens = [b.tokens for b in batches]
-        return _fit(student, f"tail after {last.name}", len(chain.blocks), chosen, loss, tokens, cfg, progress)
+        return _fit(student, f"tail after {last.name}", len(chain.blocks), chosen, loss, tokens, cfg, progress,
+                    deadline)
+
+
+def _teacher_final_stream(teacher: nn.Module, chain: BlockChain, b: Batch, extra: dict[str, Any]) -> Tensor:
+    """The teacher's stream after its last block (its pass stops there: the tail runs per step)."""
+    seen: list[Tensor] = []
+
+    def hook(module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+        seen.append(first_tensor(out).detach())
+        raise _Stop
+
+    recurrent = chain.entry is not chain.blocks[0].student  # layer views: the whole recurrent module's output
+    module = chain.teacher_entry if recurrent else chain.blocks[-1].teacher
+    handle = module.register_forward_hook(hook)
+    try:
+        with contextlib.suppress(_Stop):
+            teacher(*b.args, **b.kwargs, **extra)
+    finally:
+        handle.remove()
+    if len(seen) != 1:
+        raise RecoveryError(f"the teacher's last block {chain.blocks[-1].name!r} ran {len(seen)} times in one "
+                            "forward pass; block-wise reconstruction needs each block to run once")
+    return seen[0]
 
 
 def _fit(student: nn.Module, name: str, index: int, chosen: dict[str, nn.Parameter], loss_of: Any,
-         tokens_of: list[int], cfg: RecoveryConfig, progress: bool) -> BlockRecord:
-    """``epochs`` passes of AdamW over the cached batches (order seeded by ``seed`` and ``index``); the
-    parameters go back to where they started when the mean loss ends higher (or non-finite)."""
+         tokens_of: list[int], cfg: RecoveryConfig, progress: bool, until: float | None = None) -> BlockRecord:
+    """``epochs`` passes of AdamW over the cached batches (order seeded by ``seed`` and ``index``), no step
+    starting after ``until`` (a `time.perf_counter` value; None: all of them); the parameters go back to
+    where they started when the mean loss ends higher (or non-finite)."""
     bw = cfg.blockwise
     n = len(tokens_of)
 
@@ -477,10 +522,13 @@ def _fit(student: nn.Module, name: str, index: int, chosen: dict[str, nn.Paramet
     scheduler = make_scheduler(optimizer, block_cfg)
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7_919 * (index + 1))
     bar = _bar(steps, name, progress, 1, False)
-    tokens, finite, used, t0 = 0, True, 0, time.perf_counter()
+    tokens, finite, used, done, timed_out, t0 = 0, True, 0, 0, False, time.perf_counter()
     try:
         for _ in range(bw.epochs):
             for j in torch.randperm(n, generator=g).tolist():
+                if until is not None and time.perf_counter() >= until:
+                    timed_out = True
+                    break
                 optimizer.zero_grad(set_to_none=True)
                 loss = loss_of(j)
                 if not torch.isfinite(loss):
@@ -492,23 +540,25 @@ def _fit(student: nn.Module, name: str, index: int, chosen: dict[str, nn.Paramet
                 optimizer.step()
                 scheduler.step()
                 tokens += tokens_of[j]
+                done += 1
                 if bar is not None:
                     bar.set_postfix({"loss": f"{float(loss.detach()):.4g}"}, refresh=False)
                     bar.update(1)
-            if not finite:
+            if not finite or timed_out:
                 break
     finally:
         if bar is not None:
             bar.close()
     optimizer.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - t0
-    trained = mean_loss() if finite else math.nan
+    trained = (mean_loss() if done else loss_before) if finite else math.nan
     kept = not (math.isfinite(trained) and trained <= loss_before)
     if kept:
         with torch.no_grad():
             for k, p in chosen.items():
                 p.copy_(saved[k])
-    return BlockRecord(name, used, loss_before, loss_before if kept else trained, kept, trained, steps, seconds, tokens)
+    return BlockRecord(name, used, loss_before, loss_before if kept else trained, kept, trained, done, seconds, tokens,
+                       timed_out)
 
 
 def _propagate(block: Block, cache: _Cache) -> None:
@@ -557,7 +607,7 @@ def _load(resume: bool | str | Path, cfg: RecoveryConfig, blocks: int) -> dict[s
     now = cfg.model_dump(mode="json")
     may_change = MAY_CHANGE_ON_RESUME | {"blockwise"}
     changed = [k for k in now if k not in may_change and now[k] != saved.get(k)]
-    changed += [f"blockwise.{k}" for k in now["blockwise"] if not k.startswith(("cache", "max_cache", "e2e"))
+    changed += [f"blockwise.{k}" for k in now["blockwise"] if not k.startswith(("cache", "max_", "e2e"))
                 and now["blockwise"][k] != saved["blockwise"].get(k)]
     if changed:
         raise RecoveryError(f"{path} was written with a different recipe ({', '.join(changed)} differ): resume with "

@@ -4,7 +4,9 @@ Blocks cover the residual stream; a compressed LM head (or pooler, or LSTM decod
 no block target sees it. After the last block, the student's final stream is cached, so the tail can
 train on it alone: each block is swapped for a `_Feed` that returns the cached stream (the first) or
 hands its input on unchanged (the rest), and the student runs from its inputs to its output with the
-blocks skipped. The target is the dense teacher's output on the same inputs; the loss is the recipe's
+blocks skipped. The target is the dense teacher's output on the same inputs, made per step the same way
+(the teacher's blocks skipped, its cached final stream fed in), so only one hidden stream per batch is
+cached, never the outputs (a large vocabulary's logits would be); the loss is the recipe's
 output loss (KL at ``temperature`` for logits, relative squared error otherwise). Parameters before the
 first block (embeddings) get no gradient through a `_Feed`, so only the tail trains.
 """

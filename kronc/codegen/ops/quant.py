@@ -1,7 +1,7 @@
 """``kronc::quant_linear``: ``x @ dequant(W).T + bias`` for a weight stored by the value codec.
 
 The weight is ``codes`` (int8 levels ``(out, in)`` for 8 bits, packed uint8 bytes otherwise, the
-layout of `kronc.values.pack`), fp16 ``scales`` ``(out, groups)`` and, for asymmetric grids, fp16
+layout of `kronc.reference.pack`), fp16 ``scales`` ``(out, groups)`` and, for asymmetric grids, fp16
 ``minima`` ``(out, groups)``; the group size is ``in // groups``. ``bits`` is 8, 4, 3 or 2.
 
 CPU paths, chosen per call by `cpu_path` (rule measured by ``benchmarks/quant_ops.py`` on this
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ...reference.pack import unpack
 from ..backend import use_triton
 from ._checks import check_bias, check_input, fail, is_traced, needs_grad, shape
 
@@ -73,7 +74,6 @@ def check_quant(op: str, x: Tensor, codes: Tensor, scales: Tensor, minima: Tenso
 def dequantize(codes: Tensor, scales: Tensor, minima: Tensor | None, bits: int, inn: int,
                dtype: torch.dtype) -> Tensor:
     """The ``(out, in)`` weight in ``dtype`` (reference decode, same math as `kronc.values.codec`)."""
-    from ...values.pack import unpack
 
     out, groups = scales.shape
     q = unpack(codes, bits, level_offset(bits, minima is None), inn).reshape(out, groups, inn // groups)
@@ -109,7 +109,6 @@ def _int4_operands(codes: Tensor, scales: Tensor, minima: Tensor | None, inn: in
     seen = None if is_traced(codes) else _int4_cache.get(codes)
     if seen is not None and seen[0] == key and seen[1] is scales and seen[2] is minima:
         return seen[3], seen[4]
-    from ...values.pack import unpack
 
     u = unpack(codes, 4, 0, inn)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 1)
