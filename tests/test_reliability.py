@@ -420,3 +420,15 @@ def test_17_21_benchmark_caches_are_per_user_and_weights_only(tmp_path: Path, mo
     torch.save(LSTMLanguageModel(v.VOCAB, v.EMBED, v.HIDDEN, v.LAYERS).state_dict(), cached)
     assert isinstance(v.load_or_train(torch.zeros(10, dtype=torch.long), 3), LSTMLanguageModel)
     assert loads and all(k.get("weights_only") is True for k in loads)
+
+
+# --------------------------------------------------------------------------- command-line exit codes (phase 2)
+
+
+def test_17_23_input_errors_exit_2_with_one_line() -> None:
+    from kronc.tools.cli import EXIT_INPUT
+    from kronc.tools.cli.errors import classify
+
+    code, text, hint = classify(kronc.InputError("calibration[3] has the token id 99, outside the vocabulary"))
+    assert code == EXIT_INPUT == 2
+    assert "\n" not in text and "calibration[3]" in text and hint

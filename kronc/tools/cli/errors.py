@@ -5,6 +5,7 @@ from __future__ import annotations
 from ...budget import BudgetError
 from ...capture import CaptureError
 from ...formats import FormatError
+from ...inputs import InputError
 from ...planning import PlanningError
 from ...policies import PolicyError
 from ...recover import RecoveryError
@@ -39,6 +40,8 @@ def classify(e: BaseException) -> tuple[int, str, str | None]:
         return EXIT_INPUT, text, "point at a folder written by 'kronc compress' or kronc.save with this kronc version"
     if isinstance(e, (FileNotFoundError, IsADirectoryError, NotADirectoryError, FileExistsError, PermissionError)):
         return EXIT_INPUT, text, "check the path"
+    if isinstance(e, InputError):
+        return EXIT_INPUT, text, "check the model, calibration text and example inputs named above"
     if isinstance(e, FormatError):
         return EXIT_INPUT, text, "a format parameter does not fit a weight: check the policy's format choices"
     if isinstance(e, PlanningError):
