@@ -7,6 +7,7 @@
 ``lowrank_linear``             ``x @ (U V).T + bias``
 ``blocksparse_linear``         ``x @ W.T + bias``, ``W`` given by its stored blocks only
 ``kron_embedding``             rows of ``Σ_r A_r ⊗ B_r`` (one row of A and one of B each)
+``quant_linear``               ``x @ dequant(W).T + bias``, ``W`` packed by `kronc.values`
 =============================  ==========================================================
 
 Each op checks its inputs (`OpInputError` names the op and the shapes), has a fake implementation
@@ -22,9 +23,10 @@ from .blocksparse import blocksparse_linear
 from .doped import doped_kron_linear
 from .kron import kron_embedding, kron_linear
 from .lowrank import lowrank_linear
+from .quant import quant_linear
 from .sparse import sparse_linear
 
 __all__ = [
     "OpInputError", "blocksparse_linear", "doped_kron_linear", "kron_embedding", "kron_linear",
-    "lowrank_linear", "sparse_linear",
+    "lowrank_linear", "quant_linear", "sparse_linear",
 ]

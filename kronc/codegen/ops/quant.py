@@ -1,0 +1,178 @@
+"""``kronc::quant_linear``: ``x @ dequant(W).T + bias`` for a weight stored by the value codec.
+
+The weight is ``codes`` (int8 levels ``(out, in)`` for 8 bits, packed uint8 bytes otherwise, the
+layout of `kronc.values.pack`), fp16 ``scales`` ``(out, groups)`` and, for asymmetric grids, fp16
+``minima`` ``(out, groups)``; the group size is ``in // groups``. ``bits`` is 8, 4, 3 or 2.
+
+CPU paths, chosen per call by `cpu_path` (rule measured by ``benchmarks/quant_ops.py`` on this
+machine, 2 threads, SmolLM2 shapes):
+
+* ``int8pack``: ``aten._weight_int8pack_mm`` for symmetric int8 with one scale per row;
+* ``int4pack``: ``aten._weight_int4pack_mm_for_cpu`` for int4 with groups of 32/64/128 and ``out`` a
+  multiple of 16 (the kernel's limits); the kernel's packed layout is built once per ``codes``
+  tensor and cached (eager and compiled runs alike: the op is opaque to tracing);
+* ``dequant``: decode to ``x``'s dtype, then ``F.linear`` (int3, int2, asymmetric int8, other shapes).
+
+The op is a plain ``torch.library.custom_op`` (not ``triton_op``) so its cache lives outside any
+trace; on CUDA it runs the Triton kernel that dequantizes inside the matmul.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
+
+from ..backend import use_triton
+from ._checks import check_bias, check_input, fail, is_traced, needs_grad, shape
+
+BITS = (8, 4, 3, 2)
+INT4_GROUPS = (32, 64, 128)
+_UNIT_BYTES = {8: (1, 1), 4: (2, 1), 3: (8, 3), 2: (4, 1)}
+INT8PACK_MAX_TOKENS = 1 << 30
+"""Tokens up to which ``int8pack`` is used (above: ``dequant``); set from the benchmark."""
+INT4PACK_MAX_TOKENS = 1 << 30
+"""Tokens up to which ``int4pack`` is used (above: ``dequant``); set from the benchmark."""
+
+
+def level_offset(bits: int, symmetric: bool) -> int:
+    """Smallest stored level: ``-(2^(b-1)-1)`` when symmetric, ``0`` otherwise (see `kronc.values.grid`)."""
+    return -(2 ** (bits - 1) - 1) if symmetric else 0
+
+
+def check_quant(op: str, x: Tensor, codes: Tensor, scales: Tensor, minima: Tensor | None,
+                bias: Tensor | None, bits: int) -> tuple[int, int]:
+    """Validate a quantized linear; returns ``(out_features, group_size)``."""
+    check_input(op, x)
+    if bits not in BITS:
+        raise fail(op, f"bits must be one of {list(BITS)}, got {bits}")
+    if scales.dim() != 2 or scales.dtype != torch.float16:
+        raise fail(op, f"scales must be fp16 (out, groups), got {scales.dtype} {shape(scales)}")
+    out, groups = scales.shape
+    inn = x.shape[-1]
+    if groups == 0 or inn % groups:
+        raise fail(op, f"x has {inn} features, not divisible into the {groups} scale groups per row")
+    per, nbytes = _UNIT_BYTES[bits]
+    want = (out, -(-inn // per) * nbytes)
+    want_dtype = torch.int8 if bits == 8 else torch.uint8
+    if shape(codes) != want or codes.dtype != want_dtype:
+        raise fail(op, f"codes for {bits}-bit values of a ({out}, {inn}) weight must be {want_dtype} {want}, "
+                       f"got {codes.dtype} {shape(codes)}")
+    if minima is not None and (shape(minima) != (out, groups) or minima.dtype != torch.float16):
+        raise fail(op, f"minima must be fp16 {(out, groups)} like scales, got {minima.dtype} {shape(minima)}")
+    for name, t in (("codes", codes), ("scales", scales), ("minima", minima), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise fail(op, f"{name} is on {t.device} but x is on {x.device}")
+    if bias is not None and bias.dtype != x.dtype:
+        raise fail(op, f"bias has dtype {bias.dtype} but x has {x.dtype}")
+    check_bias(op, bias, out)
+    return out, inn // groups
+
+
+def dequantize(codes: Tensor, scales: Tensor, minima: Tensor | None, bits: int, inn: int,
+               dtype: torch.dtype) -> Tensor:
+    """The ``(out, in)`` weight in ``dtype`` (reference decode, same math as `kronc.values.codec`)."""
+    from ...values.pack import unpack
+
+    out, groups = scales.shape
+    q = unpack(codes, bits, level_offset(bits, minima is None), inn).reshape(out, groups, inn // groups)
+    w = q.float() * scales.float()[..., None]
+    if minima is not None:
+        w = w + minima.float()[..., None]
+    return w.reshape(out, inn).to(dtype)
+
+
+def cpu_path(x: Tensor, scales: Tensor, minima: Tensor | None, bits: int, tokens: int) -> str:
+    """Which CPU implementation runs: ``int8pack``, ``int4pack`` or ``dequant`` (see module docstring)."""
+    out, groups = scales.shape
+    float_ok = x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    if bits == 8 and groups == 1 and minima is None and float_ok and tokens <= INT8PACK_MAX_TOKENS:
+        return "int8pack"
+    if (bits == 4 and float_ok and out % 16 == 0 and x.shape[-1] // groups in INT4_GROUPS
+            and tokens <= INT4PACK_MAX_TOKENS):
+        return "int4pack"
+    return "dequant"
+
+
+_int4_cache: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _int4_operands(codes: Tensor, scales: Tensor, minima: Tensor | None, inn: int,
+                   dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The aten int4 kernel's packed weight and ``(groups, out, 2)`` scales-and-zeros, cached per ``codes``.
+
+    The kernel computes ``(u - 8) * scale + zero`` from the unsigned nibble ``u``; the codec's value is
+    ``(u + lo) * scale (+ minimum)``, so ``zero = (lo + 8) * scale (+ minimum)``.
+    """
+    key = (codes._version, scales._version, None if minima is None else minima._version, dtype)
+    seen = None if is_traced(codes) else _int4_cache.get(codes)
+    if seen is not None and seen[0] == key and seen[1] is scales and seen[2] is minima:
+        return seen[3], seen[4]
+    from ...values.pack import unpack
+
+    u = unpack(codes, 4, 0, inn)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 1)
+    s = scales.float()
+    zero = (level_offset(4, minima is None) + 8) * s + (0 if minima is None else minima.float())
+    sz = torch.stack([s, zero], -1).transpose(0, 1).contiguous().to(dtype)
+    if not is_traced(codes):
+        _int4_cache[codes] = (key, scales, minima, packed, sz)
+    return packed, sz
+
+
+def quant_linear_cpu(x: Tensor, codes: Tensor, scales: Tensor, minima: Tensor | None,
+                     bias: Tensor | None, bits: int, path: str | None = None) -> Tensor:
+    """The torch implementation; ``path`` forces one of `cpu_path`'s choices (benchmarks, tests)."""
+    out, group = check_quant("quant_linear", x, codes, scales, minima, bias, bits)
+    inn = x.shape[-1]
+    x2 = x.reshape(-1, inn)
+    path = path or cpu_path(x, scales, minima, bits, x2.shape[0])
+    if path == "int8pack":
+        y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), codes, scales[:, 0].to(x.dtype))
+    elif path == "int4pack":
+        packed, sz = _int4_operands(codes, scales, minima, inn, x.dtype)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), packed, group, sz)
+    else:
+        y = F.linear(x2, dequantize(codes, scales, minima, bits, inn, x.dtype))
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*x.shape[:-1], out)
+
+
+@torch.library.custom_op("kronc::quant_linear", mutates_args=())
+def quant_linear(x: Tensor, codes: Tensor, scales: Tensor, minima: Tensor | None, bias: Tensor | None,
+                 bits: int) -> Tensor:
+    """``x @ dequant(codes, scales, minima).T + bias`` for ``x`` of shape ``(..., in)``."""
+    check_quant("quant_linear", x, codes, scales, minima, bias, bits)
+    if use_triton("quant_linear", x) and bits in (8, 4, 2):
+        from ..triton import quant_matmul
+
+        return quant_matmul.quant_linear(x, codes, scales, minima, bias, bits)
+    return quant_linear_cpu(x, codes, scales, minima, bias, bits).contiguous()
+
+
+@quant_linear.register_fake
+def _(x: Tensor, codes: Tensor, scales: Tensor, minima: Tensor | None, bias: Tensor | None,
+      bits: int) -> Tensor:
+    out, _ = check_quant("quant_linear", x, codes, scales, minima, bias, bits)
+    return x.new_empty((*x.shape[:-1], out))
+
+
+def _setup(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: Tensor) -> None:
+    x, codes, scales, minima, bias, bits = inputs
+    ctx.save_for_backward(codes, scales, minima)
+    ctx.bits, ctx.inn, ctx.dtype = bits, x.shape[-1], x.dtype  # type: ignore[attr-defined]
+
+
+def _backward(ctx: torch.autograd.function.FunctionCtx, g: Tensor) -> tuple[Tensor | None, ...]:
+    """Gradients for ``x`` and ``bias`` only: the stored integer weight is not trained."""
+    codes, scales, minima = ctx.saved_tensors
+    need = needs_grad(ctx, 6)
+    w = dequantize(codes, scales, minima, ctx.bits, ctx.inn, g.dtype)  # type: ignore[attr-defined]
+    gx = g @ w if need[0] else None
+    gb = g.reshape(-1, g.shape[-1]).sum(0) if need[4] else None
+    return gx, None, None, None, gb, None
+
+
+quant_linear.register_autograd(_backward, setup_context=_setup)

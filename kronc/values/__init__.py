@@ -1,0 +1,14 @@
+"""The value codec: bits per stored value for every format's tensors (see `precision`, `codec`, `fits`,
+`joint`). Sits above `kronc.codegen` (its `quant_linear` op) and below `kronc.formats`."""
+
+from __future__ import annotations
+
+from .codec import Encoded, QuantizedTensor, decode, encode, encode_levels
+from .fits import Levels, fit_clip, fit_gptq, fit_hqq, fit_levels, fit_rtn
+from .joint import JointFit, fit_joint
+from .precision import GROUP_SIZES, Precision, PrecisionError
+
+__all__ = [
+    "GROUP_SIZES", "Encoded", "JointFit", "Levels", "Precision", "PrecisionError", "QuantizedTensor", "decode",
+    "encode", "encode_levels", "fit_clip", "fit_gptq", "fit_hqq", "fit_joint", "fit_levels", "fit_rtn",
+]

@@ -1,0 +1,133 @@
+"""The value codec: encode a float tensor at a `Precision`, store it packed, decode it back.
+
+`encode` fits levels (`fits.py`), packs them (`pack.py`) and returns an `Encoded` (packed codes,
+fp16 scales, optional fp16 minima, the original shape). `QuantizedTensor` is the ``nn.Module`` a
+format stores any of its tensors through: its buffers are exactly the stored bytes (``nbytes()`` is
+read off them and equals ``Precision.nbytes(shape)``), ``dequantize()`` gives the float tensor, and
+``linear(x, bias)`` runs ``kronc::quant_linear`` on the packed weight. Float precisions go through
+the same interface as a cast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .fits import Levels, fit_levels
+from .grid import level_range
+from .pack import pack, unpack
+from .precision import Precision
+
+FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A tensor at a precision: ``codes`` (the cast values for floats; int8 levels or packed uint8 bytes
+    ``(rows, packed)`` otherwise), ``scales``/``minima`` fp16 ``(rows, groups)`` (None when unused)."""
+
+    precision: Precision
+    shape: tuple[int, ...]
+    codes: Tensor
+    scales: Tensor | None = None
+    minima: Tensor | None = None
+
+    def nbytes(self) -> int:
+        """Bytes of the stored tensors."""
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.minima) if t is not None)
+
+
+def encode_levels(lv: Levels, p: Precision, shape: tuple[int, ...]) -> Encoded:
+    """Pack fitted levels into an `Encoded`."""
+    rows, inn = p.check_shape(shape)
+    codes = pack(lv.q.reshape(rows, inn), p.bits, level_range(p)[0])
+    minima = None if lv.minimum is None else lv.minimum.half()
+    return Encoded(p, tuple(shape), codes, lv.scale.half(), minima)
+
+
+def encode(w: Tensor, p: Precision, h: Tensor | None = None) -> Encoded:
+    """``w`` (any shape ``(..., in)``) at precision ``p``; ``h`` = ``X^T X`` ``(in, in)`` for ``fit='gptq'``."""
+    shape = tuple(w.shape)
+    p.check_shape(shape)
+    if p.is_float:
+        return Encoded(p, shape, w.detach().to(FLOAT_DTYPES[p.dtype]).clone())
+    return encode_levels(fit_levels(w.detach(), p, h), p, shape)
+
+
+def decode_parts(codes: Tensor, scales: Tensor | None, minima: Tensor | None, p: Precision,
+                 shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
+    """The float tensor the stored parts represent, in ``dtype``."""
+    if p.is_float:
+        return codes.to(dtype)
+    rows, inn = p.check_shape(shape)
+    assert scales is not None
+    groups = scales.shape[1]
+    q = unpack(codes, p.bits, level_range(p)[0], inn).reshape(rows, groups, inn // groups)
+    w = q.float() * scales.float()[..., None]
+    if minima is not None:
+        w = w + minima.float()[..., None]
+    return w.reshape(shape).to(dtype)
+
+
+def decode(e: Encoded, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Inverse of `encode` up to the precision's rounding (exact for values on the grid)."""
+    return decode_parts(e.codes, e.scales, e.minima, e.precision, e.shape, dtype)
+
+
+class QuantizedTensor(nn.Module):
+    """One stored tensor at a `Precision`, held as buffers (``codes``, ``scales``, ``minima``) so
+    ``state_dict``/``.to(device)``/save-load carry exactly the packed bytes."""
+
+    codes: Tensor
+    scales: Tensor | None
+    minima: Tensor | None
+
+    def __init__(self, encoded: Encoded) -> None:
+        super().__init__()
+        self.precision = encoded.precision
+        self.shape = tuple(encoded.shape)
+        self.register_buffer("codes", encoded.codes)
+        self.register_buffer("scales", encoded.scales)
+        self.register_buffer("minima", encoded.minima)
+
+    @classmethod
+    def from_float(cls, w: Tensor, p: Precision, h: Tensor | None = None) -> QuantizedTensor:
+        """Encode ``w`` at ``p`` (``h`` for gptq) and hold the result."""
+        return cls(encode(w, p, h))
+
+    def encoded(self) -> Encoded:
+        return Encoded(self.precision, self.shape, self.codes, self.scales, self.minima)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The represented float tensor (original shape) in ``dtype``."""
+        return decode_parts(self.codes, self.scales, self.minima, self.precision, self.shape, dtype)
+
+    def nbytes(self) -> int:
+        """Bytes of the stored buffers (equals ``self.precision.nbytes(self.shape)``)."""
+        return sum(b.numel() * b.element_size() for b in self.buffers(recurse=False))
+
+    def linear(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
+        """``x @ W.T + bias`` with this tensor as the ``(out, in)`` weight, through ``kronc::quant_linear``."""
+        if len(self.shape) != 2:
+            raise ValueError(f"QuantizedTensor.linear needs a 2-D (out, in) weight, got shape {self.shape}")
+        if self.precision.is_float:
+            return nn.functional.linear(x, self.codes.to(x.dtype), bias)
+        from ..codegen.ops.quant import quant_linear
+
+        return quant_linear(x, self.codes, self.scales, self.minima, bias, self.precision.bits)
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
+        """Device moves apply; dtype casts (``.half()``, ``.to(torch.float64)``) do not: the stored
+        precision is chosen by the `Precision`, not by the model's float dtype."""
+        dtypes = {name: b.dtype for name, b in self._buffers.items() if b is not None}
+        super()._apply(fn, recurse)
+        for name, dtype in dtypes.items():
+            b = self._buffers[name]
+            if b is not None and b.dtype != dtype:
+                self._buffers[name] = b.to(dtype)
+        return self
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}, precision={self.precision.describe()}, nbytes={self.nbytes()}"

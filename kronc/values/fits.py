@@ -1,0 +1,148 @@
+"""How the integer values of a tensor are chosen: round to nearest, data-free (clip search + HQQ), GPTQ.
+
+Every fit returns `Levels` on the same grid (`grid.py`), so the codec packs them the same way. Each
+fit keeps an exact-structure input exact: a tensor already on the grid is fitted with zero error
+(RTN reproduces it; the data-free search includes the unclipped range and keeps the best per group;
+GPTQ's first column has zero error, so nothing is propagated).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .grid import grouped, level_range, levels, minmax_params, to_fp16, values
+from .precision import Precision, PrecisionError
+
+CLIP_RATIOS = tuple(1.0 - 0.04 * i for i in range(13))  # 1.0 .. 0.52
+"""Range shrink factors tried per group by the data-free fit."""
+
+
+@dataclass(frozen=True)
+class Levels:
+    """Grid levels ``q`` ``(rows, groups, group)`` with per-group ``scale`` (and ``minimum``), float32
+    tensors of fp16-representable values, shape ``(rows, groups)``."""
+
+    q: Tensor
+    scale: Tensor
+    minimum: Tensor | None
+
+    def values(self) -> Tensor:
+        """Decoded float32 values ``(rows, groups, group)``."""
+        return values(self.q, self.scale, self.minimum)
+
+
+def fit_rtn(w: Tensor, p: Precision) -> Levels:
+    """Round to nearest on the full per-group range (absmax when symmetric, min..max otherwise)."""
+    wg = grouped(w, p)
+    scale, minimum = minmax_params(wg, p)
+    return Levels(levels(wg, scale, minimum, p), scale, minimum)
+
+
+def _group_err(wg: Tensor, lv: Levels) -> Tensor:
+    return (wg - lv.values()).square().sum(-1)
+
+
+def _keep_better(wg: Tensor, best: Levels, cand: Levels) -> Levels:
+    """Per group, the candidate with the smaller squared error (ties keep ``best``)."""
+    better = _group_err(wg, cand) < _group_err(wg, best)
+    pick = lambda a, b: torch.where(better, b, a)  # noqa: E731
+    q = torch.where(better[..., None], cand.q, best.q)
+    mn = None if best.minimum is None else pick(best.minimum, cand.minimum)
+    return Levels(q, pick(best.scale, cand.scale), mn)
+
+
+def fit_clip(w: Tensor, p: Precision, ratios: tuple[float, ...] = CLIP_RATIOS) -> Levels:
+    """Data-free: per group, the clipping of the range (``ratios`` of it) with the least squared error."""
+    wg = grouped(w, p)
+    best = fit_rtn(w, p)
+    for r in ratios:
+        if r == 1.0:
+            continue
+        scale, minimum = minmax_params(wg, p, shrink=r)
+        best = _keep_better(wg, best, Levels(levels(wg, scale, minimum, p), scale, minimum))
+    return best
+
+
+def _shrink_lp(x: Tensor, beta: float, lp: float) -> Tensor:
+    """HQQ's generalized soft threshold (proximal operator of ``|x|^lp``)."""
+    return torch.sign(x) * torch.relu(x.abs() - x.abs().clamp_min(1e-12).pow(lp - 1) / beta)
+
+
+def fit_hqq(w: Tensor, p: Precision, iters: int = 20, lp: float = 0.7, beta: float = 10.0,
+            kappa: float = 1.01) -> Levels:
+    """Data-free: `fit_clip`, then (asymmetric only) HQQ's half-quadratic fit of the zero point with
+    the scale fixed, keeping per group whichever of the two has the smaller squared error."""
+    wg = grouped(w, p)
+    best = fit_clip(w, p)
+    if p.symmetric:
+        return best
+    lo, hi = level_range(p)
+    s = torch.where(best.scale == 0, torch.ones_like(best.scale), best.scale)[..., None]
+    z = -best.minimum[..., None] / s  # w = (u - z) * s
+    for _ in range(iters):
+        u = torch.round(wg / s + z).clamp(lo, hi)
+        e = _shrink_lp(wg - (u - z) * s, beta, lp)
+        z = (u - (wg - e) / s).mean(-1, keepdim=True)
+        beta *= kappa
+        mn = to_fp16(-z[..., 0] * s[..., 0])
+        best = _keep_better(wg, best, Levels(levels(wg, best.scale, mn, p), best.scale, mn))
+    return best
+
+
+def fit_gptq(w: Tensor, p: Precision, h: Tensor, damp: float = 0.01, block: int = 128) -> Levels:
+    """GPTQ: quantize column by column, spreading each column's error over the columns not yet
+    quantized through the Cholesky factor of the damped inverse Gram matrix ``h = X^T X`` ``(in, in)``;
+    lazy updates per block of columns; group scales are computed from the updated columns as each
+    group is reached (blocks are whole groups, so those columns are current)."""
+    rows, inn = p.check_shape(tuple(w.shape))
+    if tuple(h.shape) != (inn, inn):
+        raise PrecisionError(f"fit='gptq': H must be ({inn}, {inn}) for last dimension {inn}, got {tuple(h.shape)}")
+    g = p.group_size or inn
+    block = g * max(1, block // g) if p.group_size else block
+    W = w.reshape(rows, inn).double().clone()
+    H = h.double().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    H += damp * torch.diag(H).mean() * torch.eye(inn, dtype=H.dtype, device=H.device)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    q = torch.zeros(rows, inn, dtype=torch.int32, device=w.device)
+    n_groups = inn // g
+    scale = torch.zeros(rows, n_groups, device=w.device)
+    minimum = None if p.symmetric else torch.zeros(rows, n_groups, device=w.device)
+    if p.group_size is None:
+        scale[:, 0], mn = minmax_params(W.float(), p)
+        if minimum is not None:
+            minimum[:, 0] = mn
+    for i1 in range(0, inn, block):
+        i2 = min(i1 + block, inn)
+        W1, err1, h1 = W[:, i1:i2].clone(), torch.zeros(rows, i2 - i1, dtype=W.dtype), hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            c, k = i1 + i, (i1 + i) // g
+            if p.group_size is not None and c % g == 0:
+                scale[:, k], mn = minmax_params(W1[:, i:i + g].float(), p)
+                if minimum is not None:
+                    minimum[:, k] = mn
+            mn_k = None if minimum is None else minimum[:, k]
+            qc = levels(W1[:, i:i + 1].float(), scale[:, k], mn_k, p)
+            q[:, c] = qc[:, 0]
+            err = (W1[:, i] - values(qc, scale[:, k], mn_k)[:, 0].double()) / h1[i, i]
+            W1[:, i:] -= err[:, None] * h1[i, i:][None, :]
+            err1[:, i] = err
+        W[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return Levels(q.reshape(rows, n_groups, g), scale, minimum)
+
+
+def fit_levels(w: Tensor, p: Precision, h: Tensor | None = None) -> Levels:
+    """The levels of ``w`` by ``p.fit`` (``h``, the Gram matrix of the inputs, is required for gptq)."""
+    if p.is_float:
+        raise PrecisionError(f"precision {p.describe()} is a float cast; it has no integer levels to fit")
+    if p.fit == "rtn":
+        return fit_rtn(w, p)
+    if p.fit == "hqq":
+        return fit_hqq(w, p)
+    if h is None:
+        raise PrecisionError(f"precision {p.describe()}: fit='gptq' needs the calibration Gram matrix H = X^T X")
+    return fit_gptq(w, p, h)
