@@ -4,7 +4,7 @@ Layers, bottom to top (a module may import from its own layer or below):
 
 0. ``reference`` (plain torch math), ``budget``, ``tokens``, ``errors``, ``factory``, ``state_dicts``
 1. ``codegen`` (kronc:: ops, Triton kernels, input checks)
-2. ``formats``, ``sites``
+2. ``formats``, ``sites``, ``values`` (the value codec, which formats store their tensors through)
 3. ``modules``, ``plan``, ``capture``
 4. ``planning``, ``passes``, ``policies``
 5. ``pipeline``, ``recover``, ``serialize``, ``api``
@@ -29,7 +29,7 @@ ROOT = Path(kronc.__file__).parent
 LAYERS: dict[str, int] = {
     "reference": 0, "budget": 0, "tokens": 0, "errors": 0, "factory": 0, "state_dicts": 0,
     "codegen": 1,
-    "formats": 2, "sites": 2,
+    "formats": 2, "sites": 2, "values": 2,
     "modules": 3, "plan": 3, "capture": 3,
     "planning": 4, "passes": 4, "policies": 4,
     "pipeline": 5, "recover": 5, "serialize": 5, "api": 5,

@@ -12,6 +12,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from kronc.reference.pack import pack, unpack
 from kronc.values import (
     Precision,
     PrecisionError,
@@ -25,7 +26,6 @@ from kronc.values import (
     fit_rtn,
 )
 from kronc.values.grid import grouped
-from kronc.values.pack import pack, unpack
 
 PRECISIONS = [
     Precision(dtype="fp32"), Precision(dtype="bf16"), Precision(dtype="fp16"),

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..codegen.ops.quant import quant_linear
+from ..reference.pack import pack, unpack
 from .fits import Levels, fit_levels
 from .grid import level_range
-from .pack import pack, unpack
 from .precision import Precision
 
 FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -114,8 +115,6 @@ class QuantizedTensor(nn.Module):
             raise ValueError(f"QuantizedTensor.linear needs a 2-D (out, in) weight, got shape {self.shape}")
         if self.precision.is_float:
             return nn.functional.linear(x, self.codes.to(x.dtype), bias)
-        from ..codegen.ops.quant import quant_linear
-
         return quant_linear(x, self.codes, self.scales, self.minima, bias, self.precision.bits)
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ..backend import use_triton
+from ...reference.pack import unpack
 from ._checks import check_bias, check_input, fail, is_traced, needs_grad, shape
 
 BITS = (8, 4, 3, 2)
@@ -73,7 +73,6 @@ def check_quant(op: str, x: Tensor, codes: Tensor, scales: Tensor, minima: Tenso
 def dequantize(codes: Tensor, scales: Tensor, minima: Tensor | None, bits: int, inn: int,
                dtype: torch.dtype) -> Tensor:
     """The ``(out, in)`` weight in ``dtype`` (reference decode, same math as `kronc.values.codec`)."""
-    from ...values.pack import unpack
 
     out, groups = scales.shape
     q = unpack(codes, bits, level_offset(bits, minima is None), inn).reshape(out, groups, inn // groups)
@@ -109,7 +108,6 @@ def _int4_operands(codes: Tensor, scales: Tensor, minima: Tensor | None, inn: in
     seen = None if is_traced(codes) else _int4_cache.get(codes)
     if seen is not None and seen[0] == key and seen[1] is scales and seen[2] is minima:
         return seen[3], seen[4]
-    from ...values.pack import unpack
 
     u = unpack(codes, 4, 0, inn)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 1)
@@ -145,10 +143,8 @@ def quant_linear(x: Tensor, codes: Tensor, scales: Tensor, minima: Tensor | None
                  bits: int) -> Tensor:
     """``x @ dequant(codes, scales, minima).T + bias`` for ``x`` of shape ``(..., in)``."""
     check_quant("quant_linear", x, codes, scales, minima, bias, bits)
-    if use_triton("quant_linear", x) and bits in (8, 4, 2):
-        from ..triton import quant_matmul
-
-        return quant_matmul.quant_linear(x, codes, scales, minima, bias, bits)
+    if x.device.type != "cpu":  # no fused kernel yet: decode, then one GEMM
+        return quant_linear_cpu(x, codes, scales, minima, bias, bits, path="dequant").contiguous()
     return quant_linear_cpu(x, codes, scales, minima, bias, bits).contiguous()
 
 
