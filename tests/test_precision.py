@@ -1,0 +1,138 @@
+"""Precision as a dimension of every format: exact bytes, one storage path, forward against to_dense,
+exact round trips on the grid, fits that use H, errors that name the field."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kronc.formats import (
+    BlockSparseSpec,
+    Dense,
+    DenseSpec,
+    DopedSpec,
+    FormatError,
+    KroneckerSpec,
+    LowRankSpec,
+    fit,
+    parse_spec,
+)
+from kronc.formats.registry import empty
+from kronc.values import Precision, QuantizedTensor
+
+SHAPE = (64, 96)
+
+PRECISIONS = [
+    None,
+    Precision(dtype="bf16"),
+    Precision(dtype="fp16"),
+    Precision(dtype="int8"),
+    Precision(dtype="int8", group_size=32, symmetric=False),
+    Precision(dtype="int4", group_size=16),
+    Precision(dtype="int4", group_size=32, symmetric=False),
+    Precision(dtype="int3", group_size=16),
+    Precision(dtype="int2", group_size=16, fit="hqq", symmetric=False),
+]
+
+STRUCTURES = [
+    DenseSpec(),
+    LowRankSpec(rank=16),
+    KroneckerSpec(a_shape=(8, 8), terms=2),
+    BlockSparseSpec(block=(16, 16), density=0.5),
+    DopedSpec(base=LowRankSpec(rank=16), density=0.05),
+    DopedSpec(base=KroneckerSpec(a_shape=(8, 8)), density=0.05),
+    DopedSpec(density=0.1),
+]
+
+
+def weight(seed: int = 0, shape: tuple[int, int] = SHAPE) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def ids(p: object) -> str:
+    return "keep" if p is None else p.describe() if isinstance(p, Precision) else p.describe()  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("precision", PRECISIONS, ids=ids)
+@pytest.mark.parametrize("structure", STRUCTURES, ids=ids)
+def test_spec_bytes_equal_stored_bytes(structure, precision) -> None:  # type: ignore[no-untyped-def]
+    spec = structure.model_copy(update={"precision": precision})
+    w = weight(1)
+    m = fit(w, spec)
+    assert m.nbytes() == spec.nbytes(SHAPE, 4), spec.describe()
+    assert m.nparams() == spec.nparams(SHAPE), spec.describe()
+    x = weight(2, (5, SHAPE[1]))
+    dense = m.to_dense().float()
+    torch.testing.assert_close(m(x), x @ dense.T, rtol=1e-2, atol=1e-2)
+    rows = torch.tensor([0, 3, 63])
+    torch.testing.assert_close(m.rows(rows).float(), dense[rows], rtol=1e-3, atol=1e-3)
+    quantized = [q for q in m.modules() if isinstance(q, QuantizedTensor)]
+    pruning = isinstance(structure, DopedSpec) and structure.base is None  # overlay values only: fp16
+    assert bool(quantized) == (precision is not None and not precision.is_float and not pruning)
+    # an empty module of the same spec has the same buffers (what load fills)
+    e = empty(spec, SHAPE, torch.float32)
+    assert {k: v.shape for k, v in e.state_dict().items() if "index" not in k} == {
+        k: v.shape for k, v in m.state_dict().items() if "index" not in k
+    }
+    assert parse_spec(spec.model_dump(mode="json")) == spec
+
+
+def test_float_precisions_shrink_bytes_and_keep_training() -> None:
+    spec = LowRankSpec(rank=8, precision=Precision(dtype="bf16"))
+    m = fit(weight(3), spec)
+    assert m.nbytes() == 8 * (SHAPE[0] + SHAPE[1]) * 2
+    assert all(p.requires_grad and p.dtype == torch.bfloat16 for p in m.parameters())
+    m(weight(4, (3, SHAPE[1]))).sum().backward()
+    assert all(p.grad is not None for p in m.parameters())
+
+
+@pytest.mark.parametrize("precision", [p for p in PRECISIONS if p is not None and not p.is_float], ids=ids)
+def test_dense_on_grid_comes_back_exact(precision: Precision) -> None:
+    first = Dense.fit(weight(5), DenseSpec(precision=precision))
+    on_grid = first.to_dense()
+    again = Dense.fit(on_grid, DenseSpec(precision=precision))
+    assert torch.equal(again.to_dense(), on_grid)
+    assert again.nbytes() == precision.nbytes(SHAPE)
+
+
+def test_lowrank_factors_on_grid_come_back_exact() -> None:
+    """A rank-r matrix whose factors are on the int8 grid: quantized low rank returns the same product."""
+    spec = LowRankSpec(rank=4, precision=Precision(dtype="int8"))
+    u, v = weight(6, (SHAPE[0], 4)), weight(7, (4, SHAPE[1]))
+    m = fit(u @ v, spec)
+    again = fit(m.to_dense(), LowRankSpec(rank=4))
+    assert torch.allclose(again.to_dense(), m.to_dense(), atol=1e-4)
+    err = (m.to_dense() - u @ v).norm() / (u @ v).norm()
+    assert err < 0.02
+
+
+def test_dense_gptq_uses_h_and_beats_rtn_on_data() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(512, SHAPE[1]) @ torch.randn(SHAPE[1], SHAPE[1]) * 0.3
+    h = x.T @ x
+    w = weight(8)
+    p_rtn = Precision(dtype="int3", group_size=32)
+    rtn = Dense.fit(w, DenseSpec(precision=p_rtn))
+    gptq = Dense.fit(w, DenseSpec(precision=p_rtn.model_copy(update={"fit": "gptq"})), h=h)
+
+    def out_err(m: Dense) -> float:
+        return float(((m.to_dense() - w) @ x.T).norm())
+
+    assert out_err(gptq) < 0.9 * out_err(rtn)
+    assert gptq.nbytes() == rtn.nbytes()
+
+
+def test_bad_group_size_names_field_and_allowed() -> None:
+    spec = DenseSpec(precision=Precision(dtype="int4", group_size=128))
+    with pytest.raises(FormatError, match=r"group_size=128.*allowed group sizes for it: \[16, 32\]"):
+        spec.check(SHAPE)  # 96 inputs
+    with pytest.raises(FormatError, match="tensor 'a'"):
+        KroneckerSpec(a_shape=(2, 3), terms=1, precision=Precision(dtype="int4", group_size=16)).check(SHAPE)
+
+
+def test_quantized_dense_survives_dtype_casts() -> None:
+    m = Dense.fit(weight(9), DenseSpec(precision=Precision(dtype="int4", group_size=32)))
+    before = m.nbytes()
+    m = m.double()
+    assert m.nbytes() == before and m.dtype == torch.float64
+    assert m.to_dense().dtype == torch.float64
