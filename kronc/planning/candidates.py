@@ -76,7 +76,7 @@ def site_candidates(
     for index, choice in enumerate(choices):
         fam = family(choice.kind)
         for structure in fam.structures(shape, choice, options):
-            for precision in choice.precisions:
+            for precision in choice.precision_list():
                 spec = structure if precision is None else structure.model_copy(update={"precision": precision})
                 if precision is not None:
                     try:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
@@ -33,17 +33,21 @@ class Choice(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     kind: str
-    precisions: list[Precision | None] = Field(default_factory=lambda: [None])
-    """Precisions of the stored values to search, crossed with every structure (``null`` keeps the
+    precisions: list[Literal["keep"] | Precision] = Field(default_factory=lambda: ["keep"], min_length=1)
+    """Precisions of the stored values to search, crossed with every structure (``keep`` keeps the
     weight's dtype; e.g. ``{dtype: int4, group_size: 32}``). A precision a tensor of the site cannot
     take (a group size that does not divide) is skipped for that site; a site left with nothing is an
     error naming the site."""
 
     def precision_note(self) -> str:
         """``""`` or `` @ keep,int8,int4g32``: the precisions part of `describe`."""
-        if self.precisions == [None]:
+        if self.precisions == ["keep"]:
             return ""
-        return " @ " + ",".join("keep" if p is None else p.describe() for p in self.precisions)
+        return " @ " + ",".join(p if isinstance(p, str) else p.describe() for p in self.precisions)
+
+    def precision_list(self) -> list[Precision | None]:
+        """`precisions` with ``keep`` as None (a spec's default precision)."""
+        return [None if isinstance(p, str) else p for p in self.precisions]
 
     def describe(self) -> str:
         """A short form for `kronc.explain`, e.g. ``lowrank(rank 1-max, x8)``."""
