@@ -136,3 +136,99 @@ def test_quantized_dense_survives_dtype_casts() -> None:
     m = m.double()
     assert m.nbytes() == before and m.dtype == torch.float64
     assert m.to_dense().dtype == torch.float64
+
+
+# ------------------------------------------------------------------ planning, save/load, compile/export
+
+import kronc  # noqa: E402
+from kronc.capture import capture  # noqa: E402
+from kronc.plan import Decision, Plan  # noqa: E402
+from kronc.planning import make_plan  # noqa: E402
+from kronc.planning.candidates import PlanningError  # noqa: E402
+from kronc.planning.estimate import SiteAnalysis  # noqa: E402
+from kronc.planning.families import DenseChoice, LowRankChoice  # noqa: E402
+from kronc.tools.toy import TOY_MODELS, toy_inputs  # noqa: E402
+
+
+def test_dense_quant_estimates_match_the_fit() -> None:
+    """Weight metric: the estimate is the fit's error exactly; data-aware (diagonal of H): within 10%."""
+    w = weight(10)
+    x = torch.randn(400, SHAPE[1], generator=torch.Generator().manual_seed(11)) @ torch.randn(SHAPE[1], SHAPE[1]) * 0.2
+    h = x.T @ x
+    specs = [DenseSpec(precision=p) for p in PRECISIONS[1:]]
+    weight_est = SiteAnalysis(w).errors(specs)
+    an = SiteAnalysis(w, h, damping=0.01)
+    data_est = an.errors(specs)
+    for spec, we, de in zip(specs, weight_est, data_est, strict=True):
+        e = (Dense.fit(w, spec).to_dense().detach() - w).double()
+        assert abs(float(e.norm() / w.norm()) - we) < 1e-6, spec.describe()
+        exact = float(((e @ an.h) * e).sum() / an.total) ** 0.5
+        assert abs(de - exact) < 0.1 * exact, (spec.describe(), de, exact)
+
+
+def test_planner_trades_bits_against_structure() -> None:
+    model = TOY_MODELS["llama"]()
+    captured = capture(model, toy_inputs("llama"))
+    sites = captured.sites
+    weights = {s.name: captured.weight(s) for s in sites}
+    grid = [Precision(dtype="int8"), Precision(dtype="int4", group_size=32), Precision(dtype="int2", group_size=32)]
+    spaces = {s.name: [DenseChoice(precisions=["keep", *grid]), LowRankChoice()] for s in sites}
+    plan = make_plan(sites, weights, spaces, "6x", progress=False)
+    assert plan.ratio >= 6
+    bits = {d.values for d in plan.decisions}
+    assert bits <= {"keep", "int8", "int4g32", "int2g32"} and bits & {"int4g32", "int8"}
+    assert "values" in plan.table() and "int4g32" in plan.table()
+    # a precision no site can take is an error naming the site (no alternative allowed)
+    bad = {s.name: [DenseChoice(precisions=[Precision(dtype="int4", group_size=128)])] for s in sites}
+    with pytest.raises(PlanningError, match=r"site .*group_size=128"):
+        make_plan(sites, weights, bad, "2x", progress=False)
+
+
+def test_compile_int4_kernels_policy_and_save_load_bit_exact(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    model = TOY_MODELS["llama"]()
+    small = kronc.compile(model, policy="int4-kernels", budget="5x")
+    plan = small.kronc_plan
+    assert {d.values for d in plan.decisions} <= {"keep", "int8", "int4g32-hqq", "int4g64-hqq"}
+    assert plan.ratio >= 5
+    x = toy_inputs("llama")
+    kronc.save(small, tmp_path / "q")
+    same = kronc.load(tmp_path / "q")
+    before = {k: v for k, v in small.state_dict().items() if "codes" in k}
+    after = same.state_dict()
+    assert before and all(torch.equal(v, after[k]) and after[k].dtype in (torch.int8, torch.uint8) for k, v in before.items())
+    with torch.no_grad():
+        assert torch.equal(small(x).logits, same(x).logits)
+    stored = sum((tmp_path / "q").glob("*.safetensors").__next__().stat().st_size for _ in [0])
+    assert stored < 0.5 * sum(p.numel() * 4 for p in model.parameters())
+
+
+def quant_toy_plan(captured) -> Plan:  # type: ignore[no-untyped-def]
+    specs = [
+        DenseSpec(precision=Precision(dtype="int4", group_size=32)),
+        DenseSpec(precision=Precision(dtype="int8")),
+        DenseSpec(precision=Precision(dtype="int3", group_size=32, symmetric=False)),
+        LowRankSpec(rank=8, precision=Precision(dtype="int4", group_size=16)),
+        KroneckerSpec(a_shape=(4, 4), terms=2, precision=Precision(dtype="bf16")),
+    ]
+    decisions = []
+    for i, site in enumerate(s for s in captured.sites if s.kind == "linear"):
+        spec = specs[i % len(specs)]
+        decisions.append(Decision(site=site.name, shape=site.shape, spec=spec, bytes_before=site.nbytes,
+                                  bytes_after=spec.nbytes(site.shape, site.itemsize), params_after=spec.nparams(site.shape)))
+    return Plan(decisions=decisions, budget="4x")
+
+
+def test_fullgraph_compile_and_export_of_quantized_model_match_eager() -> None:
+    torch.manual_seed(0)
+    model = TOY_MODELS["llama"]()
+    x = toy_inputs("llama")
+    captured = capture(model, x)
+    small = kronc.apply(captured, quant_toy_plan(captured)).eval()
+    compiled = torch.compile(small, backend="aot_eager", fullgraph=True)  # raises on any graph break
+    with torch.no_grad():
+        eager = small(x).logits
+        torch.testing.assert_close(compiled(x).logits, eager, rtol=1e-5, atol=1e-5)
+        ep = torch.export.export(small, (x,), kwargs={"use_cache": False}, strict=False)
+        torch.testing.assert_close(ep.module()(x, use_cache=False).logits, eager, rtol=1e-5, atol=1e-5)
+    assert any("quant_linear" in str(n.target) for n in ep.graph.nodes)

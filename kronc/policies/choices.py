@@ -14,7 +14,6 @@ from pydantic import Field, GetCoreSchemaHandler, GetJsonSchemaHandler, Validati
 from pydantic_core import core_schema
 
 from ..planning.families import FAMILIES as _FAMILIES  # noqa: N811
-from ..values import Precision
 from ..planning.families import (
     PRUNING,
     BlockSparseChoice,
@@ -26,6 +25,7 @@ from ..planning.families import (
     choice_classes,
     parse_choice,
 )
+from ..values import Precision
 
 __all__ = [
     "ALL_FORMATS", "DATA_FORMATS", "DEFAULT_PRECISIONS", "PRUNING", "QUANT_DENSE", "BlockSparseChoice", "Choice", "DenseChoice", "DopedChoice",
