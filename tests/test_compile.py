@@ -43,7 +43,7 @@ def measured_site_bytes(model: torch.nn.Module) -> int:
             total += fmt.nbytes()
         if isinstance(mod, kronc.CompressedLSTM):
             for sub in (*mod.ih, *mod.hh):
-                if id(sub) not in seen and sub.spec.kind != "dense":
+                if id(sub) not in seen and not sub.spec.identity:
                     seen.add(id(sub))
                     total += sub.nbytes()
     return total
@@ -66,7 +66,7 @@ def test_compile_meets_budget_keeps_type_and_leaves_original(name: str) -> None:
     small, report = kronc.compile(model, policy=Policy(budget="4x"), report=True)
     plan = report.plan
     assert plan.bytes_after * 4 <= plan.bytes_before
-    assert measured_site_bytes(small) == sum(d.bytes_after for d in plan.decisions if d.spec.kind != "dense")
+    assert measured_site_bytes(small) == sum(d.bytes_after for d in plan.decisions if not d.spec.identity)
     with torch.no_grad():
         out = logits(small(x))
     assert out.shape == ref.shape and out.dtype == ref.dtype

@@ -14,6 +14,7 @@ from kronc.formats import (
     FormatError,
     KroneckerSpec,
     LowRankSpec,
+    QuantLowRankSpec,
     fit,
     parse_spec,
 )
@@ -42,6 +43,7 @@ STRUCTURES = [
     DopedSpec(base=LowRankSpec(rank=16), density=0.05),
     DopedSpec(base=KroneckerSpec(a_shape=(8, 8)), density=0.05),
     DopedSpec(density=0.1),
+    QuantLowRankSpec(base=Precision(dtype="int3", group_size=32, symmetric=False), rank=8),
 ]
 
 
@@ -232,3 +234,27 @@ def test_fullgraph_compile_and_export_of_quantized_model_match_eager() -> None:
         ep = torch.export.export(small, (x,), kwargs={"use_cache": False}, strict=False)
         torch.testing.assert_close(ep.module()(x, use_cache=False).logits, eager, rtol=1e-5, atol=1e-5)
     assert any("quant_linear" in str(n.target) for n in ep.graph.nodes)
+
+
+def test_quantlr_exact_structure_and_estimate_bounds_fit() -> None:
+    base = Precision(dtype="int4", group_size=32)
+    on_grid = Dense.fit(weight(12), DenseSpec(precision=base)).to_dense().detach()
+    u, v = weight(13, (SHAPE[0], 4)), weight(14, (4, SHAPE[1]))
+    spec = QuantLowRankSpec(base=base, rank=4)
+    m = fit(on_grid, spec)  # on the grid: the base alone is exact, the correction is zero
+    assert torch.allclose(m.to_dense(), on_grid, atol=1e-5)
+    w = weight(15) + 0.5 * (u @ v)
+    x = torch.randn(300, SHAPE[1], generator=torch.Generator().manual_seed(16))
+    h = x.T @ x
+    for moments in (None, h):
+        an = SiteAnalysis(w, moments, damping=0.01)
+        specs = [QuantLowRankSpec(base=base, rank=r) for r in (4, 16)]
+        est = an.errors(specs)
+        for s_, e in zip(specs, est, strict=True):
+            fitted = kronc.planning.fit_site(w, s_, moments)
+            err = (fitted.to_dense().detach() - w).double()
+            real = float((err.square().sum() if moments is None else ((err @ an.h) * err).sum()) / an.total) ** 0.5
+            assert real <= e * 1.02 + 1e-6, (s_.describe(), real, e)
+            assert real >= 0.5 * e
+        assert est[1] < est[0]
+    assert fit(w, spec).nbytes() == spec.nbytes(SHAPE, 4)

@@ -251,6 +251,13 @@ class SiteAnalysis:
 
 
     # ---------------------------------------------------------------- helpers
+    def whitened_input(self) -> Tensor:
+        """``S`` with ``S Sᵀ = H`` (damped), cached."""
+        assert self.h is not None
+        if getattr(self, "_whitener", None) is None:
+            self._whitener = whitener(self.h)
+        return self._whitener
+
     def input_scale(self) -> Tensor:
         assert self.h is not None
         return column_scale(self.h)

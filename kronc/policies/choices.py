@@ -22,6 +22,7 @@ from ..planning.families import (
     DopedChoice,
     KroneckerChoice,
     LowRankChoice,
+    QuantLowRankChoice,
     choice_classes,
     parse_choice,
 )
@@ -116,6 +117,7 @@ ALL_FORMATS: tuple[Choice, ...] = (
     DopedChoice(),
     BlockSparseChoice(),
     PRUNING,
+    QuantLowRankChoice(),
 )
 """What a site may use when no rule narrows it: every built-in format with default limits, dense included, so
 the solver can leave the layers that compress worst alone. A format registered later is opt-in (named in a rule)."""
