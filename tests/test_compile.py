@@ -93,8 +93,9 @@ def test_error_grows_with_budget_and_mild_budget_stays_close(name: str) -> None:
         small = kronc.compile(model, policy=Policy(budget=budget))
         with torch.no_grad():
             errors.append(relative_error(logits(small(x)), ref))
-    assert errors[0] < errors[1] < errors[2], errors
-    assert errors[0] < 0.05, errors
+    # with precision in the search, 1.1x and 2x are both near-lossless (a bf16 cast costs ~1e-3):
+    # the two mild budgets may swap within that noise, the hard one must cost clearly more
+    assert max(errors[0], errors[1]) < 0.05 and max(errors[0], errors[1]) < errors[2], errors
 
 
 def test_hf_causal_model_still_generates() -> None:

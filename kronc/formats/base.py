@@ -198,7 +198,7 @@ class Factorized(nn.Module, ABC):
             _, layout = self.spec.stored_values(self.shape)[name]
             if p.fit == "gptq" and (h is None or layout != "rows"):
                 p, h = p.model_copy(update={"fit": "hqq"}), None
-            qt = QuantizedTensor.from_float(to_storage(tensor.detach().float(), layout), p, h)
+            qt = QuantizedTensor.from_float(to_storage(tensor.detach().float(), layout).contiguous(), p, h)
             qt.precision = self.spec.precision  # the spec's (gptq stays gptq where it fell back)
             setattr(self, name, qt)
 
