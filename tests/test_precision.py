@@ -70,7 +70,8 @@ def test_spec_bytes_equal_stored_bytes(structure, precision) -> None:  # type: i
     torch.testing.assert_close(m.rows(rows).float(), dense[rows], rtol=1e-3, atol=1e-3)
     quantized = [q for q in m.modules() if isinstance(q, QuantizedTensor)]
     pruning = isinstance(structure, DopedSpec) and structure.base is None  # overlay values only: fp16
-    assert bool(quantized) == (precision is not None and not precision.is_float and not pruning)
+    joint = isinstance(structure, QuantLowRankSpec)  # its base is always quantized
+    assert bool(quantized) == (joint or (precision is not None and not precision.is_float and not pruning))
     # an empty module of the same spec has the same buffers (what load fills)
     e = empty(spec, SHAPE, torch.float32)
     assert {k: v.shape for k, v in e.state_dict().items() if "index" not in k} == {
