@@ -16,8 +16,8 @@ import torch
 from torch import Tensor, nn
 
 import kronc
-from kronc.policies.choices import ALL_FORMATS
 from kronc.policies import Policy, PolicyError, load_policy
+from kronc.policies.choices import ALL_FORMATS
 from kronc.recover import RecoveryConfig, RecoveryError, Scheme, recover, recovery_losses
 from kronc.recover.batches import TokenWindows, make_batches
 from kronc.recover.losses import model_output, relative_mse
