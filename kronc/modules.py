@@ -32,9 +32,7 @@ class CompressedLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         fmt = self.weight_format
-        if isinstance(fmt, Dense):
-            return nn.functional.linear(x, fmt.weight, self.bias)
-        # every other format takes the bias into its op, so the add is fused with the product
+        # every format takes the bias into its op, so the add is fused with the product
         return fmt(x) if self.bias is None else fmt(x, self.bias)
 
     def extra_repr(self) -> str:

@@ -29,6 +29,12 @@ class Decision(BaseModel):
     def ratio(self) -> float:
         return self.bytes_before / max(1, self.bytes_after)
 
+    @property
+    def values(self) -> str:
+        """Bits of the stored values: ``keep`` (the weight's dtype) or the precision (``int4g32``)."""
+        p = self.spec.precision
+        return "keep" if p is None else p.describe()
+
 
 class Plan(BaseModel):
     """A compression plan for a model: replay it with `kronc.apply(model, plan)`."""
@@ -64,15 +70,16 @@ class Plan(BaseModel):
 
     def table(self) -> str:
         """A fixed-width table of every decision with a total line."""
-        head = ("site", "shape", "format", "before", "after", "ratio", "error", "rule")
+        head = ("site", "shape", "format", "values", "before", "after", "ratio", "error", "rule")
         rows = [
             (
-                d.site, f"{d.shape[0]}x{d.shape[1]}", d.spec.describe(), _size(d.bytes_before), _size(d.bytes_after),
+                d.site, f"{d.shape[0]}x{d.shape[1]}", d.spec.describe(), d.values, _size(d.bytes_before),
+                _size(d.bytes_after),
                 f"{d.ratio:.1f}x", "-" if d.error is None else f"{d.error:.3f}", d.rule or "-",
             )
             for d in self.decisions
         ]
-        rows.append(("total", "", "", _size(self.bytes_before), _size(self.bytes_after), f"{self.ratio:.2f}x", "", ""))
+        rows.append(("total", "", "", "", _size(self.bytes_before), _size(self.bytes_after), f"{self.ratio:.2f}x", "", ""))
         widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
         fmt = "  ".join(f"{{:<{w}}}" for w in widths)
         lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]

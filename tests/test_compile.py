@@ -43,7 +43,7 @@ def measured_site_bytes(model: torch.nn.Module) -> int:
             total += fmt.nbytes()
         if isinstance(mod, kronc.CompressedLSTM):
             for sub in (*mod.ih, *mod.hh):
-                if id(sub) not in seen and sub.spec.kind != "dense":
+                if id(sub) not in seen and not sub.spec.identity:
                     seen.add(id(sub))
                     total += sub.nbytes()
     return total
@@ -66,7 +66,7 @@ def test_compile_meets_budget_keeps_type_and_leaves_original(name: str) -> None:
     small, report = kronc.compile(model, policy=Policy(budget="4x"), report=True)
     plan = report.plan
     assert plan.bytes_after * 4 <= plan.bytes_before
-    assert measured_site_bytes(small) == sum(d.bytes_after for d in plan.decisions if d.spec.kind != "dense")
+    assert measured_site_bytes(small) == sum(d.bytes_after for d in plan.decisions if not d.spec.identity)
     with torch.no_grad():
         out = logits(small(x))
     assert out.shape == ref.shape and out.dtype == ref.dtype
@@ -93,8 +93,9 @@ def test_error_grows_with_budget_and_mild_budget_stays_close(name: str) -> None:
         small = kronc.compile(model, policy=Policy(budget=budget))
         with torch.no_grad():
             errors.append(relative_error(logits(small(x)), ref))
-    assert errors[0] < errors[1] < errors[2], errors
-    assert errors[0] < 0.05, errors
+    # with precision in the search, 1.1x and 2x are both near-lossless (a bf16 cast costs ~1e-3):
+    # the two mild budgets may swap within that noise, the hard one must cost clearly more
+    assert max(errors[0], errors[1]) < 0.05 and max(errors[0], errors[1]) < errors[2], errors
 
 
 def test_hf_causal_model_still_generates() -> None:

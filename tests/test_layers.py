@@ -4,7 +4,8 @@ Layers, bottom to top (a module may import from its own layer or below):
 
 0. ``reference`` (plain torch math), ``budget``, ``tokens``, ``errors``, ``factory``, ``state_dicts``
 1. ``codegen`` (kronc:: ops, Triton kernels, input checks)
-2. ``formats``, ``sites``, ``inputs`` (checks of user models, weights and batches)
+2. ``formats``, ``sites``, ``inputs`` (checks of user models, weights and batches), ``values`` (the value
+   codec, which formats store their tensors through)
 3. ``modules``, ``plan``, ``capture``
 4. ``planning``, ``passes``, ``policies``
 5. ``pipeline``, ``recover``, ``serialize``, ``api``

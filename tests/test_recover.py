@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 import kronc
 from kronc.policies import Policy, PolicyError, load_policy
+from kronc.policies.choices import ALL_FORMATS
 from kronc.recover import RecoveryConfig, RecoveryError, Scheme, recover, recovery_losses
 from kronc.recover.batches import TokenWindows, make_batches
 from kronc.recover.losses import model_output, relative_mse
@@ -44,9 +45,11 @@ def build(name: str) -> nn.Module:
 
 
 def compressed(name: str, budget: str = "10x", formats: list[dict[str, Any]] | None = None) -> tuple[nn.Module, nn.Module]:
-    """(dense teacher, compressed student)."""
+    """(dense teacher, compressed student). Default: the trainable formats (values kept at the weight's
+    dtype; quantized values are frozen, and recovery trains structure)."""
     teacher = build(name)
-    extra = {"default_formats": formats} if formats else {}
+    trainable = [c for c in ALL_FORMATS if c.precisions == ["keep"] and c.kind != "quantlr"]
+    extra = {"default_formats": formats or trainable}
     return teacher, kronc.compile(teacher, policy=Policy(budget=budget, **extra))
 
 

@@ -12,13 +12,14 @@ from .dense import Dense, DenseSpec
 from .doped import Doped, DopedSpec
 from .kronecker import Kronecker, KroneckerSpec
 from .lowrank import LowRank, LowRankSpec
+from .quantlr import QuantLowRank, QuantLowRankSpec
 from .registry import FORMATS, AnySpec, empty, fit, format_module, parse_spec, register_format
 from .sparse_index import SparseIndex, index_bytes
 from .sparse_overlay import SparseOverlay
 
 __all__ = [
     "FORMATS", "AnySpec", "BlockSparse", "BlockSparseSpec", "Dense", "DenseSpec", "Doped", "DopedSpec",
-    "Factorized", "FormatError", "FormatSpec", "Kronecker", "KroneckerSpec", "LowRank", "LowRankSpec",
+    "Factorized", "FormatError", "FormatSpec", "Kronecker", "KroneckerSpec", "LowRank", "LowRankSpec", "QuantLowRank", "QuantLowRankSpec",
     "Shape", "SparseIndex", "SparseOverlay", "empty", "fit", "format_module", "index_bytes", "parse_spec",
     "register_format",
 ]

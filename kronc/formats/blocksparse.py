@@ -11,11 +11,11 @@ from typing import Literal
 
 import torch
 from pydantic import Field
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..codegen import ops as _ops  # noqa: F401  (registers the torch.ops.kronc.* ops used below)
 from ..reference.sparse import gather_row_entries
-from .base import Factorized, FormatError, FormatSpec, Shape, check_matrix
+from .base import Factorized, FormatError, FormatSpec, Layout, Shape, check_matrix
 from .registry import register_format
 from .sparse_index import SparseIndex, count_kept, index_bytes, placeholder_index
 
@@ -34,6 +34,11 @@ class BlockSparseSpec(FormatSpec):
         bh, bw = self.block
         if bh < 1 or bw < 1 or shape[0] % bh or shape[1] % bw:
             raise FormatError(f"blocksparse block={self.block} does not divide a {shape[0]}x{shape[1]} weight")
+        self.check_precision(shape)
+
+    def stored_values(self, shape: Shape) -> dict[str, tuple[tuple[int, ...], Layout]]:
+        """One row of codes per stored block."""
+        return {"blocks": ((self.nblocks(shape), *self.block), "flat")}
 
     def nblocks(self, shape: Shape) -> int:
         gr, gc = self.grid(shape)
@@ -43,13 +48,13 @@ class BlockSparseSpec(FormatSpec):
         return self.nblocks(shape) * self.block[0] * self.block[1]
 
     def nbytes(self, shape: Shape, itemsize: int) -> int:
-        return self.nparams(shape) * itemsize + index_bytes(self.grid(shape), self.nblocks(shape))[1]
+        return self.values_bytes(shape, itemsize) + index_bytes(self.grid(shape), self.nblocks(shape))[1]
 
     def flops_per_token(self, shape: Shape) -> int:
         return 2 * self.nparams(shape)
 
     def describe(self) -> str:
-        return f"block({self.block[0]}x{self.block[1]}@{self.density:.4g})"
+        return f"block({self.block[0]}x{self.block[1]}@{self.density:.4g}){self.precision_tag()}"
 
 
 class BlockSparse(Factorized):
@@ -61,7 +66,7 @@ class BlockSparse(Factorized):
         if blocks.shape != (index.nnz, bh, bw):
             raise FormatError(f"blocksparse needs blocks of shape {(index.nnz, bh, bw)}, got {tuple(blocks.shape)}")
         self.index = index
-        self.blocks = nn.Parameter(blocks.contiguous())
+        self.put("blocks", blocks)
 
     @classmethod
     def fit(cls, weight: Tensor, spec: FormatSpec, column_scale: Tensor | None = None) -> BlockSparse:
@@ -88,25 +93,27 @@ class BlockSparse(Factorized):
     def empty(cls, spec: FormatSpec, shape: Shape, dtype: torch.dtype) -> BlockSparse:
         assert isinstance(spec, BlockSparseSpec)
         n = spec.nblocks(shape)
-        return cls(placeholder_index(spec.grid(shape), n), torch.empty(n, *spec.block, dtype=dtype), spec)
+        return cls(placeholder_index(spec.grid(shape), n), torch.zeros(n, *spec.block, dtype=dtype), spec)
 
     def forward(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
         rows, cols = self.index.decode()
-        return torch.ops.kronc.blocksparse_linear(x, self.blocks, rows, cols, self.shape[0], bias)
+        return torch.ops.kronc.blocksparse_linear(x, self.value("blocks", x.dtype), rows, cols, self.shape[0], bias)
 
     def rows(self, index: Tensor) -> Tensor:
         rows, cols = self.index.decode()
-        (gr, gc), (bh, bw) = self.index.grid, self.blocks.shape[1:]
+        blocks = self.value("blocks")
+        (gr, gc), (bh, bw) = self.index.grid, blocks.shape[1:]
         flat = index.reshape(-1)
         query, entry = gather_row_entries(rows, gr, flat // bh)
-        out = self.blocks.new_zeros(flat.numel(), gc, bw)
-        out = out.index_put((query, cols[entry]), self.blocks[entry, flat[query] % bh])
+        out = blocks.new_zeros(flat.numel(), gc, bw)
+        out = out.index_put((query, cols[entry]), blocks[entry, flat[query] % bh])
         return out.reshape(*index.shape, gc * bw)
 
     def to_dense(self) -> Tensor:
         rows, cols = self.index.decode()
-        (gr, gc), (bh, bw) = self.index.grid, self.blocks.shape[1:]
-        tiles = self.blocks.new_zeros(gr, gc, bh, bw).index_put((rows, cols), self.blocks)
+        blocks = self.value("blocks")
+        (gr, gc), (bh, bw) = self.index.grid, blocks.shape[1:]
+        tiles = blocks.new_zeros(gr, gc, bh, bw).index_put((rows, cols), blocks)
         return tiles.permute(0, 2, 1, 3).reshape(gr * bh, gc * bw)
 
 

@@ -1,28 +1,42 @@
-"""Dense: the identity choice, a site left as it is."""
+"""Dense: the weight as a full matrix, kept as it is (the identity choice) or at a lower precision.
+
+``DenseSpec()`` (precision None) leaves a site alone. With a precision the weight is stored cast
+(bf16/fp16) or quantized (int8 with one scale per row, int4/int3/int2 with per-group scales) and
+applied by ``kronc::quant_linear`` on the packed codes (`kronc.values.QuantizedTensor.linear`), which
+picks aten's packed int8/int4 CPU kernels where they fit.
+"""
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from .base import Factorized, Shape, check_matrix
+from ..values import QuantizedTensor
+from .base import Factorized, Layout, Shape, check_matrix
 from .base import FormatSpec as _Spec
 from .registry import register_format
 
 
 class DenseSpec(_Spec):
-    """Keep the weight dense."""
+    """Keep the weight dense (at ``precision``; None keeps it as it is)."""
 
     kind: Literal["dense"] = "dense"
-    identity: ClassVar[bool] = True
+
+    @property
+    def identity(self) -> bool:  # type: ignore[override]
+        """Only the full-precision dense spec leaves a weight untouched."""
+        return self.precision is None
+
+    def stored_values(self, shape: Shape) -> dict[str, tuple[tuple[int, ...], Layout]]:
+        return {"weight": ((shape[0], shape[1]), "rows")}
 
     def check(self, shape: Shape) -> None:
-        return None
+        self.check_precision(shape)
 
     def nbytes(self, shape: Shape, itemsize: int) -> int:
-        return shape[0] * shape[1] * itemsize
+        return self.values_bytes(shape, itemsize)
 
     def nparams(self, shape: Shape) -> int:
         return shape[0] * shape[1]
@@ -31,35 +45,39 @@ class DenseSpec(_Spec):
         return 2 * shape[0] * shape[1]
 
     def describe(self) -> str:
-        return "dense"
+        return "dense" + self.precision_tag()
 
 
 class Dense(Factorized):
     spec_type = DenseSpec
 
-    def __init__(self, weight: Tensor, spec: DenseSpec | None = None) -> None:
+    def __init__(self, weight: Tensor, spec: DenseSpec | None = None, h: Tensor | None = None) -> None:
         check_matrix(weight)
         super().__init__(spec or DenseSpec(), tuple(weight.shape))  # type: ignore[arg-type]
-        self.weight = nn.Parameter(weight.detach().clone())
+        self.put("weight", weight, h)
 
     @classmethod
-    def fit(cls, weight: Tensor, spec: _Spec) -> Dense:
+    def fit(cls, weight: Tensor, spec: _Spec, h: Tensor | None = None) -> Dense:
+        """``h``: the input Gram matrix ``X^T X`` for a ``gptq`` precision (else the data-free fit)."""
         assert isinstance(spec, DenseSpec)
-        return cls(weight, spec)
+        return cls(weight, spec, h)
 
     @classmethod
     def empty(cls, spec: _Spec, shape: Shape, dtype: torch.dtype) -> Dense:
         assert isinstance(spec, DenseSpec)
-        return cls(torch.empty(shape, dtype=dtype), spec)
+        return cls(torch.zeros(shape, dtype=dtype), spec)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return torch.nn.functional.linear(x, self.weight)
+    def forward(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
+        w = self.weight
+        if isinstance(w, QuantizedTensor):
+            return w.linear(x, bias)
+        return torch.nn.functional.linear(x, w if w.dtype == x.dtype else w.to(x.dtype), bias)
 
     def rows(self, index: Tensor) -> Tensor:
-        return self.weight[index]
+        return self.value("weight")[index]
 
     def to_dense(self) -> Tensor:
-        return self.weight
+        return self.value("weight")
 
 
 register_format(Dense)

@@ -5,6 +5,9 @@
 pruning. ``S`` keeps ``round(density * out * in)`` entries of ``W - base`` with the largest
 magnitude; its positions are stored as a bitmap or compressed rows, whichever is smaller.
 
+The spec's ``precision`` applies to the base's factors; the overlay's values (the residual's
+outliers, scattered) keep it when it is a float and are fp16 under an integer precision.
+
 With a base the overlay is ranked over the whole matrix (it holds the residual's outliers, wherever
 they are). Without one the entries are ranked **per output row** and every row keeps the same count
 (give or take one; see `row_balanced_order`), as Wanda does: a matrix-wide ranking has the smaller
@@ -20,6 +23,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
+from ..values import FLOAT_DTYPES
 from .base import Factorized, FormatError, FormatSpec, Shape, check_matrix
 from .kronecker import Kronecker, KroneckerSpec
 from .lowrank import LowRank, LowRankSpec
@@ -37,9 +41,20 @@ class DopedSpec(FormatSpec):
     base: BaseSpec | None = Field(default=None, description="Structured part; None means unstructured pruning.")
     density: float = Field(ge=0.0, le=1.0, description="Fraction of the weight's entries kept in the overlay.")
 
+    @property
+    def base_spec(self) -> KroneckerSpec | LowRankSpec | None:
+        """The base with this spec's precision (the base's own ``precision`` field is not used)."""
+        return None if self.base is None else self.base.model_copy(update={"precision": self.precision})
+
+    def overlay_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The overlay values' dtype for a weight of ``dtype``."""
+        if self.precision is None:
+            return dtype
+        return FLOAT_DTYPES[self.precision.dtype] if self.precision.is_float else torch.float16
+
     def check(self, shape: Shape) -> None:
-        if self.base is not None:
-            self.base.check(shape)
+        if self.base_spec is not None:
+            self.base_spec.check(shape)
         elif self.density == 0.0:
             raise FormatError(
                 f"doped density={self.density} with no base stores nothing on a {shape[0]}x{shape[1]} weight "
@@ -53,16 +68,17 @@ class DopedSpec(FormatSpec):
         return (self.base.nparams(shape) if self.base else 0) + self.nnz(shape)
 
     def nbytes(self, shape: Shape, itemsize: int) -> int:
-        base = self.base.nbytes(shape, itemsize) if self.base else 0
+        base = self.base_spec.nbytes(shape, itemsize) if self.base_spec else 0
         nnz = self.nnz(shape)
-        return base + nnz * itemsize + index_bytes(shape, nnz)[1]
+        value = itemsize if self.precision is None else self.overlay_dtype(torch.float32).itemsize
+        return base + nnz * value + index_bytes(shape, nnz)[1]
 
     def flops_per_token(self, shape: Shape) -> int:
         return (self.base.flops_per_token(shape) if self.base else 0) + 2 * self.nnz(shape)
 
     def describe(self) -> str:
         base = self.base.describe() if self.base else "none"
-        return f"doped({base}+{self.density:.4g})"
+        return f"doped({base}+{self.density:.4g}){self.precision_tag()}"
 
 
 class Doped(Factorized):
@@ -88,39 +104,52 @@ class Doped(Factorized):
         spec.check(shape)
         base: Kronecker | LowRank | None = None
         residual = weight.detach()
-        if spec.base is not None:
-            base = (Kronecker if isinstance(spec.base, KroneckerSpec) else LowRank).fit(weight, spec.base)
-            residual = residual - base.to_dense().detach()
+        if spec.base_spec is not None:
+            base = (Kronecker if isinstance(spec.base, KroneckerSpec) else LowRank).fit(weight, spec.base_spec)
+            residual = residual - base.to_dense().detach().to(residual.dtype)
         scores = residual if column_scale is None else residual.to(torch.float64) * column_scale.to(residual.device)
         if spec.base is None:
             mask = row_balanced_mask(scores, spec.nnz(shape))
         else:
             mask = top_magnitude_mask(scores, spec.nnz(shape))
-        return cls(base, SparseOverlay.from_dense(residual, mask), spec)
+        out = cls(base, SparseOverlay.from_dense(residual.to(spec.overlay_dtype(weight.dtype)), mask), spec)
+        out.compute_dtype = weight.dtype
+        return out
 
     @classmethod
     def empty(cls, spec: FormatSpec, shape: Shape, dtype: torch.dtype) -> Doped:
         assert isinstance(spec, DopedSpec)
-        base = None if spec.base is None else (Kronecker if isinstance(spec.base, KroneckerSpec) else LowRank).empty(spec.base, shape, dtype)
+        kind = Kronecker if isinstance(spec.base, KroneckerSpec) else LowRank
+        base = None if spec.base_spec is None else kind.empty(spec.base_spec, shape, dtype)
         nnz = spec.nnz(shape)
-        return cls(base, SparseOverlay(placeholder_index(shape, nnz), torch.empty(nnz, dtype=dtype)), spec)  # type: ignore[arg-type]
+        values = torch.zeros(nnz, dtype=spec.overlay_dtype(dtype))
+        out = cls(base, SparseOverlay(placeholder_index(shape, nnz), values), spec)  # type: ignore[arg-type]
+        out.compute_dtype = dtype
+        return out
 
     def forward(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
         rows, cols = self.overlay.index.decode()
         values, out_features = self.overlay.values, self.shape[0]
+        values = values if values.dtype == x.dtype else values.to(x.dtype)
         if isinstance(self.base, Kronecker):  # one fused op: the overlay joins the Kronecker output tile
-            return torch.ops.kronc.doped_kron_linear(x, self.base.a, self.base.b, rows, cols, values, bias)
+            a, b = self.base.value("a", x.dtype), self.base.value("b", x.dtype)
+            return torch.ops.kronc.doped_kron_linear(x, a, b, rows, cols, values, bias)
         if self.base is None:
             return torch.ops.kronc.sparse_linear(x, rows, cols, values, out_features, bias)
         return self.base(x, bias) + torch.ops.kronc.sparse_linear(x, rows, cols, values, out_features)
 
     def rows(self, index: Tensor) -> Tensor:
-        out = self.overlay.rows(index)
+        out = self.overlay.rows(index).to(self.dtype)
         return out if self.base is None else self.base.rows(index) + out
 
     def to_dense(self) -> Tensor:
-        out = self.overlay.to_dense()
+        out = self.overlay.to_dense().to(self.dtype)
         return out if self.base is None else self.base.to_dense() + out
+
+    @property
+    def dtype(self) -> torch.dtype:
+        found = getattr(self, "compute_dtype", None)
+        return found if found is not None else (self.base.dtype if self.base is not None else self.overlay.values.dtype)
 
 
 def top_magnitude_mask(matrix: Tensor, keep: int) -> Tensor:

@@ -16,11 +16,11 @@ from typing import Literal
 
 import torch
 from pydantic import Field
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..codegen import ops as _ops  # noqa: F401  (registers the torch.ops.kronc.* ops used below)
 from ..reference.kronecker import contraction_costs, rearrange
-from .base import Factorized, FormatError, FormatSpec, Shape, check_matrix, svd_dtype
+from .base import Factorized, FormatError, FormatSpec, Layout, Shape, check_matrix, svd_dtype
 from .registry import register_format
 
 
@@ -47,20 +47,26 @@ class KroneckerSpec(FormatSpec):
                 f"kronecker terms={self.terms} exceeds the rank bound {min(m1 * n1, m2 * n2)} "
                 f"of a_shape={self.a_shape} on a {shape[0]}x{shape[1]} weight"
             )
+        self.check_precision(shape)
+
+    def stored_values(self, shape: Shape) -> dict[str, tuple[tuple[int, ...], Layout]]:
+        """Each factor is one row of codes (``A_r`` flattened), so groups run over the whole factor."""
+        m2, n2 = self.b_shape(shape)
+        return {"a": ((self.terms, *self.a_shape), "flat"), "b": ((self.terms, m2, n2), "flat")}
 
     def nparams(self, shape: Shape) -> int:
         m2, n2 = self.b_shape(shape)
         return self.terms * (self.a_shape[0] * self.a_shape[1] + m2 * n2)
 
     def nbytes(self, shape: Shape, itemsize: int) -> int:
-        return self.nparams(shape) * itemsize
+        return self.values_bytes(shape, itemsize)
 
     def flops_per_token(self, shape: Shape) -> int:
         (m1, n1), (m2, n2) = self.a_shape, self.b_shape(shape)
         return 2 * self.terms * min(contraction_costs(m1, n1, m2, n2))
 
     def describe(self) -> str:
-        return f"kron({self.a_shape[0]}x{self.a_shape[1]})x{self.terms}"
+        return f"kron({self.a_shape[0]}x{self.a_shape[1]})x{self.terms}{self.precision_tag()}"
 
 
 class Kronecker(Factorized):
@@ -70,8 +76,8 @@ class Kronecker(Factorized):
         if a.dim() != 3 or b.dim() != 3 or a.shape[0] != b.shape[0] or a.shape[0] != spec.terms:
             raise FormatError(f"kronecker factors must be (terms, m, n) stacks, got {tuple(a.shape)} and {tuple(b.shape)}")
         super().__init__(spec, (a.shape[1] * b.shape[1], a.shape[2] * b.shape[2]))
-        self.a = nn.Parameter(a.contiguous())
-        self.b = nn.Parameter(b.contiguous())
+        self.put("a", a)
+        self.put("b", b)
 
     @classmethod
     def fit(cls, weight: Tensor, spec: FormatSpec) -> Kronecker:
@@ -90,16 +96,17 @@ class Kronecker(Factorized):
     def empty(cls, spec: FormatSpec, shape: Shape, dtype: torch.dtype) -> Kronecker:
         assert isinstance(spec, KroneckerSpec)
         (m1, n1), (m2, n2) = spec.a_shape, spec.b_shape(shape)
-        return cls(torch.empty(spec.terms, m1, n1, dtype=dtype), torch.empty(spec.terms, m2, n2, dtype=dtype), spec)
+        return cls(torch.zeros(spec.terms, m1, n1, dtype=dtype), torch.zeros(spec.terms, m2, n2, dtype=dtype), spec)
 
     def forward(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
-        return torch.ops.kronc.kron_linear(x, self.a, self.b, bias)
+        return torch.ops.kronc.kron_linear(x, self.value("a", x.dtype), self.value("b", x.dtype), bias)
 
     def rows(self, index: Tensor) -> Tensor:
-        return torch.ops.kronc.kron_embedding(index, self.a, self.b)
+        return torch.ops.kronc.kron_embedding(index, self.value("a"), self.value("b"))
 
     def to_dense(self) -> Tensor:
-        return sum(torch.kron(self.a[r], self.b[r]) for r in range(self.a.shape[0]))  # type: ignore[return-value]
+        a, b = self.value("a"), self.value("b")
+        return sum(torch.kron(a[r], b[r]) for r in range(a.shape[0]))  # type: ignore[return-value]
 
 
 register_format(Kronecker)

@@ -5,7 +5,8 @@ Each format's planning family (`kronc.planning.families`) lists the structures a
 bases x overlay densities; ``blocksparse``: block shapes x densities); this generic layer prices
 them from their spec alone (exact bytes and stored values, indices counted), keeps only those that
 store fewer bytes than dense (dense itself only when a rule allows it) and drops duplicates.
-This is the place where a second axis (precision: bits per stored value) multiplies the structures.
+Here the second axis, precision (bits per stored value, the choice's ``precisions``), multiplies
+the structures: a precision that a tensor of the site cannot take is skipped.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..formats import FormatSpec, Shape
+from ..formats import FormatError, FormatSpec, Shape
 from .families import Choice, family
 from .options import SearchOptions
 from .shapes import divisor_pairs, factor_shapes, geometric, itemsize, max_saving_rank, most_balanced
@@ -71,14 +72,24 @@ def site_candidates(
         if (always or nbytes < dense_bytes) and spec not in seen:
             seen[spec] = Candidate(spec=spec, nbytes=nbytes, nparams=spec.nparams(shape), choice=index)
 
+    skipped: list[str] = []
     for index, choice in enumerate(choices):
         fam = family(choice.kind)
-        for spec in fam.structures(shape, choice, options):
-            add(spec, index, always=spec.identity)
+        for structure in fam.structures(shape, choice, options):
+            for precision in choice.precision_list():
+                spec = structure if precision is None else structure.model_copy(update={"precision": precision})
+                if precision is not None:
+                    try:
+                        spec.check(shape)
+                    except FormatError as e:
+                        skipped.append(str(e))
+                        continue
+                add(spec, index, always=spec.identity)
     if not seen:
         kinds = ", ".join(c.kind for c in choices) or "none"
+        why = f" (skipped: {skipped[0]})" if skipped else ""
         raise PlanningError(
             f"no candidate format for a {shape[0]}x{shape[1]} weight: the allowed formats ({kinds}) have no "
-            "setting that divides this shape and stores fewer bytes than dense; allow 'dense' or other formats"
+            f"setting that divides this shape and stores fewer bytes than dense{why}; allow 'dense' or other formats"
         )
     return list(seen.values())

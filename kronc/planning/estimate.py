@@ -21,7 +21,14 @@ The error of a candidate is relative: ``||W - W'|| / ||W||`` in the weight metri
   ``W diag(sqrt(H_jj))`` (as `fit_site` fits them) and a per-block-row quadratic
   form over the dropped blocks, from one pass over ``W H`` (a coarser block grid sums a finer
   grid's form). Exact for `BlockSparse.fit`.
-* **dense**: zero.
+* **dense**: zero; at a precision, the error of the actual quantization (round to nearest or the
+  data-free clip/HQQ fit, elementwise and cheap) in the weight metric, or data-aware with the diagonal
+  of ``H`` (``Σ_j H_jj ||E_:j||²``: rounding errors of different input columns are nearly
+  uncorrelated, so the off-diagonal terms of ``tr(E H Eᵀ)`` average out; measured against the exact
+  value in ``tests/test_precision.py``). A ``gptq`` precision is estimated by its data-free fit's
+  error, an upper bound of what the error-compensating fit reaches.
+* **quantized factors** (any other format at a precision): the exact error of the quantized fit,
+  recomputed (fit, rebuild, measure); only searched when a policy asks for it.
 
 So every estimate equals the error of the fit it describes up to floating point: weight-space
 decompositions run in float32 and are redone in float64 when an error under 5% is read (float32
@@ -44,9 +51,11 @@ import torch
 from torch import Tensor
 
 from ..formats import FormatSpec
+from ..formats import fit as fit_format
 from ..formats.base import check_matrix
 from ..formats.doped import row_balanced_order
 from ..reference.kronecker import rearrange
+from ..values import decode, encode
 from .families.base import family
 from .whiten import column_scale, damped, whitener
 
@@ -242,6 +251,13 @@ class SiteAnalysis:
 
 
     # ---------------------------------------------------------------- helpers
+    def whitened_input(self) -> Tensor:
+        """``S`` with ``S Sᵀ = H`` (damped), cached."""
+        assert self.h is not None
+        if getattr(self, "_whitener", None) is None:
+            self._whitener = whitener(self.h)
+        return self._whitener
+
     def input_scale(self) -> Tensor:
         assert self.h is not None
         return column_scale(self.h)
@@ -284,13 +300,31 @@ class SiteAnalysis:
                 out[k] = self.rel(float(((e @ self.h32) * e).sum(dtype=F64)))
         return out
 
+    def quant_error(self, spec: FormatSpec) -> float:
+        """Relative error of ``spec`` at its precision (see the module docstring)."""
+        p = spec.precision
+        assert p is not None
+        if spec.identity is False and spec.kind == "dense":
+            q = p if p.is_float or p.fit != "gptq" else p.model_copy(update={"fit": "hqq"})
+            e = decode(encode(self.w32, q)).to(F64) - self.w32.to(F64)
+            if self.h is None:
+                return self.rel(float(e.square().sum()))
+            return self.rel(float((e.square().sum(0) * self.h.diagonal()).sum()))
+        e = fit_format(self.w32, spec).to_dense().detach().to(F64) - self.w32.to(F64)
+        if self.h is None:
+            return self.rel(float(e.square().sum()))
+        return self.rel(float(((e @ self.h) * e).sum()))
+
     def errors(self, specs: Sequence[FormatSpec]) -> np.ndarray:
         """Relative error of every spec, in order: each format's family estimates its own specs at once
-        (sharing this analysis's decompositions)."""
+        (sharing this analysis's decompositions); specs at a precision by `quant_error`."""
         out = np.zeros(len(specs))
         groups: dict[str, list[int]] = defaultdict(list)
         for i, spec in enumerate(specs):
             spec.check(self.shape)
+            if spec.precision is not None:
+                out[i] = self.quant_error(spec)
+                continue
             groups[spec.kind].append(i)
         for kind, where in groups.items():
             errs = family(kind).errors(self, [specs[i] for i in where])

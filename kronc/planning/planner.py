@@ -36,7 +36,7 @@ from ..budget import Budget, BudgetError
 from ..formats import FormatSpec
 from ..plan import Decision, Plan
 from ..sites import Site
-from .candidates import Candidate, site_candidates
+from .candidates import Candidate, PlanningError, site_candidates
 from .estimate import SiteAnalysis
 from .families import FAMILIES, Choice, family
 from .options import SearchOptions
@@ -133,7 +133,12 @@ def make_plan(
     folds = getattr(moments, "folds", None) or {}
     given = [float(v) for k, v in (importance or {}).items() if k in spaces]
     typical = float(np.median(given)) if given else 1.0
-    priced = {s.name: site_candidates(s.shape, s.dtype, spaces[s.name], options) for s in scope}
+    priced = {}
+    for s in scope:
+        try:
+            priced[s.name] = site_candidates(s.shape, s.dtype, spaces[s.name], options)
+        except PlanningError as e:
+            raise PlanningError(f"site {s.name}: {e}") from None
     dense_bytes = sum(s.nbytes for s in scope)
     dense_params = sum(s.numel for s in scope)
     key, limit = budget.limit(dense_bytes, dense_params)

@@ -22,12 +22,14 @@ from ..planning.families import (
     DopedChoice,
     KroneckerChoice,
     LowRankChoice,
+    QuantLowRankChoice,
     choice_classes,
     parse_choice,
 )
+from ..values import Precision
 
 __all__ = [
-    "ALL_FORMATS", "DATA_FORMATS", "PRUNING", "BlockSparseChoice", "Choice", "DenseChoice", "DopedChoice",
+    "ALL_FORMATS", "DATA_FORMATS", "DEFAULT_PRECISIONS", "PRUNING", "QUANT_DENSE", "BlockSparseChoice", "Choice", "DenseChoice", "DopedChoice",
     "FormatChoice", "KroneckerChoice", "LowRankChoice",
 ]
 
@@ -90,18 +92,37 @@ class ChoiceByKind:
 FormatChoice = Annotated[Choice, ChoiceByKind]
 """Any registered format choice, tagged by ``kind``."""
 
+DEFAULT_PRECISIONS: tuple[Precision, ...] = (
+    Precision(dtype="bf16"),
+    Precision(dtype="int8"),
+    *(Precision(dtype="int4", group_size=g, fit="hqq") for g in (32, 64, 128)),
+    *(Precision(dtype="int3", group_size=g, symmetric=False, fit="hqq") for g in (32, 64, 128)),
+    *(Precision(dtype="int2", group_size=g, symmetric=False, fit="hqq") for g in (32, 64)),
+)
+"""Precisions the default policy searches for dense weights. Generic grounds, not one model's grid:
+bf16 and per-row int8 are near-lossless for any trained weight; int4/int3/int2 need group scales, and
+groups of 32-128 span the usual trade of scale bytes (0.125-0.5 bit per value) against range; at 3
+bits and below an asymmetric grid (an fp16 minimum per group) is used because a symmetric one spends
+a level on zero and only has 3 or 1 levels per side; the data-free clip/HQQ fit because clipping
+the range pays at 4 bits and below."""
+
+QUANT_DENSE = DenseChoice(precisions=list(DEFAULT_PRECISIONS))
+"""Dense weights at the `DEFAULT_PRECISIONS` (the plain dense choice keeps the weight as it is)."""
+
 ALL_FORMATS: tuple[Choice, ...] = (
     DenseChoice(),
+    QUANT_DENSE,
     LowRankChoice(),
     KroneckerChoice(),
     DopedChoice(),
     BlockSparseChoice(),
     PRUNING,
+    QuantLowRankChoice(),
 )
 """What a site may use when no rule narrows it: every built-in format with default limits, dense included, so
 the solver can leave the layers that compress worst alone. A format registered later is opt-in (named in a rule)."""
 
-DATA_FORMATS: tuple[Choice, ...] = (DenseChoice(), PRUNING)
+DATA_FORMATS: tuple[Choice, ...] = (DenseChoice(), QUANT_DENSE, PRUNING)
 """The default formats of a ``data`` objective policy: dense and unstructured pruning at any density.
 
 Why: fits to calibration activations of the other formats transfer badly to other text, and

@@ -45,7 +45,7 @@ def encode_levels(lv: Levels, p: Precision, shape: tuple[int, ...]) -> Encoded:
     rows, inn = p.check_shape(shape)
     codes = pack(lv.q.reshape(rows, inn), p.bits, level_range(p)[0])
     minima = None if lv.minimum is None else lv.minimum.half()
-    return Encoded(p, tuple(shape), codes, lv.scale.half(), minima)
+    return Encoded(p, tuple(shape), codes.contiguous(), lv.scale.half().contiguous(), None if minima is None else minima.contiguous())
 
 
 def encode(w: Tensor, p: Precision, h: Tensor | None = None) -> Encoded:

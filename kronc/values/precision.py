@@ -31,7 +31,7 @@ class PrecisionError(ValueError):
 class Precision(BaseModel):
     """Bits per stored value of one tensor, the grouping of its scales, and the fit that picks values."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     dtype: ValueDtype = "fp32"
     """Stored value type: a float (kept by a cast) or a signed integer grid with fp16 scales."""

@@ -1,7 +1,7 @@
 """``kronc::quant_linear``: ``x @ dequant(W).T + bias`` for a weight stored by the value codec.
 
 The weight is ``codes`` (int8 levels ``(out, in)`` for 8 bits, packed uint8 bytes otherwise, the
-layout of `kronc.reference.pack`), fp16 ``scales`` ``(out, groups)`` and, for asymmetric grids, fp16
+layout of `kronc.values.pack`), fp16 ``scales`` ``(out, groups)`` and, for asymmetric grids, fp16
 ``minima`` ``(out, groups)``; the group size is ``in // groups``. ``bits`` is 8, 4, 3 or 2.
 
 CPU paths, chosen per call by `cpu_path` (rule measured by ``benchmarks/quant_ops.py`` on this
@@ -25,7 +25,6 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ...reference.pack import unpack
-from ..backend import use_triton
 from ._checks import check_bias, check_input, fail, is_traced, needs_grad, shape
 
 BITS = (8, 4, 3, 2)
@@ -144,10 +143,8 @@ def quant_linear(x: Tensor, codes: Tensor, scales: Tensor, minima: Tensor | None
                  bits: int) -> Tensor:
     """``x @ dequant(codes, scales, minima).T + bias`` for ``x`` of shape ``(..., in)``."""
     check_quant("quant_linear", x, codes, scales, minima, bias, bits)
-    if use_triton("quant_linear", x) and bits in (8, 4, 2):
-        from ..triton import quant_matmul
-
-        return quant_matmul.quant_linear(x, codes, scales, minima, bias, bits)
+    if x.device.type != "cpu":  # no fused kernel yet: decode, then one GEMM
+        return quant_linear_cpu(x, codes, scales, minima, bias, bits, path="dequant").contiguous()
     return quant_linear_cpu(x, codes, scales, minima, bias, bits).contiguous()
 
 

@@ -17,8 +17,11 @@ from .lowrank import LowRankChoice, LowRankFamily
 for _builtin in (DenseFamily(), LowRankFamily(), KroneckerFamily(), DopedFamily(), BlockSparseFamily()):
     register_family(_builtin)  # in this order: the order policies and messages list them
 
+from . import quantlr  # noqa: E402  (registers itself, after the built-ins: the joint format)
+from .quantlr import QuantLowRankChoice  # noqa: E402
+
 __all__ = [
     "FAMILIES", "PRUNING", "BlockSparseChoice", "Choice", "DenseChoice", "DopedChoice", "Family", "KroneckerChoice",
-    "LowRankChoice", "blocksparse", "choice_classes", "dense", "doped", "family", "kronecker", "lowrank",
-    "parse_choice", "register_family",
+    "LowRankChoice", "QuantLowRankChoice", "blocksparse", "choice_classes", "dense", "doped", "family", "kronecker", "lowrank",
+    "parse_choice", "quantlr", "register_family",
 ]

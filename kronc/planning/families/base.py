@@ -14,12 +14,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from ...formats import Factorized, FormatError, FormatSpec, Shape, fit, format_module
+from ...values import Precision
 from ..options import SearchOptions
 
 if TYPE_CHECKING:  # typing only: the analysis module imports this one
@@ -32,10 +33,25 @@ class Choice(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     kind: str
+    precisions: list[Literal["keep"] | Precision] = Field(default_factory=lambda: ["keep"], min_length=1)
+    """Precisions of the stored values to search, crossed with every structure (``keep`` keeps the
+    weight's dtype; e.g. ``{dtype: int4, group_size: 32}``). A precision a tensor of the site cannot
+    take (a group size that does not divide) is skipped for that site; a site left with nothing is an
+    error naming the site."""
+
+    def precision_note(self) -> str:
+        """``""`` or `` @ keep,int8,int4g32``: the precisions part of `describe`."""
+        if self.precisions == ["keep"]:
+            return ""
+        return " @ " + ",".join(p if isinstance(p, str) else p.describe() for p in self.precisions)
+
+    def precision_list(self) -> list[Precision | None]:
+        """`precisions` with ``keep`` as None (a spec's default precision)."""
+        return [None if isinstance(p, str) else p for p in self.precisions]
 
     def describe(self) -> str:
         """A short form for `kronc.explain`, e.g. ``lowrank(rank 1-max, x8)``."""
-        return self.kind
+        return self.kind + self.precision_note()
 
 
 class Family(ABC):

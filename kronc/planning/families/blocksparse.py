@@ -43,7 +43,7 @@ class BlockSparseChoice(Choice):
 
     def describe(self) -> str:
         blocks = ",".join(f"{r}x{c}" for r, c in self.blocks)
-        return f"blocksparse({blocks}, density {self.density_min:g}-{self.density_max:g})"
+        return f"blocksparse({blocks}, density {self.density_min:g}-{self.density_max:g})" + self.precision_note()
 
 
 def blocksparse_errors(an: SiteAnalysis, block: tuple[int, int], kept: Sequence[int]) -> dict[int, float]:

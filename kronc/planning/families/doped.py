@@ -53,7 +53,7 @@ class DopedChoice(Choice):
         base = self.base
         if base == "kronecker":
             base = f"kronecker {describe_shapes(self.a_shapes)}, terms<={self.terms_max}"
-        return f"doped({base}, density {self.density_min:g}-{self.density_max:g})"
+        return f"doped({base}, density {self.density_min:g}-{self.density_max:g})" + self.precision_note()
 
 
 PRUNING = DopedChoice(base="none", density_min=0.02, density_max=0.9, densities=12)

@@ -38,7 +38,7 @@ class KroneckerChoice(Choice):
     """Largest number of Kronecker terms summed; every count from 1 to this is considered."""
 
     def describe(self) -> str:
-        return f"kronecker({describe_shapes(self.a_shapes)}, terms<={self.terms_max})"
+        return f"kronecker({describe_shapes(self.a_shapes)}, terms<={self.terms_max})" + self.precision_note()
 
 
 def kron_shapes(shape: Shape, a_shapes: object, min_factor: int, limit: int) -> list[tuple[int, int]]:

@@ -40,7 +40,7 @@ class LowRankChoice(Choice):
 
     def describe(self) -> str:
         hi = "max" if self.rank_max is None else f"{self.rank_max:g}"
-        return f"lowrank(rank {self.rank_min:g}-{hi}, x{self.rank_multiple})"
+        return f"lowrank(rank {self.rank_min:g}-{hi}, x{self.rank_multiple})" + self.precision_note()
 
 
 def lowrank_ranks(shape: Shape, choice: LowRankChoice) -> list[int]:
