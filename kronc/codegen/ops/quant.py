@@ -4,14 +4,22 @@ The weight is ``codes`` (int8 levels ``(out, in)`` for 8 bits, packed uint8 byte
 layout of `kronc.values.pack`), fp16 ``scales`` ``(out, groups)`` and, for asymmetric grids, fp16
 ``minima`` ``(out, groups)``; the group size is ``in // groups``. ``bits`` is 8, 4, 3 or 2.
 
-CPU paths, chosen per call by `cpu_path` (rule measured by ``benchmarks/quant_ops.py`` on this
-machine, 2 threads, SmolLM2 shapes):
+CPU paths, chosen per call by `cpu_path` from measurements by ``benchmarks/quant_ops.py`` on this
+machine (AVX512 with bf16, torch 2.13, SmolLM2 shapes):
 
 * ``int8pack``: ``aten._weight_int8pack_mm`` for symmetric int8 with one scale per row;
 * ``int4pack``: ``aten._weight_int4pack_mm_for_cpu`` for int4 with groups of 32/64/128 and ``out`` a
   multiple of 16 (the kernel's limits); the kernel's packed layout is built once per ``codes``
   tensor and cached (eager and compiled runs alike: the op is opaque to tracing);
-* ``dequant``: decode to ``x``'s dtype, then ``F.linear`` (int3, int2, asymmetric int8, other shapes).
+* ``dequant``: decode to ``x``'s dtype, then ``F.linear`` (int3, int2, asymmetric or grouped int8,
+  shapes the packed kernels refuse).
+
+Rule: the packed kernels run only for **bfloat16** activations and at most `PACKED_MAX_TOKENS`
+tokens. With bf16 ``x`` they take the AVX512-bf16 path: at 1 to 128 tokens they beat
+dequantize-then-GEMM by 3-15x (and match the fp32 dense GEMM), at 512 tokens dequantize-then-GEMM
+wins (1.8 ms vs 2.6 ms at 576x576). With float32 or float16 ``x`` they are 2-50x slower than
+dequantize-then-GEMM (a scalar path), so those dtypes always dequantize; a float32 model gets the
+packed kernels by running in bf16.
 
 The op is a plain ``torch.library.custom_op`` (not ``triton_op``) so its cache lives outside any
 trace; on CUDA it runs the Triton kernel that dequantizes inside the matmul.
@@ -25,15 +33,15 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..backend import use_triton
-from ._checks import check_bias, check_input, fail, is_traced, needs_grad, shape
+from ._checks import _version, check_bias, check_input, fail, is_traced, needs_grad, shape
 
 BITS = (8, 4, 3, 2)
 INT4_GROUPS = (32, 64, 128)
 _UNIT_BYTES = {8: (1, 1), 4: (2, 1), 3: (8, 3), 2: (4, 1)}
-INT8PACK_MAX_TOKENS = 1 << 30
-"""Tokens up to which ``int8pack`` is used (above: ``dequant``); set from the benchmark."""
-INT4PACK_MAX_TOKENS = 1 << 30
-"""Tokens up to which ``int4pack`` is used (above: ``dequant``); set from the benchmark."""
+PACKED_DTYPES = (torch.bfloat16,)
+"""Activation dtypes for which the aten packed kernels are faster than dequantize-then-GEMM here."""
+PACKED_MAX_TOKENS = 256
+"""Above this many tokens, dequantize-then-GEMM beats the packed kernels (measured crossover 128-512)."""
 
 
 def level_offset(bits: int, symmetric: bool) -> int:
@@ -83,16 +91,23 @@ def dequantize(codes: Tensor, scales: Tensor, minima: Tensor | None, bits: int, 
     return w.reshape(out, inn).to(dtype)
 
 
+def packed_path(x: Tensor, scales: Tensor, minima: Tensor | None, bits: int) -> str | None:
+    """The aten packed kernel that can run this weight (any float ``x``), or None."""
+    out, groups = scales.shape
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return None
+    if bits == 8 and groups == 1 and minima is None:
+        return "int8pack"
+    if bits == 4 and out % 16 == 0 and x.shape[-1] // groups in INT4_GROUPS:
+        return "int4pack"
+    return None
+
+
 def cpu_path(x: Tensor, scales: Tensor, minima: Tensor | None, bits: int, tokens: int) -> str:
     """Which CPU implementation runs: ``int8pack``, ``int4pack`` or ``dequant`` (see module docstring)."""
-    out, groups = scales.shape
-    float_ok = x.dtype in (torch.float32, torch.bfloat16, torch.float16)
-    if bits == 8 and groups == 1 and minima is None and float_ok and tokens <= INT8PACK_MAX_TOKENS:
-        return "int8pack"
-    if (bits == 4 and float_ok and out % 16 == 0 and x.shape[-1] // groups in INT4_GROUPS
-            and tokens <= INT4PACK_MAX_TOKENS):
-        return "int4pack"
-    return "dequant"
+    packed = packed_path(x, scales, minima, bits)
+    fast = x.dtype in PACKED_DTYPES and tokens <= PACKED_MAX_TOKENS
+    return packed if packed is not None and fast else "dequant"
 
 
 _int4_cache: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -105,7 +120,7 @@ def _int4_operands(codes: Tensor, scales: Tensor, minima: Tensor | None, inn: in
     The kernel computes ``(u - 8) * scale + zero`` from the unsigned nibble ``u``; the codec's value is
     ``(u + lo) * scale (+ minimum)``, so ``zero = (lo + 8) * scale (+ minimum)``.
     """
-    key = (codes._version, scales._version, None if minima is None else minima._version, dtype)
+    key = (_version(codes), _version(scales), None if minima is None else _version(minima), dtype)
     seen = None if is_traced(codes) else _int4_cache.get(codes)
     if seen is not None and seen[0] == key and seen[1] is scales and seen[2] is minima:
         return seen[3], seen[4]
@@ -128,6 +143,9 @@ def quant_linear_cpu(x: Tensor, codes: Tensor, scales: Tensor, minima: Tensor | 
     inn = x.shape[-1]
     x2 = x.reshape(-1, inn)
     path = path or cpu_path(x, scales, minima, bits, x2.shape[0])
+    if path != "dequant" and packed_path(x, scales, minima, bits) != path:
+        raise fail("quant_linear", f"path {path!r} cannot run {bits}-bit weights with {scales.shape[1]} groups, "
+                                   f"{scales.shape[0]} outputs and {x.dtype} input")
     if path == "int8pack":
         y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), codes, scales[:, 0].to(x.dtype))
     elif path == "int4pack":
