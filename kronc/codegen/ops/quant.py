@@ -12,7 +12,7 @@ machine (AVX512 with bf16, torch 2.13, SmolLM2 shapes):
   multiple of 16 (the kernel's limits); the kernel's packed layout is built once per ``codes``
   tensor and cached (eager and compiled runs alike: the op is opaque to tracing);
 * ``dequant``: decode to ``x``'s dtype, then ``F.linear`` (int3, int2, asymmetric or grouped int8,
-  shapes the packed kernels refuse).
+  shapes the packed kernels refuse). On CUDA, int3 also takes this path (on the GPU).
 
 Rule: the packed kernels run only for **bfloat16** activations and at most `PACKED_MAX_TOKENS`
 tokens. With bf16 ``x`` they take the AVX512-bf16 path: at 1 to 128 tokens they beat
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ..backend import use_triton
+from ..backend import KernelUnavailable, kernel_mode, use_triton
 from ._checks import _version, check_bias, check_input, fail, is_traced, needs_grad, shape
 
 BITS = (8, 4, 3, 2)
@@ -163,10 +163,13 @@ def quant_linear(x: Tensor, codes: Tensor, scales: Tensor, minima: Tensor | None
                  bits: int) -> Tensor:
     """``x @ dequant(codes, scales, minima).T + bias`` for ``x`` of shape ``(..., in)``."""
     check_quant("quant_linear", x, codes, scales, minima, bias, bits)
-    if use_triton("quant_linear", x) and bits in (8, 4, 2):
-        from ..triton import quant_matmul
+    if use_triton("quant_linear", x):
+        if bits in (8, 4, 2):
+            from ..triton import quant_matmul
 
-        return quant_matmul.quant_linear(x, codes, scales, minima, bias, bits)
+            return quant_matmul.quant_linear(x, codes, scales, minima, bias, bits)
+        if kernel_mode() == "triton":
+            raise KernelUnavailable(f"kronc::quant_linear: the Triton kernel takes 8-, 4- or 2-bit weights, not {bits}")
     return quant_linear_cpu(x, codes, scales, minima, bias, bits).contiguous()
 
 
