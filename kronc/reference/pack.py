@@ -45,13 +45,11 @@ def unpack(codes: Tensor, bits: int, lo: int, inn: int) -> Tensor:
     if bits == 8:
         return codes.to(torch.int32) + _int8_shift(lo)
     rows = codes.shape[0]
-    unit = _UNIT[bits]
-    c = codes.to(torch.int32)
     if bits == 3:
-        c = c.reshape(rows, -1, 3)
+        c = codes.to(torch.int32).reshape(rows, -1, 3)
         word = c[..., 0] | (c[..., 1] << 8) | (c[..., 2] << 16)
-    else:
-        word = c
-    shifts = torch.arange(unit, dtype=torch.int32, device=codes.device) * bits
-    u = (word[..., None] >> shifts) & ((1 << bits) - 1)
-    return u.reshape(rows, -1)[:, :inn] + lo
+        shifts = torch.arange(8, dtype=torch.int32, device=codes.device) * 3
+        u = ((word[..., None] >> shifts) & 7).reshape(rows, -1)
+    else:  # byte-wise on uint8 (a quarter of the memory traffic of int32)
+        u = torch.stack([(codes >> s) & ((1 << bits) - 1) for s in range(0, 8, bits)], -1).reshape(rows, -1)
+    return u[:, :inn].to(torch.int32) + lo

@@ -86,7 +86,7 @@ def needs_grad(ctx: object, n_args: int) -> tuple[bool, ...]:
 _checked: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
-def _version(t: Tensor) -> int:
+def tensor_version(t: Tensor) -> int:
     try:
         return int(t._version)
     except RuntimeError:  # inference tensors keep no version counter
@@ -95,13 +95,13 @@ def _version(t: Tensor) -> int:
 
 def _remembered(t: Tensor, bound: int, need_sorted: bool) -> bool:
     seen = _checked.get(t)
-    return seen is not None and seen[0] == _version(t) and seen[1] == bound and (seen[2] or not need_sorted)
+    return seen is not None and seen[0] == tensor_version(t) and seen[1] == bound and (seen[2] or not need_sorted)
 
 
 def mark_checked(t: Tensor, bound: int, is_sorted: bool) -> None:
     """Record that ``t`` holds values in ``[0, bound)`` (sorted when ``is_sorted``)."""
     if not is_traced(t):
-        _checked[t] = (_version(t), bound, is_sorted)
+        _checked[t] = (tensor_version(t), bound, is_sorted)
 
 
 def check_index_values(op: str, name: str, t: Tensor, bound: int, need_sorted: bool = False) -> None:
@@ -125,11 +125,11 @@ def transpose_order(rows: Tensor, cols: Tensor) -> Tensor:
     traced = is_traced(rows, cols)
     if not traced:
         seen = _transposed.get(cols)
-        if seen is not None and seen[0] == _version(cols) and seen[1] == cols.numel():
+        if seen is not None and seen[0] == tensor_version(cols) and seen[1] == cols.numel():
             return seen[2]
     perm = torch.argsort(cols, stable=True)
     if not traced:
-        _transposed[cols] = (_version(cols), cols.numel(), perm)
+        _transposed[cols] = (tensor_version(cols), cols.numel(), perm)
     return perm
 
 

@@ -1,17 +1,25 @@
 """``kronc::quant_linear``: ``x @ dequant(W).T + bias`` for a weight stored by the value codec.
 
 The weight is ``codes`` (int8 levels ``(out, in)`` for 8 bits, packed uint8 bytes otherwise, the
-layout of `kronc.values.pack`), fp16 ``scales`` ``(out, groups)`` and, for asymmetric grids, fp16
+layout of `kronc.reference.pack`), fp16 ``scales`` ``(out, groups)`` and, for asymmetric grids, fp16
 ``minima`` ``(out, groups)``; the group size is ``in // groups``. ``bits`` is 8, 4, 3 or 2.
 
-CPU paths, chosen per call by `cpu_path` (rule measured by ``benchmarks/quant_ops.py`` on this
-machine, 2 threads, SmolLM2 shapes):
+CPU paths, chosen per call by `cpu_path` from measurements by ``benchmarks/quant_ops.py`` on this
+machine (AVX512 with bf16, torch 2.13, SmolLM2 shapes):
 
 * ``int8pack``: ``aten._weight_int8pack_mm`` for symmetric int8 with one scale per row;
 * ``int4pack``: ``aten._weight_int4pack_mm_for_cpu`` for int4 with groups of 32/64/128 and ``out`` a
   multiple of 16 (the kernel's limits); the kernel's packed layout is built once per ``codes``
   tensor and cached (eager and compiled runs alike: the op is opaque to tracing);
-* ``dequant``: decode to ``x``'s dtype, then ``F.linear`` (int3, int2, asymmetric int8, other shapes).
+* ``dequant``: decode to ``x``'s dtype, then ``F.linear`` (int3, int2, asymmetric or grouped int8,
+  shapes the packed kernels refuse). On CUDA, int3 also takes this path (on the GPU).
+
+Rule: the packed kernels run only for **bfloat16** activations and at most `PACKED_MAX_TOKENS`
+tokens. With bf16 ``x`` they take the AVX512-bf16 path: at 1 to 128 tokens they beat
+dequantize-then-GEMM by 3-15x (and match the fp32 dense GEMM), at 512 tokens dequantize-then-GEMM
+wins (1.8 ms vs 2.6 ms at 576x576). With float32 or float16 ``x`` they are 2-50x slower than
+dequantize-then-GEMM (a scalar path), so those dtypes always dequantize; a float32 model gets the
+packed kernels by running in bf16.
 
 The op is a plain ``torch.library.custom_op`` (not ``triton_op``) so its cache lives outside any
 trace; on CUDA it runs the Triton kernel that dequantizes inside the matmul.
@@ -25,49 +33,15 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ...reference.pack import unpack
-from ._checks import check_bias, check_input, fail, is_traced, needs_grad, shape
+from ..backend import KernelUnavailable, kernel_mode, use_triton
+from ..checks.common import tensor_version
+from ..checks.quant import INT4_GROUPS, check_quant, level_offset
+from ._checks import fail, is_traced, needs_grad
 
-BITS = (8, 4, 3, 2)
-INT4_GROUPS = (32, 64, 128)
-_UNIT_BYTES = {8: (1, 1), 4: (2, 1), 3: (8, 3), 2: (4, 1)}
-INT8PACK_MAX_TOKENS = 1 << 30
-"""Tokens up to which ``int8pack`` is used (above: ``dequant``); set from the benchmark."""
-INT4PACK_MAX_TOKENS = 1 << 30
-"""Tokens up to which ``int4pack`` is used (above: ``dequant``); set from the benchmark."""
-
-
-def level_offset(bits: int, symmetric: bool) -> int:
-    """Smallest stored level: ``-(2^(b-1)-1)`` when symmetric, ``0`` otherwise (see `kronc.values.grid`)."""
-    return -(2 ** (bits - 1) - 1) if symmetric else 0
-
-
-def check_quant(op: str, x: Tensor, codes: Tensor, scales: Tensor, minima: Tensor | None,
-                bias: Tensor | None, bits: int) -> tuple[int, int]:
-    """Validate a quantized linear; returns ``(out_features, group_size)``."""
-    check_input(op, x)
-    if bits not in BITS:
-        raise fail(op, f"bits must be one of {list(BITS)}, got {bits}")
-    if scales.dim() != 2 or scales.dtype != torch.float16:
-        raise fail(op, f"scales must be fp16 (out, groups), got {scales.dtype} {shape(scales)}")
-    out, groups = scales.shape
-    inn = x.shape[-1]
-    if groups == 0 or inn % groups:
-        raise fail(op, f"x has {inn} features, not divisible into the {groups} scale groups per row")
-    per, nbytes = _UNIT_BYTES[bits]
-    want = (out, -(-inn // per) * nbytes)
-    want_dtype = torch.int8 if bits == 8 else torch.uint8
-    if shape(codes) != want or codes.dtype != want_dtype:
-        raise fail(op, f"codes for {bits}-bit values of a ({out}, {inn}) weight must be {want_dtype} {want}, "
-                       f"got {codes.dtype} {shape(codes)}")
-    if minima is not None and (shape(minima) != (out, groups) or minima.dtype != torch.float16):
-        raise fail(op, f"minima must be fp16 {(out, groups)} like scales, got {minima.dtype} {shape(minima)}")
-    for name, t in (("codes", codes), ("scales", scales), ("minima", minima), ("bias", bias)):
-        if t is not None and t.device != x.device:
-            raise fail(op, f"{name} is on {t.device} but x is on {x.device}")
-    if bias is not None and bias.dtype != x.dtype:
-        raise fail(op, f"bias has dtype {bias.dtype} but x has {x.dtype}")
-    check_bias(op, bias, out)
-    return out, inn // groups
+PACKED_DTYPES = (torch.bfloat16,)
+"""Activation dtypes for which the aten packed kernels are faster than dequantize-then-GEMM here."""
+PACKED_MAX_TOKENS = 256
+"""Above this many tokens, dequantize-then-GEMM beats the packed kernels (measured crossover 128-512)."""
 
 
 def dequantize(codes: Tensor, scales: Tensor, minima: Tensor | None, bits: int, inn: int,
@@ -82,16 +56,23 @@ def dequantize(codes: Tensor, scales: Tensor, minima: Tensor | None, bits: int, 
     return w.reshape(out, inn).to(dtype)
 
 
+def packed_path(x: Tensor, scales: Tensor, minima: Tensor | None, bits: int) -> str | None:
+    """The aten packed kernel that can run this weight (any float ``x``), or None."""
+    out, groups = scales.shape
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return None
+    if bits == 8 and groups == 1 and minima is None:
+        return "int8pack"
+    if bits == 4 and out % 16 == 0 and x.shape[-1] // groups in INT4_GROUPS:
+        return "int4pack"
+    return None
+
+
 def cpu_path(x: Tensor, scales: Tensor, minima: Tensor | None, bits: int, tokens: int) -> str:
     """Which CPU implementation runs: ``int8pack``, ``int4pack`` or ``dequant`` (see module docstring)."""
-    out, groups = scales.shape
-    float_ok = x.dtype in (torch.float32, torch.bfloat16, torch.float16)
-    if bits == 8 and groups == 1 and minima is None and float_ok and tokens <= INT8PACK_MAX_TOKENS:
-        return "int8pack"
-    if (bits == 4 and float_ok and out % 16 == 0 and x.shape[-1] // groups in INT4_GROUPS
-            and tokens <= INT4PACK_MAX_TOKENS):
-        return "int4pack"
-    return "dequant"
+    packed = packed_path(x, scales, minima, bits)
+    fast = x.dtype in PACKED_DTYPES and tokens <= PACKED_MAX_TOKENS
+    return packed if packed is not None and fast else "dequant"
 
 
 _int4_cache: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -104,7 +85,7 @@ def _int4_operands(codes: Tensor, scales: Tensor, minima: Tensor | None, inn: in
     The kernel computes ``(u - 8) * scale + zero`` from the unsigned nibble ``u``; the codec's value is
     ``(u + lo) * scale (+ minimum)``, so ``zero = (lo + 8) * scale (+ minimum)``.
     """
-    key = (codes._version, scales._version, None if minima is None else minima._version, dtype)
+    key = (tensor_version(codes), tensor_version(scales), None if minima is None else tensor_version(minima), dtype)
     seen = None if is_traced(codes) else _int4_cache.get(codes)
     if seen is not None and seen[0] == key and seen[1] is scales and seen[2] is minima:
         return seen[3], seen[4]
@@ -126,6 +107,9 @@ def quant_linear_cpu(x: Tensor, codes: Tensor, scales: Tensor, minima: Tensor | 
     inn = x.shape[-1]
     x2 = x.reshape(-1, inn)
     path = path or cpu_path(x, scales, minima, bits, x2.shape[0])
+    if path != "dequant" and packed_path(x, scales, minima, bits) != path:
+        raise fail("quant_linear", f"path {path!r} cannot run {bits}-bit weights with {scales.shape[1]} groups, "
+                                   f"{scales.shape[0]} outputs and {x.dtype} input")
     if path == "int8pack":
         y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), codes, scales[:, 0].to(x.dtype))
     elif path == "int4pack":
@@ -143,8 +127,13 @@ def quant_linear(x: Tensor, codes: Tensor, scales: Tensor, minima: Tensor | None
                  bits: int) -> Tensor:
     """``x @ dequant(codes, scales, minima).T + bias`` for ``x`` of shape ``(..., in)``."""
     check_quant("quant_linear", x, codes, scales, minima, bias, bits)
-    if x.device.type != "cpu":  # no fused kernel yet: decode, then one GEMM
-        return quant_linear_cpu(x, codes, scales, minima, bias, bits, path="dequant").contiguous()
+    if use_triton("quant_linear", x):
+        if bits in (8, 4, 2):
+            from ..triton import quant_matmul
+
+            return quant_matmul.quant_linear(x, codes, scales, minima, bias, bits)
+        if kernel_mode() == "triton":
+            raise KernelUnavailable(f"kronc::quant_linear: the Triton kernel takes 8-, 4- or 2-bit weights, not {bits}")
     return quant_linear_cpu(x, codes, scales, minima, bias, bits).contiguous()
 
 
