@@ -432,3 +432,35 @@ def test_17_23_input_errors_exit_2_with_one_line() -> None:
     code, text, hint = classify(kronc.InputError("calibration[3] has the token id 99, outside the vocabulary"))
     assert code == EXIT_INPUT == 2
     assert "\n" not in text and "calibration[3]" in text and hint
+
+
+def exits(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    """Exit code and stderr of ``kronc ARGV`` run in-process (argparse errors raise SystemExit)."""
+    from kronc.tools.cli import main
+
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = int(e.code or 0)
+    return code, capsys.readouterr().err
+
+
+def error_line(err: str) -> str:
+    """The one ``kronc: error:`` line of stderr (there must be exactly one)."""
+    lines = [line for line in err.splitlines() if line.startswith("kronc")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("flag", ["--calibration-length", "--calibration-windows"])
+@pytest.mark.parametrize("value", ["0", "-5"])
+def test_17_17_calibration_sizes_below_one_are_usage_errors(flag: str, value: str, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    text = tmp_path / "calib.txt"
+    text.write_text("some calibration text " * 50)
+    code, err = exits(["compress", "toy:gpt2", "--budget", "2x", "--out", str(tmp_path / "out"),
+                       "--calibration", str(text), flag, value], capsys)
+    assert code == 2
+    line = error_line(err)
+    assert flag in line and "at least 1" in line
+    assert not (tmp_path / "out").exists()

@@ -16,7 +16,17 @@ import kronc
 from ...api import input_moments, sensitivity
 from ...budget import Budget
 from ..report import Results, Run, size, write_report
-from .args import EXIT_OK, UsageError, calibration_args, kronc_version, one_line, quiet_arg, say, threads
+from .args import (
+    EXIT_OK,
+    UsageError,
+    calibration_args,
+    kronc_version,
+    one_line,
+    positive_int,
+    quiet_arg,
+    say,
+    threads,
+)
 from .inputs import calibration_batches, data_aware, eval_text, resolve_spec
 from .measure import measure
 
@@ -28,8 +38,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budgets", default="1.5x,2x,4x", help="comma-separated budgets (default 1.5x,2x,4x)")
     p.add_argument("--policy", "-p", metavar="FILE|NAME", help="policy for every run (its budget is overridden)")
     p.add_argument("--text", type=Path, metavar="FILE", help="evaluation text (default: the ABC news text, needs gensim)")
-    p.add_argument("--window", type=int, default=512, help="tokens per window (default 512, at most the model's length)")
-    p.add_argument("--windows", type=int, default=8, help="windows scored per model (default 8)")
+    p.add_argument("--window", type=positive_int, default=512, help="tokens per window (default 512, at most the model's length)")
+    p.add_argument("--windows", type=positive_int, default=8, help="windows scored per model (default 8)")
     p.add_argument("--latency-runs", type=int, default=3, help="timed forward passes, median reported (default 3)")
     p.add_argument("--out", "-o", type=Path, default=Path("kronc-demo"), metavar="DIR",
                    help="folder for results.json and report.png (default kronc-demo)")

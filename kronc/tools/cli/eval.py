@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..report import EVAL, Measurement, size
-from .args import EXIT_OK, quiet_arg, threads
+from .args import EXIT_OK, positive_int, quiet_arg, threads
 from .inputs import resolve_spec
 from .measure import measure
 
@@ -20,8 +20,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL_OR_DIR", help="MODEL, or a folder written by 'kronc compress'")
     p.add_argument("--text", type=Path, metavar="FILE",
                    help="text to measure perplexity on (default: the ABC news text, needs gensim)")
-    p.add_argument("--window", type=int, default=512, help="tokens per window (default 512, at most the model's length)")
-    p.add_argument("--windows", type=int, default=16, help="windows to score (default 16)")
+    p.add_argument("--window", type=positive_int, default=512, help="tokens per window (default 512, at most the model's length)")
+    p.add_argument("--windows", type=positive_int, default=16, help="windows to score (default 16)")
     p.add_argument("--latency-runs", type=int, default=3, help="timed forward passes, median reported (default 3)")
     p.add_argument("--model", dest="architecture", metavar="MODEL",
                    help="uncompressed architecture of a saved plain model (toy:NAME or package.module:factory)")
