@@ -464,3 +464,11 @@ def test_17_17_calibration_sizes_below_one_are_usage_errors(flag: str, value: st
     line = error_line(err)
     assert flag in line and "at least 1" in line
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("spec", ["os:system", "json:dumps", "torch.nn:Linear", "builtins:exit"])
+def test_17_16_bad_factories_exit_2(spec: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, err = exits(["compress", spec, "--budget", "2x", "--out", str(tmp_path / "out")], capsys)
+    assert code == 2
+    assert spec in error_line(err)
+    assert not (tmp_path / "out").exists()
