@@ -472,3 +472,34 @@ def test_17_16_bad_factories_exit_2(spec: str, tmp_path: Path, capsys: pytest.Ca
     assert code == 2
     assert spec in error_line(err)
     assert not (tmp_path / "out").exists()
+
+
+def fifo_with(tmp_path: Path, text: str) -> Path:
+    """A named pipe that a daemon thread fills with ``text`` once a reader opens it."""
+    import os
+    import threading
+
+    fifo = tmp_path / "pipe.txt"
+    os.mkfifo(fifo)
+
+    def feed() -> None:
+        with open(fifo, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    threading.Thread(target=feed, daemon=True).start()
+    return fifo
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="needs named pipes")
+def test_17_20_named_pipes_are_read_like_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from kronc.tools.cli.inputs import read_text
+
+    assert read_text(fifo_with(tmp_path, "line one\nline two\n")) == "line one\nline two\n"
+    (tmp_path / "pipe.txt").unlink()
+    # on the command line: the pipe's few tokens are read (and counted), not reported missing
+    fifo = fifo_with(tmp_path, "too short")
+    code, err = exits(["compress", "toy:gpt2", "--budget", "2x", "--out", str(tmp_path / "out"),
+                       "--calibration", str(fifo)], capsys)
+    assert code == 2
+    line = error_line(err)
+    assert "tokens, fewer than one window" in line and "does not exist" not in line
