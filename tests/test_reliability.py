@@ -503,3 +503,16 @@ def test_17_20_named_pipes_are_read_like_files(tmp_path: Path, capsys: pytest.Ca
     assert code == 2
     line = error_line(err)
     assert "tokens, fewer than one window" in line and "does not exist" not in line
+
+
+def test_17_15_a_scope_that_matches_nothing_is_a_policy_error(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    policy = tmp_path / "narrow.json"
+    policy.write_text(json.dumps({"budget": "2x", "scope": {"include": ["no_such_layer.*"]}}))
+    code, err = exits(["plan", "toy:mlp", "--policy", str(policy)], capsys)
+    assert code == 2
+    line = error_line(err)
+    assert "scope.include" in line and "none of the" in line
+    assert "scope.include" in err.split(line, 1)[1]  # the hint says what to widen
+    with pytest.raises(kronc.PolicyError, match="scope.include"):
+        kronc.plan(FunctionalMLP(), {"budget": "2x", "scope": {"include": ["no_such_layer.*"]}})
