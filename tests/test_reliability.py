@@ -516,3 +516,36 @@ def test_17_15_a_scope_that_matches_nothing_is_a_policy_error(tmp_path: Path,
     assert "scope.include" in err.split(line, 1)[1]  # the hint says what to widen
     with pytest.raises(kronc.PolicyError, match="scope.include"):
         kronc.plan(FunctionalMLP(), {"budget": "2x", "scope": {"include": ["no_such_layer.*"]}})
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "not an object"),
+    ('{"perplexity": "high"}', "perplexity is 'high'"),
+    ('{"latency_s": true}', "latency_s is True"),
+])
+def test_17_18_bad_eval_json_is_one_line(body: str, expected: str, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("matplotlib")
+    save(small_mlp(), tmp_path / "m")
+    (tmp_path / "m" / "eval.json").write_text(body)
+    code, err = exits(["report", str(tmp_path / "m")], capsys)
+    assert code == 2
+    line = error_line(err)
+    assert expected in line and "eval.json" in line
+    assert not (tmp_path / "m" / "report.png").exists()
+
+
+def test_17_18_bad_results_json_and_out_suffix_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"kind": "kronc-results", "model": "m",
+                                   "runs": [{"label": "2x", "measured": {"perplexity": "high"}}]}))
+    code, err = exits(["report", str(results), "--out", str(tmp_path / "r.png")], capsys)
+    assert code == 2 and "runs[0].measured: perplexity is 'high'" in error_line(err)
+    results.write_text(json.dumps({"kind": "kronc-results", "model": "m", "runs": "2x"}))
+    code, err = exits(["report", str(results), "--out", str(tmp_path / "r.png")], capsys)
+    assert code == 2 and "runs is a JSON str" in error_line(err)
+    save(small_mlp(), tmp_path / "m")
+    code, err = exits(["report", str(tmp_path / "m"), "--out", str(tmp_path / "m" / "kronc.json")], capsys)
+    assert code == 2 and "image suffix" in error_line(err)
+    assert json.loads((tmp_path / "m" / "kronc.json").read_text())  # the manifest was not drawn over
