@@ -549,3 +549,23 @@ def test_17_18_bad_results_json_and_out_suffix_exit_2(tmp_path: Path, capsys: py
     code, err = exits(["report", str(tmp_path / "m"), "--out", str(tmp_path / "m" / "kronc.json")], capsys)
     assert code == 2 and "image suffix" in error_line(err)
     assert json.loads((tmp_path / "m" / "kronc.json").read_text())  # the manifest was not drawn over
+
+
+def test_17_04_eval_json_and_report_png_are_not_written_through_links(tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("matplotlib")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    folder = tmp_path / "m"
+    save(small_mlp(), folder)
+    (folder / "eval.json").symlink_to(victim)
+    code, err = exits(["eval", str(folder), "--model", "toy:mlp", "--latency-runs", "1"], capsys)
+    assert code == 2 and "symbolic link" in error_line(err)
+    (folder / "eval.json").unlink()
+    (folder / "report.png").symlink_to(victim)
+    code, err = exits(["report", str(folder)], capsys)
+    assert code == 2 and "symbolic link" in error_line(err)
+    assert victim.read_text() == "precious" and (folder / "report.png").is_symlink()
+    (folder / "report.png").unlink()
+    assert exits(["report", str(folder)], capsys)[0] == 0  # a plain target is written (atomically)
+    assert (folder / "report.png").read_bytes()[:4] == b"\x89PNG" and leftovers(folder) == []

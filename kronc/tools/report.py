@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -130,7 +131,7 @@ class Results:
         path = Path(path)
         data = {"kind": "kronc-results", "version": RESULTS_VERSION, "model": self.model, "info": self.info,
                 "dense": self.dense.to_json() if self.dense else None, "runs": [r.to_json() for r in self.runs]}
-        path.write_text(json.dumps(data, indent=1))
+        write_file(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1)))
         return path
 
     @classmethod
@@ -286,9 +287,28 @@ def write_report(runs: Sequence[Run], out: str | Path, *, dense: Measurement | N
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    try:
+        write_file(out, lambda tmp: fig.savefig(tmp, dpi=110, format=out.suffix.lstrip(".").lower() or "png"))
+    finally:
+        plt.close(fig)
     return out
+
+
+def write_file(path: Path, write: Callable[[Path], Any]) -> None:
+    """Let ``write`` fill a temporary file beside ``path``, then move it into place.
+
+    Why: a results folder may be shared or planted, and ``report.png`` or ``eval.json`` there may be
+    a symbolic link to someone's file; writing through it would overwrite that file. A link is
+    refused, and the move replaces the name only, so an interrupted write leaves the old file whole.
+    """
+    if path.is_symlink():
+        raise FileExistsError(f"{path} is a symbolic link; kronc does not write through links (remove it first)")
+    tmp = path.with_name(f".{path.name}.kronc-{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _site_panel(ax: Any, run: Run) -> None:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..report import EVAL, Measurement, size
+from ..report import EVAL, Measurement, size, write_file
 from .args import EXIT_OK, positive_int, quiet_arg, threads
 from .inputs import resolve_spec
 from .measure import measure
@@ -32,6 +32,10 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     resolved = resolve_spec(args.model, architecture=args.architecture)
+    record = Path(resolved.spec) / EVAL if resolved.saved and not args.no_record else None
+    if record is not None and record.is_symlink():  # refused before measuring, not after
+        raise FileExistsError(f"{record} is a symbolic link; kronc does not write through links (remove it, or "
+                              "pass --no-record)")
     measured = measure(resolved, args.text, args.window, args.windows, args.latency_runs, progress=not args.quiet)
     plan = getattr(resolved.model, "kronc_plan", None)
     if args.json:
@@ -61,8 +65,8 @@ def run(args: argparse.Namespace) -> int:
         width = max(len(k) for k, _ in rows)
         for k, v in rows:
             print(f"{k:<{width}}  {v}")
-    if resolved.saved and not args.no_record:
-        path = Path(resolved.spec) / EVAL
-        path.write_text(json.dumps(Measurement.to_json(measured), indent=1))
+    if record is not None:
+        path = record
+        write_file(path, lambda tmp: tmp.write_text(json.dumps(Measurement.to_json(measured), indent=1)))
         print(f"recorded in {path}", file=sys.stderr)
     return EXIT_OK
