@@ -569,3 +569,42 @@ def test_17_04_eval_json_and_report_png_are_not_written_through_links(tmp_path: 
     (folder / "report.png").unlink()
     assert exits(["report", str(folder)], capsys)[0] == 0  # a plain target is written (atomically)
     assert (folder / "report.png").read_bytes()[:4] == b"\x89PNG" and leftovers(folder) == []
+
+
+def test_17_07_unwritable_out_fails_before_compressing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("kronc.compile ran although --out cannot be written")
+
+    monkeypatch.setattr(kronc, "compile", never)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    code, err = exits(["compress", "toy:mlp", "--budget", "2x", "--out", str(a_file / "deeper" / "out")], capsys)
+    assert code == 2 and "--out" in error_line(err) and "not a folder" in error_line(err)
+    import os
+
+    if os.geteuid() != 0:  # root writes anywhere: the read-only folder only stops other users
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o500)
+        try:
+            code, err = exits(["compress", "toy:mlp", "--budget", "2x", "--out", str(locked / "out")], capsys)
+        finally:
+            locked.chmod(0o700)
+        assert code == 2 and "cannot create folders" in error_line(err)
+    assert leftovers(tmp_path) == []
+
+
+def test_17_07_demo_keeps_finished_runs_when_a_later_budget_fails(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("transformers")
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 100)
+    out = tmp_path / "demo"
+    code, err = exits(["demo", "--model", "toy:llama", "--budgets", "2x,1000x", "--text", str(text), "--window", "32",
+                       "--windows", "1", "--latency-runs", "1", "--out", str(out), "-q"], capsys)
+    assert code == 2 and "1000x" in error_line(err)
+    kept = json.loads((out / "results.json").read_text())
+    assert [r["label"] for r in kept["runs"]] == ["2x"] and kept["dense"]["perplexity"] > 0
+    code, err = exits(["demo", "--model", "toy:llama", "--budgets", "2x,huge", "--out", str(tmp_path / "d2")], capsys)
+    assert code == 2 and "huge" in error_line(err) and not (tmp_path / "d2").exists()  # parsed before any work

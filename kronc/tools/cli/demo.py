@@ -58,12 +58,12 @@ def run(args: argparse.Namespace) -> int:
     text = eval_text(args.text)
     progress = not args.quiet
     tell = (lambda message: None) if args.quiet else say
+    args.out.mkdir(parents=True, exist_ok=True)  # an unwritable --out fails before any model is loaded
     tell(f"kronc demo: loading {args.model}")
     resolved = resolve_spec(args.model, for_compression=True)
     if resolved.task != "causal-lm" or resolved.tokenizer is None:
         raise UsageError(f"the demo measures perplexity: {args.model} is not a causal language model ({resolved.task})",
                          "use a causal LM, e.g. --model smollm2-135m or --model toy:llama")
-    args.out.mkdir(parents=True, exist_ok=True)
     calibration = calibration_batches(args, resolved)
     if calibration is not None:
         policy = data_aware(policy, budgets[0])
@@ -77,6 +77,11 @@ def run(args: argparse.Namespace) -> int:
         say(f"calibrating on {args.calibration}")
         moments = input_moments(captured, policy, calibration, progress=progress)
         importance = sensitivity(captured, policy, calibration, progress=progress)
+    info = {"text": dense.text, "window": dense.window, "windows": dense.windows, "tokens": dense.tokens,
+            "threads": threads(), "torch": torch.__version__, "kronc": kronc_version(),
+            "policy": args.policy, "latency_tokens": dense.latency_tokens, "calibration": args.calibration,
+            "calibration_windows": len(calibration or []),
+            "calibration_length": int(calibration[0].shape[1]) if calibration else None}
     runs: list[Run] = []
     for budget in budgets:
         say(f"compressing to {budget}")
@@ -94,13 +99,8 @@ def run(args: argparse.Namespace) -> int:
                        source=resolved.spec if resolved.kind != "huggingface" else None,
                        example_inputs=resolved.example_inputs)
         del small
-    info = {"text": dense.text, "window": dense.window, "windows": dense.windows, "tokens": dense.tokens,
-            "threads": threads(), "torch": torch.__version__, "kronc": kronc_version(),
-            "policy": args.policy, "latency_tokens": dense.latency_tokens, "calibration": args.calibration,
-            "calibration_windows": len(calibration or []),
-            "calibration_length": int(calibration[0].shape[1]) if calibration else None}
-    results = Results(args.model, runs, dense, info)
-    results_path = results.save(args.out / "results.json")
+        Results(args.model, runs, dense, info).save(args.out / "results.json")  # a later failure keeps this run
+    results_path = args.out / "results.json"
 
     print(f"\n{args.model} ({type(resolved.model).__name__}); perplexity on {dense.text}, {dense.windows} windows of "
           f"{dense.window} tokens ({dense.tokens} predicted tokens); prefill latency of {dense.latency_tokens} tokens, "
