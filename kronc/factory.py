@@ -34,7 +34,12 @@ def call_factory(spec: str) -> tuple[nn.Module, Any]:
         raise ModelSpecError(f"{spec} is a {type(obj).__name__}, not an nn.Module or a factory")
     if inspect.isclass(obj) and not issubclass(obj, nn.Module):
         raise ModelSpecError(f"{spec} is the class {obj.__name__}, not an nn.Module")
-    built = obj()
+    try:  # a factory takes no arguments; anything else (os:system, json:dumps, builtins:exit) is refused here
+        built = obj()
+    except TypeError as e:
+        raise ModelSpecError(f"{spec} is not a zero-argument factory: calling {attr}() failed: {_first_line(e)}") from e
+    except SystemExit as e:
+        raise ModelSpecError(f"{spec}() tried to exit the program (code {e.code!r}); it is not a model factory") from e
     tokenizer = None
     if isinstance(built, tuple) and len(built) == 2:
         built, tokenizer = built

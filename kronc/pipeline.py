@@ -37,23 +37,34 @@ from .passes.swap import swap_modules, swappable
 from .plan import Plan
 from .planning import collect_input_moments, collect_sensitivity, fit_site, make_plan
 from .policies import Policy, Resolution, resolve
+from .policies.errors import PolicyError, Problem
 from .sites import Site
 
 Output = Literal["auto", "module", "graph"]
 
 
 def scope(captured: Captured, policy: Policy, *, warn: bool = True) -> tuple[Resolution, list[Site]]:
-    """The policy's resolution over the sites, and the in-scope sites (at least one, or `CaptureError`)."""
+    """The policy's resolution over the sites, and the in-scope sites (at least one: else `CaptureError` for a model without weights, `PolicyError` at the scope key)."""
     resolution = resolve(policy, captured.sites, warn=warn)
     in_scope = [s for s in captured.sites if resolution[s.name].in_scope]
     if not captured.sites:
         raise CaptureError(f"{type(captured.model).__name__} has no compressible weights (Linear, Conv1D, F.linear, Embedding, LSTM)")
     if not in_scope:
-        raise CaptureError(
-            f"none of the {len(captured.sites)} sites of {type(captured.model).__name__} is in the policy's scope "
-            f"(scope kinds: {', '.join(policy.scope.kinds)}; sites: {', '.join(sorted({s.kind for s in captured.sites}))})"
-        )
+        raise _empty_scope(captured, policy)
     return resolution, in_scope
+
+
+def _empty_scope(captured: Captured, policy: Policy) -> PolicyError:
+    """The policy error for a scope that leaves no site, at the key most likely to blame."""
+    kinds = sorted({s.kind for s in captured.sites})
+    where = "scope.include" if policy.scope.include else "scope.exclude" if policy.scope.exclude else "scope.kinds"
+    return PolicyError([Problem(
+        "<policy>", where,
+        f"none of the {len(captured.sites)} sites of {type(captured.model).__name__} is in scope "
+        f"(scope.kinds: {', '.join(policy.scope.kinds)}; include: {len(policy.scope.include)} pattern(s), "
+        f"exclude: {len(policy.scope.exclude)}; site kinds here: {', '.join(kinds)}); "
+        "widen scope.include or add these kinds to scope.kinds",
+    )])
 
 
 @dataclass

@@ -432,3 +432,179 @@ def test_17_23_input_errors_exit_2_with_one_line() -> None:
     code, text, hint = classify(kronc.InputError("calibration[3] has the token id 99, outside the vocabulary"))
     assert code == EXIT_INPUT == 2
     assert "\n" not in text and "calibration[3]" in text and hint
+
+
+def exits(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    """Exit code and stderr of ``kronc ARGV`` run in-process (argparse errors raise SystemExit)."""
+    from kronc.tools.cli import main
+
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = int(e.code or 0)
+    return code, capsys.readouterr().err
+
+
+def error_line(err: str) -> str:
+    """The one ``kronc: error:`` line of stderr (there must be exactly one)."""
+    lines = [line for line in err.splitlines() if line.startswith("kronc")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("flag", ["--calibration-length", "--calibration-windows"])
+@pytest.mark.parametrize("value", ["0", "-5"])
+def test_17_17_calibration_sizes_below_one_are_usage_errors(flag: str, value: str, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    text = tmp_path / "calib.txt"
+    text.write_text("some calibration text " * 50)
+    code, err = exits(["compress", "toy:gpt2", "--budget", "2x", "--out", str(tmp_path / "out"),
+                       "--calibration", str(text), flag, value], capsys)
+    assert code == 2
+    line = error_line(err)
+    assert flag in line and "at least 1" in line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("spec", ["os:system", "json:dumps", "torch.nn:Linear", "builtins:exit"])
+def test_17_16_bad_factories_exit_2(spec: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, err = exits(["compress", spec, "--budget", "2x", "--out", str(tmp_path / "out")], capsys)
+    assert code == 2
+    assert spec in error_line(err)
+    assert not (tmp_path / "out").exists()
+
+
+def fifo_with(tmp_path: Path, text: str) -> Path:
+    """A named pipe that a daemon thread fills with ``text`` once a reader opens it."""
+    import os
+    import threading
+
+    fifo = tmp_path / "pipe.txt"
+    os.mkfifo(fifo)
+
+    def feed() -> None:
+        with open(fifo, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    threading.Thread(target=feed, daemon=True).start()
+    return fifo
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="needs named pipes")
+def test_17_20_named_pipes_are_read_like_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from kronc.tools.cli.inputs import read_text
+
+    assert read_text(fifo_with(tmp_path, "line one\nline two\n")) == "line one\nline two\n"
+    (tmp_path / "pipe.txt").unlink()
+    # on the command line: the pipe's few tokens are read (and counted), not reported missing
+    fifo = fifo_with(tmp_path, "too short")
+    code, err = exits(["compress", "toy:gpt2", "--budget", "2x", "--out", str(tmp_path / "out"),
+                       "--calibration", str(fifo)], capsys)
+    assert code == 2
+    line = error_line(err)
+    assert "tokens, fewer than one window" in line and "does not exist" not in line
+
+
+def test_17_15_a_scope_that_matches_nothing_is_a_policy_error(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    policy = tmp_path / "narrow.json"
+    policy.write_text(json.dumps({"budget": "2x", "scope": {"include": ["no_such_layer.*"]}}))
+    code, err = exits(["plan", "toy:mlp", "--policy", str(policy)], capsys)
+    assert code == 2
+    line = error_line(err)
+    assert "scope.include" in line and "none of the" in line
+    assert "scope.include" in err.split(line, 1)[1]  # the hint says what to widen
+    with pytest.raises(kronc.PolicyError, match="scope.include"):
+        kronc.plan(FunctionalMLP(), {"budget": "2x", "scope": {"include": ["no_such_layer.*"]}})
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "not an object"),
+    ('{"perplexity": "high"}', "perplexity is 'high'"),
+    ('{"latency_s": true}', "latency_s is True"),
+])
+def test_17_18_bad_eval_json_is_one_line(body: str, expected: str, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("matplotlib")
+    save(small_mlp(), tmp_path / "m")
+    (tmp_path / "m" / "eval.json").write_text(body)
+    code, err = exits(["report", str(tmp_path / "m")], capsys)
+    assert code == 2
+    line = error_line(err)
+    assert expected in line and "eval.json" in line
+    assert not (tmp_path / "m" / "report.png").exists()
+
+
+def test_17_18_bad_results_json_and_out_suffix_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"kind": "kronc-results", "model": "m",
+                                   "runs": [{"label": "2x", "measured": {"perplexity": "high"}}]}))
+    code, err = exits(["report", str(results), "--out", str(tmp_path / "r.png")], capsys)
+    assert code == 2 and "runs[0].measured: perplexity is 'high'" in error_line(err)
+    results.write_text(json.dumps({"kind": "kronc-results", "model": "m", "runs": "2x"}))
+    code, err = exits(["report", str(results), "--out", str(tmp_path / "r.png")], capsys)
+    assert code == 2 and "runs is a JSON str" in error_line(err)
+    save(small_mlp(), tmp_path / "m")
+    code, err = exits(["report", str(tmp_path / "m"), "--out", str(tmp_path / "m" / "kronc.json")], capsys)
+    assert code == 2 and "image suffix" in error_line(err)
+    assert json.loads((tmp_path / "m" / "kronc.json").read_text())  # the manifest was not drawn over
+
+
+def test_17_04_eval_json_and_report_png_are_not_written_through_links(tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("matplotlib")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    folder = tmp_path / "m"
+    save(small_mlp(), folder)
+    (folder / "eval.json").symlink_to(victim)
+    code, err = exits(["eval", str(folder), "--model", "toy:mlp", "--latency-runs", "1"], capsys)
+    assert code == 2 and "symbolic link" in error_line(err)
+    (folder / "eval.json").unlink()
+    (folder / "report.png").symlink_to(victim)
+    code, err = exits(["report", str(folder)], capsys)
+    assert code == 2 and "symbolic link" in error_line(err)
+    assert victim.read_text() == "precious" and (folder / "report.png").is_symlink()
+    (folder / "report.png").unlink()
+    assert exits(["report", str(folder)], capsys)[0] == 0  # a plain target is written (atomically)
+    assert (folder / "report.png").read_bytes()[:4] == b"\x89PNG" and leftovers(folder) == []
+
+
+def test_17_07_unwritable_out_fails_before_compressing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("kronc.compile ran although --out cannot be written")
+
+    monkeypatch.setattr(kronc, "compile", never)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    code, err = exits(["compress", "toy:mlp", "--budget", "2x", "--out", str(a_file / "deeper" / "out")], capsys)
+    assert code == 2 and "--out" in error_line(err) and "not a folder" in error_line(err)
+    import os
+
+    if os.geteuid() != 0:  # root writes anywhere: the read-only folder only stops other users
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o500)
+        try:
+            code, err = exits(["compress", "toy:mlp", "--budget", "2x", "--out", str(locked / "out")], capsys)
+        finally:
+            locked.chmod(0o700)
+        assert code == 2 and "cannot create folders" in error_line(err)
+    assert leftovers(tmp_path) == []
+
+
+def test_17_07_demo_keeps_finished_runs_when_a_later_budget_fails(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("transformers")
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 100)
+    out = tmp_path / "demo"
+    code, err = exits(["demo", "--model", "toy:llama", "--budgets", "2x,1000x", "--text", str(text), "--window", "32",
+                       "--windows", "1", "--latency-runs", "1", "--out", str(out), "-q"], capsys)
+    assert code == 2 and "1000x" in error_line(err)
+    kept = json.loads((out / "results.json").read_text())
+    assert [r["label"] for r in kept["runs"]] == ["2x"] and kept["dense"]["perplexity"] > 0
+    code, err = exits(["demo", "--model", "toy:llama", "--budgets", "2x,huge", "--out", str(tmp_path / "d2")], capsys)
+    assert code == 2 and "huge" in error_line(err) and not (tmp_path / "d2").exists()  # parsed before any work

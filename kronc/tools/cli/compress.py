@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "kronc.json").is_file())):
         raise UsageError(f"{out} exists and is not an empty folder or a kronc save",
                          "pick a new --out folder (an earlier 'kronc compress' folder is overwritten)")
+    check_writable(out)
     policy, budget = policy_and_budget(args)
     if (args.recover_steps or args.recover_seconds or args.recover_method) and not args.recover_text:
         raise UsageError("--recover-steps, --recover-seconds and --recover-method need --recover-text FILE (the text to "
@@ -67,6 +70,23 @@ def run(args: argparse.Namespace) -> int:
     how = f"kronc.load({str(out)!r}, model={resolved.spec!r})" if resolved.kind == "factory" else f"kronc.load({str(out)!r})"
     print(f"saved to {out} ({size(stored)} of tensors); load with {how}")
     return EXIT_OK
+
+
+def check_writable(out: Path) -> None:
+    """Fail now, not after minutes of compressing, when ``out`` cannot be created or replaced.
+
+    kronc.save writes a temporary folder beside ``out`` and moves it into place, so the probe is a
+    folder made and removed in the nearest existing folder above ``out``.
+    """
+    above = out.parent
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if not above.is_dir():
+        raise NotADirectoryError(f"--out {out}: {above} is a file, not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".kronc-probe-", dir=above))
+    except OSError as e:
+        raise PermissionError(f"--out {out}: cannot create folders in {above} ({e.strerror})") from None
 
 
 def _recovery_recipe(args: argparse.Namespace, policy: Any) -> Any:

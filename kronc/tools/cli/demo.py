@@ -16,7 +16,17 @@ import kronc
 from ...api import input_moments, sensitivity
 from ...budget import Budget
 from ..report import Results, Run, size, write_report
-from .args import EXIT_OK, UsageError, calibration_args, kronc_version, one_line, quiet_arg, say, threads
+from .args import (
+    EXIT_OK,
+    UsageError,
+    calibration_args,
+    kronc_version,
+    one_line,
+    positive_int,
+    quiet_arg,
+    say,
+    threads,
+)
 from .inputs import calibration_batches, data_aware, eval_text, resolve_spec
 from .measure import measure
 
@@ -28,8 +38,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budgets", default="1.5x,2x,4x", help="comma-separated budgets (default 1.5x,2x,4x)")
     p.add_argument("--policy", "-p", metavar="FILE|NAME", help="policy for every run (its budget is overridden)")
     p.add_argument("--text", type=Path, metavar="FILE", help="evaluation text (default: the ABC news text, needs gensim)")
-    p.add_argument("--window", type=int, default=512, help="tokens per window (default 512, at most the model's length)")
-    p.add_argument("--windows", type=int, default=8, help="windows scored per model (default 8)")
+    p.add_argument("--window", type=positive_int, default=512, help="tokens per window (default 512, at most the model's length)")
+    p.add_argument("--windows", type=positive_int, default=8, help="windows scored per model (default 8)")
     p.add_argument("--latency-runs", type=int, default=3, help="timed forward passes, median reported (default 3)")
     p.add_argument("--out", "-o", type=Path, default=Path("kronc-demo"), metavar="DIR",
                    help="folder for results.json and report.png (default kronc-demo)")
@@ -48,12 +58,12 @@ def run(args: argparse.Namespace) -> int:
     text = eval_text(args.text)
     progress = not args.quiet
     tell = (lambda message: None) if args.quiet else say
+    args.out.mkdir(parents=True, exist_ok=True)  # an unwritable --out fails before any model is loaded
     tell(f"kronc demo: loading {args.model}")
     resolved = resolve_spec(args.model, for_compression=True)
     if resolved.task != "causal-lm" or resolved.tokenizer is None:
         raise UsageError(f"the demo measures perplexity: {args.model} is not a causal language model ({resolved.task})",
                          "use a causal LM, e.g. --model smollm2-135m or --model toy:llama")
-    args.out.mkdir(parents=True, exist_ok=True)
     calibration = calibration_batches(args, resolved)
     if calibration is not None:
         policy = data_aware(policy, budgets[0])
@@ -67,6 +77,11 @@ def run(args: argparse.Namespace) -> int:
         say(f"calibrating on {args.calibration}")
         moments = input_moments(captured, policy, calibration, progress=progress)
         importance = sensitivity(captured, policy, calibration, progress=progress)
+    info = {"text": dense.text, "window": dense.window, "windows": dense.windows, "tokens": dense.tokens,
+            "threads": threads(), "torch": torch.__version__, "kronc": kronc_version(),
+            "policy": args.policy, "latency_tokens": dense.latency_tokens, "calibration": args.calibration,
+            "calibration_windows": len(calibration or []),
+            "calibration_length": int(calibration[0].shape[1]) if calibration else None}
     runs: list[Run] = []
     for budget in budgets:
         say(f"compressing to {budget}")
@@ -84,13 +99,8 @@ def run(args: argparse.Namespace) -> int:
                        source=resolved.spec if resolved.kind != "huggingface" else None,
                        example_inputs=resolved.example_inputs)
         del small
-    info = {"text": dense.text, "window": dense.window, "windows": dense.windows, "tokens": dense.tokens,
-            "threads": threads(), "torch": torch.__version__, "kronc": kronc_version(),
-            "policy": args.policy, "latency_tokens": dense.latency_tokens, "calibration": args.calibration,
-            "calibration_windows": len(calibration or []),
-            "calibration_length": int(calibration[0].shape[1]) if calibration else None}
-    results = Results(args.model, runs, dense, info)
-    results_path = results.save(args.out / "results.json")
+        Results(args.model, runs, dense, info).save(args.out / "results.json")  # a later failure keeps this run
+    results_path = args.out / "results.json"
 
     print(f"\n{args.model} ({type(resolved.model).__name__}); perplexity on {dense.text}, {dense.windows} windows of "
           f"{dense.window} tokens ({dense.tokens} predicted tokens); prefill latency of {dense.latency_tokens} tokens, "

@@ -27,7 +27,13 @@ def classify(e: BaseException) -> tuple[int, str, str | None]:
         problems = e.problems
         more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
         source = problems[0].source if problems else "FILE"
-        return EXIT_INPUT, f"invalid policy: {problems[0] if problems else text}{more}", f"run 'kronc policy validate {source}'"
+        if problems and problems[0].path.startswith("scope"):
+            hint = "widen scope.include (patterns are matched against site names, see 'kronc explain') or scope.kinds"
+        elif source.startswith("<"):
+            hint = "check the policy keys named above"
+        else:
+            hint = f"run 'kronc policy validate {source}'"
+        return EXIT_INPUT, f"invalid policy: {problems[0] if problems else text}{more}", hint
     if isinstance(e, ResultsError):
         return EXIT_INPUT, text, "give folders written by 'kronc compress' (after 'kronc eval') or 'kronc demo'"
     if isinstance(e, BudgetError):

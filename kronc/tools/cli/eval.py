@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..report import EVAL, Measurement, size
-from .args import EXIT_OK, quiet_arg, threads
+from ..report import EVAL, Measurement, size, write_file
+from .args import EXIT_OK, positive_int, quiet_arg, threads
 from .inputs import resolve_spec
 from .measure import measure
 
@@ -20,8 +20,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL_OR_DIR", help="MODEL, or a folder written by 'kronc compress'")
     p.add_argument("--text", type=Path, metavar="FILE",
                    help="text to measure perplexity on (default: the ABC news text, needs gensim)")
-    p.add_argument("--window", type=int, default=512, help="tokens per window (default 512, at most the model's length)")
-    p.add_argument("--windows", type=int, default=16, help="windows to score (default 16)")
+    p.add_argument("--window", type=positive_int, default=512, help="tokens per window (default 512, at most the model's length)")
+    p.add_argument("--windows", type=positive_int, default=16, help="windows to score (default 16)")
     p.add_argument("--latency-runs", type=int, default=3, help="timed forward passes, median reported (default 3)")
     p.add_argument("--model", dest="architecture", metavar="MODEL",
                    help="uncompressed architecture of a saved plain model (toy:NAME or package.module:factory)")
@@ -32,6 +32,10 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     resolved = resolve_spec(args.model, architecture=args.architecture)
+    record = Path(resolved.spec) / EVAL if resolved.saved and not args.no_record else None
+    if record is not None and record.is_symlink():  # refused before measuring, not after
+        raise FileExistsError(f"{record} is a symbolic link; kronc does not write through links (remove it, or "
+                              "pass --no-record)")
     measured = measure(resolved, args.text, args.window, args.windows, args.latency_runs, progress=not args.quiet)
     plan = getattr(resolved.model, "kronc_plan", None)
     if args.json:
@@ -61,8 +65,8 @@ def run(args: argparse.Namespace) -> int:
         width = max(len(k) for k, _ in rows)
         for k, v in rows:
             print(f"{k:<{width}}  {v}")
-    if resolved.saved and not args.no_record:
-        path = Path(resolved.spec) / EVAL
-        path.write_text(json.dumps(Measurement.to_json(measured), indent=1))
+    if record is not None:
+        path = record
+        write_file(path, lambda tmp: tmp.write_text(json.dumps(Measurement.to_json(measured), indent=1)))
         print(f"recorded in {path}", file=sys.stderr)
     return EXIT_OK

@@ -67,9 +67,12 @@ def eval_text(path: Path | None) -> tuple[str, str]:
 
 
 def read_text(path: Path) -> str:
+    """A text file's contents; a named pipe (``--text <(zcat corpus.gz)``) is read like a file."""
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder, not a text file")
-    if not path.is_file():
+    if not (path.is_file() or path.is_fifo()):
+        if path.exists():
+            raise FileNotFoundError(f"{path} is not a regular file or a pipe")
         raise FileNotFoundError(f"{path} does not exist")
     return path.read_text(encoding="utf-8")
 

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..report import REPORT, read_runs, require_matplotlib, write_report
-from .args import EXIT_OK
+from .args import EXIT_OK, UsageError
 
 HELP = "write a PNG of per-site formats and errors (and quality against size for several runs)"
 
@@ -16,7 +16,14 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", "-o", type=Path, metavar="PNG", help="image to write (default: DIR/report.png)")
 
 
+IMAGE_SUFFIXES = (".png", ".svg", ".pdf", ".jpg", ".jpeg")
+"""What ``--out`` may end in: the image formats matplotlib writes without extra packages."""
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.out is not None and args.out.suffix.lower() not in IMAGE_SUFFIXES:
+        raise UsageError(f"--out {args.out} does not end in an image suffix ({', '.join(IMAGE_SUFFIXES)})",
+                         "e.g. --out report.png")
     require_matplotlib()
     for d in args.dirs:
         if not Path(d).exists():
