@@ -608,3 +608,24 @@ def test_17_07_demo_keeps_finished_runs_when_a_later_budget_fails(tmp_path: Path
     assert [r["label"] for r in kept["runs"]] == ["2x"] and kept["dense"]["perplexity"] > 0
     code, err = exits(["demo", "--model", "toy:llama", "--budgets", "2x,huge", "--out", str(tmp_path / "d2")], capsys)
     assert code == 2 and "huge" in error_line(err) and not (tmp_path / "d2").exists()  # parsed before any work
+
+
+def test_17_phase1_cases_exit_2_on_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The library-side cases (budgets 11, policies 6 and 19, manifests 9) as the README's exit code 2."""
+    from kronc.policies.loader import MAX_POLICY_BYTES
+
+    assert exits(["plan", "toy:mlp", "--budget", "0x"], capsys)[0] == 2  # 11
+    regex = tmp_path / "regex.json"
+    regex.write_text(json.dumps({"budget": "4x", "rules": [{"match": "re:(x+)+y", "formats": [{"kind": "dense"}]}]}))
+    code, err = exits(["plan", "toy:mlp", "--policy", str(regex)], capsys)  # 6
+    assert code == 2 and "exponential time" in error_line(err)
+    big = tmp_path / "big.yaml"
+    big.write_text("budget: 4x\ndescription: '" + "x" * MAX_POLICY_BYTES + "'\n")
+    code, err = exits(["plan", "toy:mlp", "--policy", str(big)], capsys)  # 19
+    assert code == 2 and "policy files are limited" in error_line(err)
+    save(small_mlp(), tmp_path / "m")
+    data = json.loads((tmp_path / "m" / MANIFEST).read_text())
+    del data["weights"]["sha256"]
+    (tmp_path / "m" / MANIFEST).write_text(json.dumps(data))
+    code, err = exits(["eval", str(tmp_path / "m"), "--model", "toy:mlp", "--no-record"], capsys)  # 9
+    assert code == 2 and "checksum" in error_line(err)

@@ -35,7 +35,8 @@ exit codes:
   1  the command failed while running (tracing, planning, fitting or evaluating a model;
      `kronc policy validate`: a policy file has problems)
   2  bad arguments or input: unknown option or model, missing or unreadable file, invalid policy
-     or budget, a saved model that is corrupted, truncated or from an unknown format version
+     or budget, a policy scope matching no site, a saved model that is corrupted, truncated or
+     from an unknown format version, an --out that cannot be written or a symbolic link there
   3  an optional package is missing (the hint names the pip command)
 130 interrupted
 """
