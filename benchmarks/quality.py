@@ -84,6 +84,20 @@ LABELS = {
 }
 
 
+def _pyplot() -> Any:
+    """``matplotlib.pyplot`` on the Agg backend, or None (said once) when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import matplotlib.ticker  # noqa: F401  (plt.matplotlib.ticker below)
+    except ImportError:
+        say("matplotlib not installed: no plot (pip install matplotlib)")
+        return None
+    return plt
+
+
 def say(message: str) -> None:
     print(message, flush=True)
 
@@ -546,13 +560,8 @@ def write(report: dict[str, Any], out: Path) -> None:
         if plans:
             lines += ["kronc plans (formats chosen, sites): " + "; ".join(plans), ""]
     out.with_suffix(".md").write_text("\n".join(lines))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        say("matplotlib not installed: no plot (pip install matplotlib)")
+    plt = _pyplot()
+    if plt is None:
         return
     panels = [(k, m) for k in report["models"] for m in (["ppl_ratio"] if k == "smollm2" else ["pearson", "probe"])]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
@@ -675,14 +684,8 @@ def write_quant(report: dict[str, Any], out: Path) -> None:
     if notes:
         lines += [notes, ""]
     out.with_suffix(".md").write_text("\n".join(lines))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import matplotlib.ticker
-    except ImportError:
-        say("matplotlib not installed: no plot (pip install matplotlib)")
+    plt = _pyplot()
+    if plt is None:
         return
     keys = list(report["models"])
     fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(6.2 * max(1, len(keys)), 4.6), squeeze=False)
@@ -709,11 +712,11 @@ def write_quant(report: dict[str, Any], out: Path) -> None:
             ax.set_yscale("log")
         ticks = [2, 4, 8, 10, 16]
         ax.set_xticks(ticks, [f"{t}x" for t in ticks])
-        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.xaxis.set_minor_locator(plt.matplotlib.ticker.NullLocator())
         values = [r[metric] for r in rows] + [info["dense"][metric]]
         if lm and max(values) < 10 * min(values):  # within a decade: label the minor ticks too
-            ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-            ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
+            ax.yaxis.set_major_formatter(plt.matplotlib.ticker.ScalarFormatter())
+            ax.yaxis.set_minor_formatter(plt.matplotlib.ticker.ScalarFormatter())
         ax.set_xlabel("compression of the in-scope linears (fp32 bytes / stored bytes)")
         ax.set_ylabel("ABC news perplexity (log)" if lm else "Lee similarity Pearson r")
         ax.set_title("SmolLM2-135M" if lm else "all-MiniLM-L6-v2")

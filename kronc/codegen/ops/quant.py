@@ -34,9 +34,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ...reference.pack import unpack
 from ..backend import KernelUnavailable, kernel_mode, use_triton
-from ..checks.common import tensor_version
+from ..checks.common import fail, is_traced, needs_grad, tensor_version
 from ..checks.quant import INT4_GROUPS, check_quant, level_offset
-from ._checks import fail, is_traced, needs_grad
 
 PACKED_DTYPES = (torch.bfloat16,)
 """Activation dtypes for which the aten packed kernels are faster than dequantize-then-GEMM here."""
