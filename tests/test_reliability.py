@@ -41,12 +41,12 @@ def test_17_01_save_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     with torch.no_grad():
         expected = first(x)
 
-    import kronc.serialize as serialize
+    import kronc.serialize.writer as writer
 
     def interrupted(*args: object, **kwargs: object) -> str:
         raise KeyboardInterrupt  # Ctrl-C while hashing the new weights
 
-    monkeypatch.setattr(serialize, "_sha256", interrupted)
+    monkeypatch.setattr(writer, "sha256", interrupted)
     with pytest.raises(KeyboardInterrupt):
         save(small_mlp(1), tmp_path / "m")
     monkeypatch.undo()

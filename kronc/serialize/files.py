@@ -1,0 +1,71 @@
+"""What a saved directory is called and holds, the error for one that cannot be read, and small file helpers.
+
+Every other module of `kronc.serialize` names files and reports problems through these, so a saved
+directory's layout and its error messages are written down once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from torch import nn
+
+FORMAT_VERSION = 1
+"""Version of the saved-directory layout; `load` refuses any other."""
+MANIFEST = "kronc.json"
+WEIGHTS = "model.safetensors"
+EXAMPLES = "example_inputs.safetensors"
+
+ModelArg = nn.Module | Callable[[], nn.Module] | str | None
+
+
+class KroncFileError(ValueError):
+    """A saved kronc model cannot be read: missing, corrupted, truncated, from an unknown format
+    version, or not matching the architecture it is loaded into."""
+
+
+def directory(path: str | Path) -> Path:
+    """The saved directory, also when given the path of its manifest."""
+    path = Path(path)
+    return path.parent if path.name == MANIFEST and path.is_file() else path
+
+
+def dtype_named(name: object) -> torch.dtype | None:
+    """The torch dtype a manifest names (``"float16"``), or None for anything else."""
+    if not isinstance(name, str):
+        return None
+    dtype = getattr(torch, name, None)
+    return dtype if isinstance(dtype, torch.dtype) else None
+
+
+def sha256(file: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks (weights files can be larger than memory allows twice)."""
+    h = hashlib.sha256()
+    with file.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def few(keys: list[str], n: int = 3) -> str:
+    """The first ``n`` keys and how many more: error messages stay one line for any model size."""
+    more = f" and {len(keys) - n} more" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an error (at most 300 characters), for one-line messages that wrap another error."""
+    lines = str(e).strip().splitlines()
+    return lines[0][:300] if lines else type(e).__name__
+
+
+def version(package: str) -> str | None:
+    """The installed version of ``package``, or None when it is not installed."""
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
