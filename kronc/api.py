@@ -6,7 +6,7 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +33,22 @@ class CompileReport:
     def __str__(self) -> str:
         stages = ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items())
         return f"{self.plan.table()}\n\noutput: {self.output}; time: {stages}"
+
+
+@overload
+def compile(  # noqa: A001
+    model: nn.Module, budget: str | float | Budget | None = None, *, policy: PolicyLike | None = None,
+    example_inputs: Any = None, calibration: Iterable[Any] | None = None, output: Output = "auto",
+    inplace: bool = False, progress: bool = False, report: Literal[False] = False,
+) -> nn.Module: ...
+
+
+@overload
+def compile(  # noqa: A001
+    model: nn.Module, budget: str | float | Budget | None = None, *, policy: PolicyLike | None = None,
+    example_inputs: Any = None, calibration: Iterable[Any] | None = None, output: Output = "auto",
+    inplace: bool = False, progress: bool = False, report: Literal[True],
+) -> tuple[nn.Module, CompileReport]: ...
 
 
 def compile(  # noqa: A001 - mirrors torch.compile on purpose

@@ -119,7 +119,7 @@ def find_sites(model: nn.Module, gm: fx.GraphModule) -> list[Site]:
     uses: dict[int, list[Use]] = {}
     params: dict[int, nn.Parameter] = {}
 
-    def record(p: Tensor | None, use: Use) -> None:
+    def record(p: object, use: Use) -> None:
         if isinstance(p, nn.Parameter) and id(p) in names and p.dim() == 2:
             uses.setdefault(id(p), []).append(use)
             params[id(p)] = p
@@ -128,7 +128,7 @@ def find_sites(model: nn.Module, gm: fx.GraphModule) -> list[Site]:
         if node.op == "call_module":
             mod = gm.get_submodule(node.target)
             role = module_role(mod)
-            if role == "lstm":
+            if role == "lstm" and isinstance(mod, nn.LSTM):
                 for attr in lstm_weight_names(mod):
                     record(getattr(mod, attr), Use(node.name, "lstm", node.target))
             elif role is not None:
@@ -136,8 +136,8 @@ def find_sites(model: nn.Module, gm: fx.GraphModule) -> list[Site]:
         elif node.op == "call_function":
             found = _function_weight(gm, node)
             if found is not None:
-                p, role = found
-                record(p, Use(node.name, role, _owner_from_meta(node)))
+                weight, role = found
+                record(weight, Use(node.name, role, _owner_from_meta(node)))
 
     output_embedding = _hf_output_embedding(model)
     sites = []

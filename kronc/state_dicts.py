@@ -17,7 +17,7 @@ def alias_map(state: dict[str, Tensor]) -> dict[str, str]:
     first: dict[tuple[int, int, tuple[int, ...], tuple[int, ...], torch.dtype], str] = {}
     aliases = {}
     for name, t in state.items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        key = (t.untyped_storage().data_ptr(), int(t.storage_offset()), tuple(t.shape), tuple(t.stride()), t.dtype)
         if t.numel() and key in first:
             aliases[name] = first[key]
         else:

@@ -196,10 +196,11 @@ class Factorized(nn.Module, ABC):
             setattr(self, name, nn.Parameter(tensor.detach().to(FLOAT_DTYPES[p.dtype], copy=True).contiguous()))
         else:
             _, layout = self.spec.stored_values(self.shape)[name]
+            wanted = p
             if p.fit == "gptq" and (h is None or layout != "rows"):
                 p, h = p.model_copy(update={"fit": "hqq"}), None
             qt = QuantizedTensor.from_float(to_storage(tensor.detach().float(), layout).contiguous(), p, h)
-            qt.precision = self.spec.precision  # the spec's (gptq stays gptq where it fell back)
+            qt.precision = wanted  # the spec's (gptq stays gptq where it fell back)
             setattr(self, name, qt)
 
     def value(self, name: str, dtype: torch.dtype | None = None) -> Tensor:
@@ -215,7 +216,7 @@ class Factorized(nn.Module, ABC):
     def _stored(self) -> list[Tensor]:
         return [*self.parameters(), *self.buffers()]
 
-    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
+    def _apply(self, fn, recurse: bool = True):
         """A float cast of the module (``.double()``, ``.to(torch.bfloat16)``) moves the compute dtype
         with it; quantized values keep their stored precision (`QuantizedTensor`)."""
         out = super()._apply(fn, recurse)

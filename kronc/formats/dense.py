@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..values import QuantizedTensor
 from .base import Factorized, Layout, Shape, check_matrix
@@ -50,6 +50,7 @@ class DenseSpec(_Spec):
 
 class Dense(Factorized):
     spec_type = DenseSpec
+    weight: nn.Parameter | QuantizedTensor  # float values, or integer codes for a quantized precision
 
     def __init__(self, weight: Tensor, spec: DenseSpec | None = None, h: Tensor | None = None) -> None:
         check_matrix(weight)

@@ -123,13 +123,14 @@ class Doped(Factorized):
         base = None if spec.base_spec is None else kind.empty(spec.base_spec, shape, dtype)
         nnz = spec.nnz(shape)
         values = torch.zeros(nnz, dtype=spec.overlay_dtype(dtype))
-        out = cls(base, SparseOverlay(placeholder_index(shape, nnz), values), spec)  # type: ignore[arg-type]
+        out = cls(base, SparseOverlay(placeholder_index(shape, nnz), values), spec)
         out.compute_dtype = dtype
         return out
 
     def forward(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
         rows, cols = self.overlay.index.decode()
-        values, out_features = self.overlay.values, self.shape[0]
+        values: Tensor = self.overlay.values
+        out_features = self.shape[0]
         values = values if values.dtype == x.dtype else values.to(x.dtype)
         if isinstance(self.base, Kronecker):  # one fused op: the overlay joins the Kronecker output tile
             a, b = self.base.value("a", x.dtype), self.base.value("b", x.dtype)

@@ -41,6 +41,10 @@ def count_kept(density: float, total: int) -> int:
 class SparseIndex(nn.Module):
     """Kept positions of a ``grid``, encoded as a bitmap or compressed rows (whichever is smaller)."""
 
+    bitmap: Tensor  # the buffers of one encoding or the other
+    crow: Tensor
+    col: Tensor
+
     def __init__(self, grid: tuple[int, int], rows: Tensor, cols: Tensor) -> None:
         super().__init__()
         self.grid = (int(grid[0]), int(grid[1]))
@@ -91,11 +95,11 @@ class SparseIndex(nn.Module):
     def _device(self) -> torch.device:
         return next(iter(self.buffers())).device
 
-    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+    def _apply(self, fn, recurse=True):
         self._cache = None  # device or dtype moves invalidate the decoded copy
         return super()._apply(fn, recurse)
 
-    def _load_from_state_dict(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def _load_from_state_dict(self, *args, **kwargs):
         self._cache = None  # loaded positions replace the decoded copy
         super()._load_from_state_dict(*args, **kwargs)
 

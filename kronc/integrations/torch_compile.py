@@ -418,7 +418,7 @@ def _inner_compile(
     inductor: Mapping[str, Any],
 ) -> Callable[..., Any]:
     if callable(inner):
-        return inner(gm, example_inputs)  # type: ignore[no-any-return]
+        return inner(gm, example_inputs)
     if inner == "inductor":
         from torch._inductor import list_mode_options
         from torch._inductor.compile_fx import compile_fx
@@ -429,7 +429,7 @@ def _inner_compile(
 
     if inner == BACKEND_NAME:
         raise ValueError("options['inner'] cannot be 'kronc' itself")
-    return lookup_backend(inner)(gm, example_inputs)  # type: ignore[no-any-return]
+    return lookup_backend(inner)(gm, list(example_inputs))
 
 
 def kronc_backend(

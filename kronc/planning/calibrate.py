@@ -41,7 +41,7 @@ from ..sites import Site
 _LSTM_ATTR = re.compile(r"weight_(ih|hh)_l(\d+)")
 
 
-class InputMoments(dict):  # type: ignore[type-arg]
+class InputMoments(dict[str, Tensor]):
     """``{site name: E[x x^T]}`` (float64) over all calibration rows; ``folds`` holds the same over
     the even-numbered and the odd-numbered batches (float32), for held-out error estimates (empty
     with fewer than two batches)."""

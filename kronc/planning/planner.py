@@ -103,7 +103,7 @@ def make_plan(
     spaces: Mapping[str, Sequence[Choice]],
     budget: Budget | str | float,
     moments: Mapping[str, Tensor] | None = None,
-    rules: Mapping[str, str] | None = None,
+    rules: Mapping[str, str | None] | None = None,
     progress: bool = True,
     *,
     options: SearchOptions | None = None,
@@ -172,7 +172,7 @@ def make_plan(
     picks = solve(tables, limit, key, grid=options.dp_grid)
     decisions = [
         Decision(
-            site=site.name, shape=site.shape, spec=t[i].spec, bytes_before=site.nbytes, bytes_after=t[i].nbytes,  # type: ignore[arg-type]
+            site=site.name, shape=site.shape, spec=t[i].spec, bytes_before=site.nbytes, bytes_after=t[i].nbytes,
             params_after=t[i].nparams, error=t[i].error, rule=(rules or {}).get(site.name),
         )
         for site, t, i in zip(scope, tables, picks, strict=True)
@@ -228,7 +228,7 @@ def uniform_plan(
         best = min(range(len(specs)), key=lambda i: (errors[i], specs[i].nbytes(site.shape, site.itemsize), i))
         spec = specs[best]
         return Decision(
-            site=site.name, shape=site.shape, spec=spec, bytes_before=site.nbytes,  # type: ignore[arg-type]
+            site=site.name, shape=site.shape, spec=spec, bytes_before=site.nbytes,
             bytes_after=spec.nbytes(site.shape, site.itemsize), params_after=spec.nparams(site.shape),
             error=float(errors[best]), rule=f"uniform {fmt}",
         )

@@ -18,6 +18,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import annotated_types as at
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
+from pydantic_core import ErrorDetails
 
 from .choices import ChoiceByKind, tagged_union
 from .errors import Problem
@@ -190,7 +191,7 @@ def _literal_values(tp: Any) -> list[str]:
     return [str(a) for a in get_args(bare)] if get_origin(bare) is Literal else []
 
 
-def _message(err: dict[str, Any], w: _Where) -> tuple[str, str]:
+def _message(err: ErrorDetails, w: _Where) -> tuple[str, str]:
     """(path, message) for one pydantic error."""
     t, ctx, got = err["type"], err.get("ctx") or {}, err.get("input")
     path = w.path
@@ -224,7 +225,7 @@ def _message(err: dict[str, Any], w: _Where) -> tuple[str, str]:
     return path, msg[:1].lower() + msg[1:]
 
 
-def _expected(err: dict[str, Any]) -> str:
+def _expected(err: ErrorDetails) -> str:
     if err["type"] == "literal_error":
         return str((err.get("ctx") or {}).get("expected", "a listed value"))
     return _NOUNS.get(err["type"], err["msg"])

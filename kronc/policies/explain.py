@@ -31,7 +31,7 @@ class Explanation:
     resolution: Resolution
 
     def rows(self) -> list[tuple[str, str, str, str, str, str]]:
-        rows = []
+        rows: list[tuple[str, str, str, str, str, str]] = []
         for r in self.resolution.sites:
             s = r.site
             scope = "yes" if r.in_scope else f"no: {r.reason}"

@@ -51,10 +51,14 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
 
 
+def _default_kinds() -> list[ScopeKind]:
+    return ["linear", "conv1d", "functional", "lstm"]
+
+
 class Scope(_Model):
     """Which sites take part in compression (and in the budget's total)."""
 
-    kinds: list[ScopeKind] = Field(default_factory=lambda: ["linear", "conv1d", "functional", "lstm"])
+    kinds: list[ScopeKind] = Field(default_factory=_default_kinds)
     """Kinds of site in scope: ``linear`` (nn.Linear), ``conv1d`` (Hugging Face Conv1D),
     ``functional`` (F.linear on a parameter), ``lstm`` (nn.LSTM gate matrices). Embedding tables
     are brought in by ``include_embeddings`` instead."""

@@ -19,6 +19,7 @@ longer than `SLOW_MATCH_SECONDS` stops planning with a `PolicyError` naming the 
 from __future__ import annotations
 
 import re
+import sys
 import time
 from fnmatch import fnmatchcase
 from functools import lru_cache
@@ -27,12 +28,12 @@ from typing import Any, Literal
 from ..sites import Site
 from .errors import PolicyError, Problem
 
-try:
+if sys.version_info >= (3, 11):
     from re import _constants as _sre_constants
     from re import _parser as _sre_parse
-except ImportError:  # pragma: no cover - Python 3.10
-    import sre_constants as _sre_constants  # type: ignore[no-redef]
-    import sre_parse as _sre_parse  # type: ignore[no-redef]
+else:  # pragma: no cover - Python 3.10
+    import sre_constants as _sre_constants
+    import sre_parse as _sre_parse
 
 REGEX_PREFIX = "re:"
 _GLOB_CHARS = frozenset("*?[")

@@ -174,8 +174,8 @@ def to_batch(item: Any, what: str = "the batch") -> Batch:
     """A `Batch` from one element of an iterable: a tensor, a mapping of keyword inputs or a tuple."""
     if isinstance(item, Tensor):
         if item.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
-            ids = item.long().reshape(1, -1) if item.dim() == 1 else item.long()
-            return Batch((ids,), {}, _next_token_targets(ids) if ids.dim() == 2 else None, None, ids.numel())
+            seq = item.long().reshape(1, -1) if item.dim() == 1 else item.long()
+            return Batch((seq,), {}, _next_token_targets(seq) if seq.dim() == 2 else None, None, seq.numel())
         return Batch((item,), {}, None, None, _rows(item))
     if isinstance(item, Mapping):
         kwargs = dict(item)

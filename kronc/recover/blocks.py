@@ -179,12 +179,12 @@ def lstm_layer(lstm: nn.Module, layer: int) -> nn.Module:
     if lstm.bidirectional or lstm.proj_size:
         raise RecoveryError("block-wise reconstruction splits unidirectional LSTMs without projections only")
     size = lstm.input_size if layer == 0 else lstm.hidden_size
-    view = nn.LSTM(size, lstm.hidden_size, 1, bias=lstm.bias, batch_first=lstm.batch_first, device="meta")
+    one = nn.LSTM(size, lstm.hidden_size, 1, bias=lstm.bias, batch_first=lstm.batch_first, device="meta")
     for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
         if hasattr(lstm, f"{kind}_l{layer}"):
-            setattr(view, f"{kind}_l0", getattr(lstm, f"{kind}_l{layer}"))
-    view._init_flat_weights()
-    return view
+            setattr(one, f"{kind}_l0", getattr(lstm, f"{kind}_l{layer}"))
+    one._init_flat_weights()
+    return one
 
 
 def find_blocks(student: nn.Module, teacher: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> BlockChain:

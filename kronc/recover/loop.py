@@ -160,7 +160,9 @@ class _Run:
                 if batch is None:
                     stopped = "data"
                     break
-                loss, values = self.forward_backward(step, batch.to(self.device), good or first)
+                fallback = good or first
+                assert fallback is not None  # `first` is dropped only once `good` holds a snapshot
+                loss, values = self.forward_backward(step, batch.to(self.device), fallback)
                 if pending is not None:  # this step's starting state gave a finite loss: it is a good checkpoint
                     good, pending, first = pending, None, None
                     if good is not resumed:

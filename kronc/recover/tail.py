@@ -49,16 +49,11 @@ def blocks_skipped(model: nn.Module, chain: BlockChain, tuple_output: bool) -> I
     originals = []
     for name, feed in zip(names, feeds, strict=True):
         parent, child = _parent(model, name)
-        originals.append((parent, child, getattr(parent, child) if not child.isdigit() else parent[int(child)]))
-        if child.isdigit():
-            parent[int(child)] = feed
-        else:
-            setattr(parent, child, feed)
+        # ModuleList and Sequential keep their items under "0", "1", ...: the same get/set covers them
+        originals.append((parent, child, parent.get_submodule(child)))
+        setattr(parent, child, feed)
     try:
         yield feeds[0]
     finally:
         for parent, child, module in originals:
-            if child.isdigit():
-                parent[int(child)] = module
-            else:
-                setattr(parent, child, module)
+            setattr(parent, child, module)

@@ -23,6 +23,8 @@ def save_examples(examples: Any, file: Path) -> dict[str, Any] | None:
     """
     from safetensors.torch import save_file
 
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
     if isinstance(examples, Tensor):
         args, kwargs = (examples,), {}
     elif isinstance(examples, Mapping):

@@ -87,7 +87,7 @@ def _write_save(model: nn.Module, plan: Plan, path: Path, *, tokenizer: Any, sou
     is_graph = isinstance(model, fx.GraphModule)
     config = getattr(model, "config", None)
     is_hf = config is not None and hasattr(config, "to_json_file") and not is_graph
-    if is_hf:
+    if is_hf and config is not None:
         config.to_json_file(str(path / "config.json"))
         generation = getattr(model, "generation_config", None)
         if generation is not None and hasattr(generation, "to_json_file"):

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from ..errors import ModelSpecError
 from ..factory import call_factory
+from ..modules import CompressedEmbedding
 from ..serialize import ModelArg, read_manifest
 from ..serialize import load as load_compressed
 from .toy import TOY_MODELS, toy_inputs
@@ -229,8 +230,8 @@ def vocab_size(model: nn.Module) -> int | None:
     for mod in model.modules():
         if isinstance(mod, nn.Embedding):
             return mod.num_embeddings
-        if type(mod).__name__ == "CompressedEmbedding":
-            return int(mod.num_embeddings)
+        if isinstance(mod, CompressedEmbedding):
+            return mod.num_embeddings
     return None
 
 
@@ -270,8 +271,8 @@ def sample_inputs(resolved: ResolvedModel, length: int, batch: int = 1, seed: in
     """Inputs of ``length`` tokens to time a forward pass (prefill) with."""
     g = torch.Generator().manual_seed(seed)
     if resolved.task == "char-lm" and resolved.context:
-        vocab = len(resolved.tokenizer) + 1 if isinstance(resolved.tokenizer, Mapping) else 64
-        return (torch.randint(0, vocab, (length, resolved.context), generator=g),), {}
+        chars = len(resolved.tokenizer) + 1 if isinstance(resolved.tokenizer, Mapping) else 64
+        return (torch.randint(0, chars, (length, resolved.context), generator=g),), {}
     vocab = vocab_size(resolved.model)
     if vocab is None:
         if resolved.example_inputs is not None:

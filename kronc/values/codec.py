@@ -117,7 +117,7 @@ class QuantizedTensor(nn.Module):
             return nn.functional.linear(x, self.codes.to(x.dtype), bias)
         return quant_linear(x, self.codes, self.scales, self.minima, bias, self.precision.bits)
 
-    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
+    def _apply(self, fn, recurse: bool = True):
         """Device moves apply; dtype casts (``.half()``, ``.to(torch.float64)``) do not: the stored
         precision is chosen by the `Precision`, not by the model's float dtype."""
         dtypes = {name: b.dtype for name, b in self._buffers.items() if b is not None}

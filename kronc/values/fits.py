@@ -77,7 +77,7 @@ def fit_hqq(w: Tensor, p: Precision, iters: int = 20, lp: float = 0.7, beta: flo
     the scale fixed, keeping per group whichever of the two has the smaller squared error."""
     wg = grouped(w, p)
     best = fit_clip(w, p)
-    if p.symmetric:
+    if p.symmetric or best.minimum is None:  # symmetric grids have no minimum
         return best
     lo, hi = level_range(p)
     s = torch.where(best.scale == 0, torch.ones_like(best.scale), best.scale)[..., None]
@@ -114,7 +114,7 @@ def fit_gptq(w: Tensor, p: Precision, h: Tensor, damp: float = 0.01, block: int 
     minimum = None if p.symmetric else torch.zeros(rows, n_groups, device=w.device)
     if p.group_size is None:
         scale[:, 0], mn = minmax_params(W.float(), p)
-        if minimum is not None:
+        if minimum is not None and mn is not None:
             minimum[:, 0] = mn
     for i1 in range(0, inn, block):
         i2 = min(i1 + block, inn)
@@ -123,7 +123,7 @@ def fit_gptq(w: Tensor, p: Precision, h: Tensor, damp: float = 0.01, block: int 
             c, k = i1 + i, (i1 + i) // g
             if p.group_size is not None and c % g == 0:
                 scale[:, k], mn = minmax_params(W1[:, i:i + g].float(), p)
-                if minimum is not None:
+                if minimum is not None and mn is not None:
                     minimum[:, k] = mn
             mn_k = None if minimum is None else minimum[:, k]
             qc = levels(W1[:, i:i + 1].float(), scale[:, k], mn_k, p)

@@ -8,6 +8,8 @@ so a format's fixed index costs one check, not one per call.
 
 from __future__ import annotations
 
+from typing import Any, Protocol
+
 import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensor
@@ -75,9 +77,23 @@ def check_features(op: str, x: Tensor, in_features: int, what: str) -> None:
         raise fail(op, f"x of shape {shape(x)} has {x.shape[-1]} features on its last dim but {what} takes {in_features}")
 
 
-def needs_grad(ctx: object, n_args: int) -> tuple[bool, ...]:
+class OpCtx(Protocol):
+    """The ``ctx`` a custom op's ``setup_context`` and ``backward`` get. torch types it as ``FunctionCtx``,
+    whose stub lacks ``saved_tensors``, ``needs_input_grad`` and the values an op keeps on it."""
+
+    saved_tensors: tuple[Tensor, ...]
+    needs_input_grad: tuple[bool, ...]
+
+    def save_for_backward(self, *tensors: Tensor | None) -> None: ...
+
+    def __getattr__(self, name: str) -> Any: ...  # what setup_context kept (ctx.out_features = ...)
+
+    def __setattr__(self, name: str, value: Any) -> None: ...
+
+
+def needs_grad(ctx: OpCtx, n_args: int) -> tuple[bool, ...]:
     """``ctx.needs_input_grad`` padded to the schema's ``n_args`` (trailing defaults are not passed on)."""
-    need = tuple(ctx.needs_input_grad)  # type: ignore[attr-defined]
+    need = tuple(ctx.needs_input_grad)
     return need + (False,) * (n_args - len(need))
 
 

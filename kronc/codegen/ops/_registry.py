@@ -21,5 +21,6 @@ def kronc_op(fn: Callable[..., Any]) -> CustomOpDef:
     """Define ``kronc::<fn name>`` with ``fn`` as its (device-dispatching) implementation."""
     name = f"kronc::{fn.__name__}"
     if triton_installed():
-        return torch.library.triton_op(name, fn, mutates_args=())
+        # torch annotates triton_op as returning a plain Callable; it returns the CustomOpDef custom_op does
+        return torch.library.triton_op(name, fn, mutates_args=())  # type: ignore[return-value]
     return torch.library.custom_op(name, fn, mutates_args=())

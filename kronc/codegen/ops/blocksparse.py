@@ -16,6 +16,7 @@ from ...reference.blocksparse import blocksparse_apply
 from ..backend import use_triton
 from ..checks.blocksparse import check_blocksparse
 from ..checks.common import (
+    OpCtx,
     mark_checked,
     needs_grad,
     transpose_order,
@@ -51,13 +52,13 @@ def _(
     return x.new_empty((*x.shape[:-1], out_features))
 
 
-def _setup(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: Tensor) -> None:
+def _setup(ctx: OpCtx, inputs: tuple, output: Tensor) -> None:
     x, blocks, rows, cols, out_features, _ = inputs
     ctx.save_for_backward(x, blocks, rows, cols)
     ctx.out_features = out_features
 
 
-def _backward(ctx: torch.autograd.function.FunctionCtx, g: Tensor) -> tuple[Tensor | None, ...]:
+def _backward(ctx: OpCtx, g: Tensor) -> tuple[Tensor | None, ...]:
     x, blocks, rows, cols = ctx.saved_tensors
     need = needs_grad(ctx, 6)
     _, bh, bw = blocks.shape

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ...reference.kronecker import kronecker_apply
 from ..backend import use_triton
-from ..checks.common import needs_grad
+from ..checks.common import OpCtx, needs_grad
 from ..checks.doped import check_doped
 from ._registry import kronc_op
 from .kron import bias_grad, kron_factor_grads
@@ -47,12 +47,12 @@ def _(
     return x.new_empty((*x.shape[:-1], out_features))
 
 
-def _setup(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: Tensor) -> None:
+def _setup(ctx: OpCtx, inputs: tuple, output: Tensor) -> None:
     x, a, b, rows, cols, values, _ = inputs
     ctx.save_for_backward(x, a, b, rows, cols, values)
 
 
-def _backward(ctx: torch.autograd.function.FunctionCtx, g: Tensor) -> tuple[Tensor | None, ...]:
+def _backward(ctx: OpCtx, g: Tensor) -> tuple[Tensor | None, ...]:
     x, a, b, rows, cols, values = ctx.saved_tensors
     need = needs_grad(ctx, 7)
     gx = None

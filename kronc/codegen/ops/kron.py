@@ -15,6 +15,7 @@ from torch import Tensor
 from ...reference.kronecker import b_first, contraction_costs, kronecker_apply, kronecker_rows
 from ..backend import use_triton
 from ..checks.common import (
+    OpCtx,
     needs_grad,
 )
 from ..checks.kron import check_kron, check_kron_embedding
@@ -94,12 +95,12 @@ def bias_grad(g: Tensor) -> Tensor:
     return g.reshape(-1, g.shape[-1]).sum(0)
 
 
-def _kron_setup(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: Tensor) -> None:
+def _kron_setup(ctx: OpCtx, inputs: tuple, output: Tensor) -> None:
     x, a, b, _ = inputs
     ctx.save_for_backward(x, a, b)
 
 
-def _kron_backward(ctx: torch.autograd.function.FunctionCtx, g: Tensor) -> tuple[Tensor | None, ...]:
+def _kron_backward(ctx: OpCtx, g: Tensor) -> tuple[Tensor | None, ...]:
     x, a, b = ctx.saved_tensors
     need = needs_grad(ctx, 4)
     gx = torch.ops.kronc.kron_linear(g, a.transpose(1, 2), b.transpose(1, 2)) if need[0] else None
@@ -134,12 +135,12 @@ def _(index: Tensor, a: Tensor, b: Tensor) -> Tensor:
     return a.new_empty((*index.shape, width))
 
 
-def _embedding_setup(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: Tensor) -> None:
+def _embedding_setup(ctx: OpCtx, inputs: tuple, output: Tensor) -> None:
     index, a, b = inputs
     ctx.save_for_backward(index, a, b)
 
 
-def _embedding_backward(ctx: torch.autograd.function.FunctionCtx, g: Tensor) -> tuple[Tensor | None, ...]:
+def _embedding_backward(ctx: OpCtx, g: Tensor) -> tuple[Tensor | None, ...]:
     index, a, b = ctx.saved_tensors
     (_, _, n1), (_, m2, n2) = a.shape, b.shape
     flat = index.reshape(-1).long()

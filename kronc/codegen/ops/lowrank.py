@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ...reference.lowrank import lowrank_apply
 from ..backend import kernel_mode, use_triton
-from ..checks.common import needs_grad
+from ..checks.common import OpCtx, needs_grad
 from ..checks.lowrank import check_lowrank
 from ._registry import kronc_op
 
@@ -40,12 +40,12 @@ def _(x: Tensor, u: Tensor, v: Tensor, bias: Tensor | None = None) -> Tensor:
     return x.new_empty((*x.shape[:-1], out_features))
 
 
-def _setup(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: Tensor) -> None:
+def _setup(ctx: OpCtx, inputs: tuple, output: Tensor) -> None:
     x, u, v, _ = inputs
     ctx.save_for_backward(x, u, v)
 
 
-def _backward(ctx: torch.autograd.function.FunctionCtx, g: Tensor) -> tuple[Tensor | None, ...]:
+def _backward(ctx: OpCtx, g: Tensor) -> tuple[Tensor | None, ...]:
     x, u, v = ctx.saved_tensors
     need = needs_grad(ctx, 4)
     gx = torch.ops.kronc.lowrank_linear(g, v.T, u.T) if need[0] else None

@@ -34,7 +34,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ...reference.pack import unpack
 from ..backend import KernelUnavailable, kernel_mode, use_triton
-from ..checks.common import fail, is_traced, needs_grad, tensor_version
+from ..checks.common import OpCtx, fail, is_traced, needs_grad, tensor_version
 from ..checks.quant import INT4_GROUPS, check_quant, level_offset
 
 PACKED_DTYPES = (torch.bfloat16,)
@@ -143,17 +143,17 @@ def _(x: Tensor, codes: Tensor, scales: Tensor, minima: Tensor | None, bias: Ten
     return x.new_empty((*x.shape[:-1], out))
 
 
-def _setup(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: Tensor) -> None:
+def _setup(ctx: OpCtx, inputs: tuple, output: Tensor) -> None:
     x, codes, scales, minima, bias, bits = inputs
     ctx.save_for_backward(codes, scales, minima)
-    ctx.bits, ctx.inn, ctx.dtype = bits, x.shape[-1], x.dtype  # type: ignore[attr-defined]
+    ctx.bits, ctx.inn, ctx.dtype = bits, x.shape[-1], x.dtype
 
 
-def _backward(ctx: torch.autograd.function.FunctionCtx, g: Tensor) -> tuple[Tensor | None, ...]:
+def _backward(ctx: OpCtx, g: Tensor) -> tuple[Tensor | None, ...]:
     """Gradients for ``x`` and ``bias`` only: the stored integer weight is not trained."""
     codes, scales, minima = ctx.saved_tensors
     need = needs_grad(ctx, 6)
-    w = dequantize(codes, scales, minima, ctx.bits, ctx.inn, g.dtype)  # type: ignore[attr-defined]
+    w = dequantize(codes, scales, minima, ctx.bits, ctx.inn, g.dtype)
     gx = g @ w if need[0] else None
     gb = g.reshape(-1, g.shape[-1]).sum(0) if need[4] else None
     return gx, None, None, None, gb, None

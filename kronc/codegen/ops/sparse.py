@@ -20,6 +20,7 @@ from ...reference import sparse as reference_sparse
 from ...reference.sparse import overlay_apply
 from ..backend import use_triton
 from ..checks.common import (
+    OpCtx,
     is_traced,
     mark_checked,
     needs_grad,
@@ -159,13 +160,13 @@ def sparse_input_grad(
     return torch.ops.kronc.sparse_linear(g, rows_t, cols_t, values_t, in_features)
 
 
-def _setup(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: Tensor) -> None:
+def _setup(ctx: OpCtx, inputs: tuple, output: Tensor) -> None:
     x, rows, cols, values, out_features, _ = inputs
     ctx.save_for_backward(x, rows, cols, values)
     ctx.out_features = out_features
 
 
-def _backward(ctx: torch.autograd.function.FunctionCtx, g: Tensor) -> tuple[Tensor | None, ...]:
+def _backward(ctx: OpCtx, g: Tensor) -> tuple[Tensor | None, ...]:
     x, rows, cols, values = ctx.saved_tensors
     need = needs_grad(ctx, 6)
     gx = sparse_input_grad(g, rows, cols, values, ctx.out_features, x.shape[-1]) if need[0] else None

@@ -23,8 +23,12 @@ from ...formats import Factorized, FormatError, FormatSpec, Shape, fit, format_m
 from ...values import Precision
 from ..options import SearchOptions
 
-if TYPE_CHECKING:  # typing only: the analysis module imports this one
-    from ..analysis import SiteAnalysis
+if TYPE_CHECKING:  # typing only: the estimate module imports this one
+    from ..estimate import SiteAnalysis
+
+
+def _keep_dtype() -> list[Literal["keep"] | Precision]:
+    return ["keep"]
 
 
 class Choice(BaseModel):
@@ -33,7 +37,7 @@ class Choice(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     kind: str
-    precisions: list[Literal["keep"] | Precision] = Field(default_factory=lambda: ["keep"], min_length=1)
+    precisions: list[Literal["keep"] | Precision] = Field(default_factory=_keep_dtype, min_length=1)
     """Precisions of the stored values to search, crossed with every structure (``keep`` keeps the
     weight's dtype; e.g. ``{dtype: int4, group_size: 32}``). A precision a tensor of the site cannot
     take (a group size that does not divide) is skipped for that site; a site left with nothing is an

@@ -128,7 +128,8 @@ class BlockSparseFamily(Family):
         return BlockSparse.fit(weight, spec, column_scale=scale)
 
     def uniform(self, shape: Shape, itemsize: int, cap: float, options: SearchOptions) -> list[FormatSpec]:
-        (m, n), specs = shape, []
+        m, n = shape
+        specs: list[FormatSpec] = []
         for bh, bw in BlockSparseChoice().blocks:
             if m % bh or n % bw:
                 continue

@@ -50,7 +50,7 @@ class DopedChoice(Choice):
         return self
 
     def describe(self) -> str:
-        base = self.base
+        base: str = self.base
         if base == "kronecker":
             base = f"kronecker {describe_shapes(self.a_shapes)}, terms<={self.terms_max}"
         return f"doped({base}, density {self.density_min:g}-{self.density_max:g})" + self.precision_note()

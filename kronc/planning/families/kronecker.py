@@ -107,7 +107,8 @@ def kron_errors(an: SiteAnalysis, a_shape: tuple[int, int], terms: Sequence[int]
         for t in sorted(doped):
             resid = resid - (a[:, done:t] * s[done:t]) @ b[:, done:t].T
             if an.data:
-                q = q - sum(zs[done:t])  # type: ignore[operator]
+                assert q is not None  # a data-aware analysis has p = W H
+                q = q - sum(zs[done:t])
                 errs = an.overlay_errors(unrearrange(resid, an.shape, a_shape), q, doped[t])
             else:
                 errs = an.overlay_errors(resid, None, doped[t])
@@ -133,7 +134,8 @@ class KroneckerFamily(Family):
         return [found[s.a_shape][s.terms] for s in specs]  # type: ignore[attr-defined]
 
     def uniform(self, shape: Shape, itemsize: int, cap: float, options: SearchOptions) -> list[FormatSpec]:
-        (m, n), specs = shape, []
+        m, n = shape
+        specs: list[FormatSpec] = []
         for m1, n1 in factor_shapes(shape, 2, options.kron_shapes):
             per_term = (m1 * n1 + (m // m1) * (n // n1)) * itemsize
             t = min(int(cap // per_term), m1 * n1, (m // m1) * (n // n1))

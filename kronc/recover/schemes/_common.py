@@ -142,7 +142,7 @@ def update_plan(model: nn.Module, site: str, shape: tuple[int, int], spec: Forma
     if plan is None:
         plan = Plan(decisions=[])
     shape = (int(shape[0]), int(shape[1]))
-    fields = {"spec": spec, "bytes_after": spec.nbytes(shape, itemsize), "params_after": spec.nparams(shape)}
+    fields: dict[str, Any] = {"spec": spec, "bytes_after": spec.nbytes(shape, itemsize), "params_after": spec.nparams(shape)}
     decisions = list(plan.decisions)
     at = next((i for i, d in enumerate(decisions) if d.site == site), None)
     if at is None:

@@ -92,7 +92,7 @@ class OverlayAnnealing(Scheme):
     ) -> None:
         scheme = type(self).__name__
         self.target_plan = target_density if isinstance(target_density, Plan) else None
-        self.target_density = None if self.target_plan else check_fraction(scheme, "target_density", target_density)
+        self.target_density = None if isinstance(target_density, Plan) else check_fraction(scheme, "target_density", target_density)
         self.start_density = None if start_density is None else check_fraction(scheme, "start_density", start_density)
         if self.start_density is not None and self.target_density is not None and self.start_density < self.target_density:
             raise ValueError(f"{scheme}: start_density={start_density} is below target_density={target_density}")

@@ -60,7 +60,8 @@ def expand_blocks(mask: Tensor, block: tuple[int, int]) -> Tensor:
 
 
 def _divisible(targets: list[DenseTarget], block: tuple[int, int]) -> tuple[list[DenseTarget], list[str]]:
-    ok, skipped = [], []
+    ok: list[DenseTarget] = []
+    skipped: list[DenseTarget] = []
     for t in targets:
         (ok if t.shape[0] % block[0] == 0 and t.shape[1] % block[1] == 0 else skipped).append(t)
     return ok, [t.name for t in skipped]

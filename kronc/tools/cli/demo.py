@@ -74,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
     captured = kronc.capture(resolved.model, resolved.example_inputs)
     moments = importance = None
     if calibration is not None:  # collected once, used by every budget's plan and fit
+        assert policy is not None  # data_aware made one
         say(f"calibrating on {args.calibration}")
         moments = input_moments(captured, policy, calibration, progress=progress)
         importance = sensitivity(captured, policy, calibration, progress=progress)

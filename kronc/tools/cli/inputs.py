@@ -34,7 +34,7 @@ def policy_and_budget(args: argparse.Namespace) -> tuple[Any, str | None]:
     return policy, budget
 
 
-def data_aware(policy: Any, budget: str | None) -> Any:
+def data_aware(policy: Policy | None, budget: str | None) -> Policy:
     if policy is None:
         policy = Policy(budget=budget or "1x")
     if policy.objective != "data":

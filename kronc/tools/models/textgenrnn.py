@@ -56,7 +56,7 @@ class TextGenRNN(nn.Module):
     @classmethod
     def from_keras_hdf5(cls, path: str | Path) -> TextGenRNN:
         """Build the model from textgenrnn's Keras weights file (needs ``h5py``)."""
-        import h5py
+        import h5py  # type: ignore[import-untyped]  # h5py ships no type information
 
         with h5py.File(path, "r") as f:
 
@@ -77,12 +77,10 @@ class TextGenRNN(nn.Module):
         with torch.no_grad():
             model.embedding.weight.copy_(emb)
             for layer in ("rnn_1", "rnn_2"):
-                w_ih, w_hh, b_ih, b_hh = cudnn_lstm_to_torch(*rnn[layer])
                 lstm: nn.LSTM = getattr(model, layer)
-                lstm.weight_ih_l0.copy_(w_ih)
-                lstm.weight_hh_l0.copy_(w_hh)
-                lstm.bias_ih_l0.copy_(b_ih)
-                lstm.bias_hh_l0.copy_(b_hh)
+                for name, value in zip(("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"),
+                                       cudnn_lstm_to_torch(*rnn[layer]), strict=True):
+                    lstm.get_parameter(name).copy_(value)
             model.attention.weight.copy_(att.T)
             model.output.weight.copy_(out_w.T)
             model.output.bias.copy_(out_b)
