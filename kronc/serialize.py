@@ -253,6 +253,11 @@ def read_weights(path: str | Path, manifest: Mapping[str, Any] | None = None, *,
 
     path = _directory(path)
     manifest = read_manifest(path) if manifest is None else manifest
+    shards = (manifest.get("weights") or {}).get("shards")
+    if isinstance(shards, list):  # a sharded save (streamed compile): one file per block
+        from .scale.shards import read_shards
+
+        return read_shards(path, shards, verify=verify, error=KroncFileError)
     file = path / WEIGHTS
     if not file.is_file():
         raise KroncFileError(f"{path}: {WEIGHTS} is missing")
