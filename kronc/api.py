@@ -18,6 +18,7 @@ from .pipeline import Output, PipelineState, apply_plan, scope
 from .plan import Plan
 from .planning import collect_input_moments, collect_sensitivity
 from .policies import Policy, load_policy
+from .scale.stream import compile_streamed
 
 PolicyLike = Policy | str | Path | Mapping[str, Any]
 
@@ -92,8 +93,6 @@ def _compile_streamed(model: Any, budget: str | float | Budget | None, policy: P
                       out: str | Path | None, max_memory: str | int | None, offload: str | Path | None, progress: bool,
                       report: bool) -> Path | tuple[Path, CompileReport]:
     """`compile(stream=True)`: the policy as for an in-memory compile, then `kronc.scale.stream`."""
-    from .scale.stream import compile_streamed
-
     if not isinstance(model, (str, Path)):
         raise InputError(f"stream=True compresses a Hugging Face folder given by its path, got a {type(model).__name__}")
     if out is None:

@@ -39,6 +39,7 @@ from .factory import call_factory
 from .formats import FORMATS, Factorized, FormatError, FormatSpec, SparseIndex, format_module
 from .pipeline import materialize
 from .plan import Plan
+from .scale.shards import read_shards
 from .sites import Site, site_of_parameter
 from .state_dicts import alias_map, dedupe, stored_bytes, unshared
 
@@ -255,8 +256,6 @@ def read_weights(path: str | Path, manifest: Mapping[str, Any] | None = None, *,
     manifest = read_manifest(path) if manifest is None else manifest
     shards = (manifest.get("weights") or {}).get("shards")
     if isinstance(shards, list):  # a sharded save (streamed compile): one file per block
-        from .scale.shards import read_shards
-
         return read_shards(path, shards, verify=verify, error=KroncFileError)
     file = path / WEIGHTS
     if not file.is_file():

@@ -34,7 +34,7 @@ from ..passes.swap import swappable
 from ..pipeline import materialize, scope
 from ..plan import Plan
 from ..planning import SearchOptions, collect_input_moments, fit_site
-from ..planning.calibrate import _fisher_loss
+from ..planning.calibrate import fisher_loss
 from ..planning.planner import (
     SiteCurve,
     budget_limit,
@@ -46,7 +46,7 @@ from ..planning.planner import (
     site_energy,
     white_energy,
 )
-from ..policies import Policy
+from ..policies import Policy, resolve
 from ..sites import Site
 from . import distributed as dist
 from .activations import Activations
@@ -155,8 +155,6 @@ def _compile(folder: str | Path, policy: Policy, out: str | Path, *, calibration
 
 
 def _resolution(sk: Skeleton, policy: Policy) -> Any:
-    from ..policies import resolve
-
     return resolve(policy, sk.captured.sites, warn=False)
 
 
@@ -285,7 +283,7 @@ def _sensitivity(sk: Skeleton, units: dict[int | None, list[Site]], batches: lis
     rest = owners(units.get(None, []))
     for k in range(n_fisher):
         found, g = unit_grads(sk, None, batches[k], acts.get(("fisher", None, k)), None, rest,
-                              loss=lambda out, b: _fisher_loss(out, b, generator))
+                              loss=lambda out, b: fisher_loss(out, b, generator))
         add(found)
         grads.append(g)
     for i in reversed(range(sk.count)):
