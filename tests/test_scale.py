@@ -214,3 +214,18 @@ def test_a_failing_rank_stops_the_job(hf_folder: Path, tmp_path: Path) -> None:
     assert outcomes[1].startswith("CheckpointError") and "nowhere does not exist" in outcomes[1]
     assert outcomes[0].startswith("RankFailed: rank 1 of 2 failed: CheckpointError"), outcomes[0]
     assert not (tmp_path / "two").exists() and not list(tmp_path.glob(".two.kronc-tmp-*"))
+
+
+def test_cli_compress_stream(hf_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from kronc.tools.cli import EXIT_INPUT, EXIT_OK, main
+
+    out = tmp_path / "small"
+    assert main(["compress", str(hf_folder), "--stream", "--budget", "6x", "--out", str(out), "-q"]) == EXIT_OK
+    printed = capsys.readouterr().out
+    assert "estimated peak memory" in printed and "in 4 shards" in printed
+    model = transformers.LlamaForCausalLM.from_pretrained(hf_folder, dtype=torch.float32).eval()
+    _same_weights(kronc.load(out), kronc.compile(model, budget="6x"))
+    assert main(["compress", str(hf_folder), "--stream", "--budget", "6x", "--out", str(tmp_path / "x"), "-q",
+                 "--max-memory", "1kB"]) == EXIT_INPUT
+    assert "exceeds the maximum 1.00 kB" in capsys.readouterr().err
+    assert main(["compress", "toy:llama", "--budget", "6x", "--out", str(tmp_path / "y"), "--max-memory", "1GB"]) == EXIT_INPUT

@@ -19,6 +19,7 @@ job stops with the failing rank's error instead of hanging.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
@@ -62,6 +63,15 @@ def fail(error: BaseException) -> None:
     first = str(error).strip().splitlines()
     with contextlib.suppress(Exception):  # the group may be gone already; the local error is what matters
         _exchange("fail", f"{type(error).__name__}: {first[0] if first else ''}")
+
+
+def init_from_env() -> bool:
+    """Join the process group ``torchrun`` describes (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` in the environment):
+    NCCL when CUDA is available, else gloo. False (nothing done) for a single process or an initialised group."""
+    if active() or int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "RANK" not in os.environ:
+        return False
+    torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return True
 
 
 def broadcast(obj: T) -> T:
