@@ -18,6 +18,7 @@ from .pipeline import Output, PipelineState, apply_plan, scope
 from .plan import Plan
 from .planning import collect_input_moments, collect_sensitivity
 from .policies import Policy, load_policy
+from .scale.stream import compile_streamed
 
 PolicyLike = Policy | str | Path | Mapping[str, Any]
 
@@ -62,7 +63,11 @@ def compile(  # noqa: A001 - mirrors torch.compile on purpose
     inplace: bool = False,
     progress: bool = False,
     report: bool = False,
-) -> nn.Module | tuple[nn.Module, CompileReport]:
+    stream: bool = False,
+    out: str | Path | None = None,
+    max_memory: str | int | None = None,
+    offload_activations: str | Path | None = None,
+) -> nn.Module | Path | tuple[nn.Module | Path, CompileReport]:
     """Compress ``model`` so its in-scope weights shrink by ``budget``; the original is left untouched.
 
     ``budget`` (``"25x"``, ``"40MB"``, ``"3M params"``) overrides the policy's. ``policy`` is a
@@ -73,7 +78,14 @@ def compile(  # noqa: A001 - mirrors torch.compile on purpose
     same class with compressed modules swapped in (Hugging Face models keep ``generate()``);
     ``"graph"`` returns the rewritten fx graph; ``"auto"`` picks module when every site allows it.
     With ``report=True`` returns ``(model, CompileReport)``.
+
+    ``stream=True`` compresses a model larger than memory: ``model`` is then a Hugging Face folder
+    (config.json + safetensors shards), compressed one block at a time and saved to ``out`` (returned,
+    loadable with `kronc.load`); ``max_memory`` (``"2GB"``) refuses to start when the estimated peak
+    exceeds it and ``offload_activations`` keeps cached activations in that folder (`kronc.scale.stream`).
     """
+    if stream:
+        return _compile_streamed(model, budget, policy, calibration, out, max_memory, offload_activations, progress, report)
     seconds: dict[str, float] = {}
     t0 = t = time.perf_counter()
     pol = make_policy(policy, budget, calibration)  # 0. the policy: a file, a shipped name or an object; budget overrides
@@ -91,6 +103,20 @@ def compile(  # noqa: A001 - mirrors torch.compile on purpose
         kind = "graph" if isinstance(out, torch.fx.GraphModule) and not isinstance(model, torch.fx.GraphModule) else "module"
         return out, CompileReport(the_plan, seconds, kind)
     return out
+
+
+def _compile_streamed(model: Any, budget: str | float | Budget | None, policy: PolicyLike | None, calibration: Any,
+                      out: str | Path | None, max_memory: str | int | None, offload: str | Path | None, progress: bool,
+                      report: bool) -> Path | tuple[Path, CompileReport]:
+    """`compile(stream=True)`: the policy as for an in-memory compile, then `kronc.scale.stream`."""
+    if not isinstance(model, (str, Path)):
+        raise InputError(f"stream=True compresses a Hugging Face folder given by its path, got a {type(model).__name__}")
+    if out is None:
+        raise InputError("stream=True writes the compressed model to a folder: pass out='my-small-model'")
+    pol = make_policy(policy, budget, calibration)
+    result = compile_streamed(model, pol, out, calibration=calibration, max_memory=max_memory,
+                              offload_activations=offload, progress=progress)
+    return (result.path, CompileReport(result.plan, result.seconds, "save folder")) if report else result.path
 
 
 def plan(

@@ -8,7 +8,7 @@ Layers, bottom to top (a module may import from its own layer or below):
    codec, which formats store their tensors through)
 3. ``modules``, ``plan``, ``capture``
 4. ``planning``, ``passes``, ``policies``
-5. ``pipeline``, ``recover``, ``serialize``, ``api``
+5. ``pipeline``, ``recover``, ``serialize``, ``api``, ``scale`` (streamed and distributed compile)
 6. ``integrations``
 7. ``tools`` (cli, evaluate, report, resolve_model, zoo, toy, data, models)
 
@@ -33,7 +33,7 @@ LAYERS: dict[str, int] = {
     "formats": 2, "sites": 2, "inputs": 2, "values": 2,
     "modules": 3, "plan": 3, "capture": 3,
     "planning": 4, "passes": 4, "policies": 4,
-    "pipeline": 5, "recover": 5, "serialize": 5, "api": 5,
+    "pipeline": 5, "recover": 5, "serialize": 5, "api": 5, "scale": 5,
     "integrations": 6,
     "tools": 7,
 }

@@ -217,7 +217,7 @@ def _input_ids(batch: Any) -> Tensor | None:
     return ids if isinstance(ids, Tensor) and not ids.is_floating_point() and not ids.is_complex() else None
 
 
-def _fisher_loss(output: Any, batch: Any, generator: torch.Generator) -> Tensor:
+def fisher_loss(output: Any, batch: Any, generator: torch.Generator) -> Tensor:
     """A scalar whose gradient ``g`` gives the sensitivity through ``E[g gᵀ]``.
 
     * logits ``(B, T, V)`` over input ids ``(B, T)`` (a causal language model): the summed
@@ -262,7 +262,7 @@ def collect_sensitivity(
 ) -> dict[str, float]:
     """``{site name: κ}``: the mean squared loss gradient per output feature and token at each site.
 
-    The loss is `_fisher_loss` of the model's output on each of the first ``max_batches`` batches
+    The loss is `fisher_loss` of the model's output on each of the first ``max_batches`` batches
     (called as in `collect_input_moments`); sampled labels or projections use a generator seeded by
     ``seed``.
     Gradients are taken with respect to the outputs of the modules owning ``linear`` and ``conv1d``
@@ -303,7 +303,7 @@ def collect_sensitivity(
         with torch.enable_grad():
             for batch in tqdm(batches, desc="kronc: sensitivity", unit="batch", disable=not progress):
                 outputs.clear()
-                loss = _fisher_loss(_call(model, batch), batch, generator)
+                loss = fisher_loss(_call(model, batch), batch, generator)
                 owners = [o for o in outputs for _ in outputs[o]]
                 tensors = [t for o in outputs for t in outputs[o]]
                 grads = torch.autograd.grad(loss, tensors, allow_unused=True) if tensors else ()

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
@@ -85,12 +86,95 @@ def _weight(weights: Mapping[str, Tensor], site: Site) -> Tensor:
     return w
 
 
+def site_energy(moments: Tensor, damping: float) -> float:
+    """A site's per-input-channel energy ``tr(H_d) / in`` (see the module docstring)."""
+    return float(damped(moments, damping).diagonal().mean())
+
+
+def white_energy(energies: Sequence[float]) -> float:
+    """Median of the sites' `site_energy` (1 when none have moments)."""
+    return float(np.median(list(energies))) if len(energies) else 1.0
+
+
 def _white_energy(moments: Mapping[str, Tensor] | None, names: Sequence[str], damping: float) -> float:
     """Median ``tr(H_d) / in`` over the sites with moments (1 when none have them)."""
     if not moments:
         return 1.0
-    energies = [float(damped(moments[n], damping).diagonal().mean()) for n in names if n in moments]
-    return float(np.median(energies)) if energies else 1.0
+    return white_energy([site_energy(moments[n], damping) for n in names if n in moments])
+
+
+@dataclass(frozen=True)
+class SiteCurve:
+    """What the analysis of one site's weight gives: the relative error of each priced candidate and the
+    site's error scale (``SiteAnalysis.total``). Small, so a streamed compile keeps every site's curve
+    after dropping the weights, and turns them into damage tables (`damage_table`) once every site is seen."""
+
+    errors: tuple[float, ...]
+    total: float
+
+
+def site_curve(weight: Tensor, moments: Tensor | None, cands: Sequence[Candidate], options: SearchOptions,
+               folds: tuple[Tensor, Tensor] | None = None) -> SiteCurve:
+    """Analyse one site: the relative error of every candidate in ``cands`` (as `make_plan` does)."""
+    analysis = SiteAnalysis(weight, moments, options.damping, folds=folds)
+    errors = analysis.errors([c.spec for c in cands])
+    return SiteCurve(tuple(float(e) for e in errors), analysis.total)
+
+
+def damage_table(cands: Sequence[Candidate], curve: SiteCurve, white: float = 1.0, importance: float = 1.0
+                 ) -> list[Candidate]:
+    """The candidates with their errors and damage ``error^2 * total * white * importance`` (the solver's
+    input); ``white`` is `white_energy` for a site measured without moments in a data-aware plan, else 1."""
+    scale = curve.total * white
+    scale *= importance
+    return [
+        Candidate(c.spec, c.nbytes, c.nparams, c.choice, e, e ** 2 * scale)
+        for c, e in zip(cands, curve.errors, strict=True)
+    ]
+
+
+def price_sites(scope: Sequence[Site], spaces: Mapping[str, Sequence[Choice]], options: SearchOptions
+                ) -> dict[str, list[Candidate]]:
+    """Every in-scope site's candidates with their exact sizes (no weights needed)."""
+    priced = {}
+    for s in scope:
+        try:
+            priced[s.name] = site_candidates(s.shape, s.dtype, spaces[s.name], options)
+        except PlanningError as e:
+            raise PlanningError(f"site {s.name}: {e}") from None
+    return priced
+
+
+def budget_limit(scope: Sequence[Site], priced: Mapping[str, Sequence[Candidate]], budget: Budget) -> tuple[str, float]:
+    """The budget's unit and limit over ``scope``; `BudgetError` when even the smallest candidates exceed it
+    (checked before any analysis, which is the slow part)."""
+    dense_bytes = sum(s.nbytes for s in scope)
+    dense_params = sum(s.numel for s in scope)
+    key, limit = budget.limit(dense_bytes, dense_params)
+    smallest = sum(min(c.cost(key) for c in cands) for cands in priced.values())
+    if smallest > limit:  # `solve` would say the same, after the analysis
+        ratio = f" ({dense_bytes / smallest:.1f}x)" if key == "bytes" and smallest else ""
+        raise BudgetError(
+            f"budget {budget} allows {_size(limit, key)} for the {len(scope)} in-scope sites "
+            f"({_size(dense_bytes if key == 'bytes' else dense_params, key)} dense), but the smallest plan the "
+            f"allowed formats reach is {_size(smallest, key)}{ratio}; loosen the budget or allow smaller formats"
+        )
+    return key, limit
+
+
+def plan_from_tables(scope: Sequence[Site], tables: Sequence[Sequence[Candidate]], budget: Budget, key: str, limit: float,
+                     *, data: bool, rules: Mapping[str, str] | None = None, options: SearchOptions | None = None) -> Plan:
+    """Solve the multiple-choice knapsack over the sites' damage tables and write the decisions."""
+    options = options or SearchOptions()
+    picks = solve(tables, limit, key, grid=options.dp_grid)
+    decisions = [
+        Decision(
+            site=site.name, shape=site.shape, spec=t[i].spec, bytes_before=site.nbytes, bytes_after=t[i].nbytes,  # type: ignore[arg-type]
+            params_after=t[i].nparams, error=t[i].error, rule=(rules or {}).get(site.name),
+        )
+        for site, t, i in zip(scope, tables, picks, strict=True)
+    ]
+    return Plan(decisions=decisions, budget=str(budget), objective="data" if data else "weight")
 
 
 def _size(n: float, key: str) -> str:
@@ -133,51 +217,21 @@ def make_plan(
     folds = getattr(moments, "folds", None) or {}
     given = [float(v) for k, v in (importance or {}).items() if k in spaces]
     typical = float(np.median(given)) if given else 1.0
-    priced = {}
-    for s in scope:
-        try:
-            priced[s.name] = site_candidates(s.shape, s.dtype, spaces[s.name], options)
-        except PlanningError as e:
-            raise PlanningError(f"site {s.name}: {e}") from None
-    dense_bytes = sum(s.nbytes for s in scope)
-    dense_params = sum(s.numel for s in scope)
-    key, limit = budget.limit(dense_bytes, dense_params)
-    smallest = sum(min(c.cost(key) for c in cands) for cands in priced.values())
-    if smallest > limit:  # checked before the (slow) analysis; `solve` would say the same
-        ratio = f" ({dense_bytes / smallest:.1f}x)" if key == "bytes" and smallest else ""
-        raise BudgetError(
-            f"budget {budget} allows {_size(limit, key)} for the {len(scope)} in-scope sites "
-            f"({_size(dense_bytes if key == 'bytes' else dense_params, key)} dense), but the smallest plan the "
-            f"allowed formats reach is {_size(smallest, key)}{ratio}; loosen the budget or allow smaller formats"
-        )
+    priced = price_sites(scope, spaces, options)
+    key, limit = budget_limit(scope, priced, budget)
 
     def analyse(site: Site) -> list[Candidate]:
         if cache is not None and site.name in cache:
             return cache[site.name]
-        weight = _weight(weights, site)
         h = moments.get(site.name) if moments else None
-        cands = priced[site.name]
-        analysis = SiteAnalysis(weight, h, options.damping, folds=folds.get(site.name))
-        errors = analysis.errors([c.spec for c in cands])
-        scale = analysis.total * (white if data and h is None else 1.0)
-        scale *= float(importance.get(site.name, typical)) if importance else 1.0
-        return [
-            Candidate(c.spec, c.nbytes, c.nparams, c.choice, float(e), float(e) ** 2 * scale)
-            for c, e in zip(cands, errors, strict=True)
-        ]
+        curve = site_curve(_weight(weights, site), h, priced[site.name], options, folds.get(site.name))
+        return damage_table(priced[site.name], curve, white if data and h is None else 1.0,
+                            float(importance.get(site.name, typical)) if importance else 1.0)
 
     tables = map_sites(analyse, scope, options.worker_count(), "kronc: analysing sites", progress)
     if cache is not None:
         cache.update({site.name: table for site, table in zip(scope, tables, strict=True)})
-    picks = solve(tables, limit, key, grid=options.dp_grid)
-    decisions = [
-        Decision(
-            site=site.name, shape=site.shape, spec=t[i].spec, bytes_before=site.nbytes, bytes_after=t[i].nbytes,
-            params_after=t[i].nparams, error=t[i].error, rule=(rules or {}).get(site.name),
-        )
-        for site, t, i in zip(scope, tables, picks, strict=True)
-    ]
-    return Plan(decisions=decisions, budget=str(budget), objective="data" if data else "weight")
+    return plan_from_tables(scope, tables, budget, key, limit, data=data, rules=rules, options=options)
 
 
 # ------------------------------------------------------------------------------------------ uniform

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import checkpoint
+from . import checkpoint, parallel
 from .batches import Batch, BatchSource, TokenWindows, make_batches, to_batch
 from .config import RecoveryConfig, RecoveryError, make_config
 from .guards import check_models, check_schemes, check_windows, device_of, models_restored, seeded
@@ -53,6 +53,7 @@ def distill(
     batches = make_batches(data, cfg, tokenizer)
     if isinstance(batches, TokenWindows):
         check_windows(student, batches, cfg)
+        parallel.check_rows(cfg.batch_size, "batch_size")  # under torch.distributed: equal slices per rank
     params = trainable_parameters(student, cfg.trainable)
     if not params:
         raise RecoveryError(f"no trainable parameters: trainable={cfg.trainable!r} selects none of the student's "
@@ -130,7 +131,7 @@ class _Run:
                                         [r.__dict__ for r in history], seconds, tokens)
 
     def save(self, snap: checkpoint.Snapshot) -> str | None:
-        if self.cfg.checkpoint_path is None:
+        if self.cfg.checkpoint_path is None or not parallel.is_writer():
             return None
         self.on_disk = snap.step
         return str(checkpoint.save(snap, self.cfg.checkpoint_path, self.cfg, self.names))
@@ -195,15 +196,15 @@ class _Run:
         self.optimizer.zero_grad(set_to_none=True)
         for s in self.schemes:
             s.before_step(step)
-        parts = self.distiller.losses(batch)
+        parts = self.distiller.losses(parallel.shard(batch))  # this rank's rows (all of them in one process)
         parts.update(self.penalties(step))
         total = weighted_total(parts, self.cfg)
-        values = {k: float(v.detach()) for k, v in parts.items()}
-        loss = float(total.detach())
+        loss, values = parallel.average_values(total, {k: float(v.detach()) for k, v in parts.items()})
         bad = next((k for k, v in values.items() if not math.isfinite(v)), None)
         if bad is not None or not math.isfinite(loss):
             self.fail(step, bad or "total", values.get(bad or "", loss), fallback)
         total.backward()
+        parallel.average_gradients(self.params)
         for s in self.schemes:
             s.after_backward(step)
         norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip or math.inf))

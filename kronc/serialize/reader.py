@@ -33,6 +33,7 @@ from .files import (
     version,
 )
 from .rebuild import base_model, rebuild_graph, rebuild_modules
+from .shards import read_shards
 
 
 def load(
@@ -128,6 +129,9 @@ def read_weights(path: str | Path, manifest: Mapping[str, Any] | None = None, *,
 
     path = directory(path)
     manifest = read_manifest(path) if manifest is None else manifest
+    shards = (manifest.get("weights") or {}).get("shards")
+    if isinstance(shards, list):  # a sharded save (streamed compile): one file per block
+        return read_shards(path, shards, verify=verify, error=KroncFileError)
     file = path / WEIGHTS
     if not file.is_file():
         raise KroncFileError(f"{path}: {WEIGHTS} is missing")

@@ -7,6 +7,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -15,11 +16,12 @@ import kronc
 
 from ...recover import RecoveryConfig, recover
 from ...recover.batches import make_batches
+from ...scale import distributed as scale_dist
 from ...tokens import token_ids
 from ..data import kjv_text
 from ..evaluate import encode_chars
 from ..report import size
-from ..resolve_model import ByteTokenizer, vocab_size
+from ..resolve_model import ByteTokenizer, folder_tokenizer, vocab_size
 from .args import EXIT_OK, UsageError, budget_args, calibration_args, model_arg, quiet_arg, recover_args
 from .inputs import calibration_batches, data_aware, policy_and_budget, read_text, resolve_spec
 
@@ -34,6 +36,13 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="module: same class with compressed modules (keeps generate()); graph: rewritten fx graph")
     calibration_args(p)
     recover_args(p)
+    p.add_argument("--stream", action="store_true",
+                   help="MODEL is a Hugging Face folder larger than memory: compress it one block at a time from its "
+                        "safetensors shards (same plan and weights; under torchrun the ranks split the work)")
+    p.add_argument("--max-memory", metavar="SIZE", help="with --stream: refuse to start when the estimated peak memory "
+                                                       "exceeds SIZE (e.g. 2GB)")
+    p.add_argument("--offload-activations", type=Path, metavar="DIR",
+                   help="with --stream: keep cached calibration activations in DIR instead of memory")
     quiet_arg(p)
 
 
@@ -44,6 +53,10 @@ def run(args: argparse.Namespace) -> int:
                          "pick a new --out folder (an earlier 'kronc compress' folder is overwritten)")
     check_writable(out)
     policy, budget = policy_and_budget(args)
+    if args.stream:
+        return _run_streamed(args, out, policy, budget)
+    if args.max_memory or args.offload_activations:
+        raise UsageError("--max-memory and --offload-activations apply to --stream only")
     if (args.recover_steps or args.recover_seconds or args.recover_method) and not args.recover_text:
         raise UsageError("--recover-steps, --recover-seconds and --recover-method need --recover-text FILE (the text to "
                          "distil on)")
@@ -70,6 +83,52 @@ def run(args: argparse.Namespace) -> int:
     how = f"kronc.load({str(out)!r}, model={resolved.spec!r})" if resolved.kind == "factory" else f"kronc.load({str(out)!r})"
     print(f"saved to {out} ({size(stored)} of tensors); load with {how}")
     return EXIT_OK
+
+
+def _run_streamed(args: argparse.Namespace, out: Path, policy: Any, budget: str | None) -> int:
+    """``--stream``: `kronc.compile(folder, stream=True)`, calibration text tokenized with the folder's tokenizer."""
+    folder = Path(args.model)
+    if not (folder / "config.json").is_file():
+        raise UsageError(f"--stream needs a Hugging Face folder (config.json + safetensors); {args.model} is not one")
+    if args.recover_text:
+        raise UsageError("--stream does not recover yet: compress with --stream, then recover the loaded model")
+    joined = scale_dist.init_from_env()  # under torchrun: join the group, the ranks split the work
+    try:
+        return _stream(args, out, policy, budget, folder)
+    finally:
+        if joined:
+            torch.distributed.destroy_process_group()
+
+
+def _stream(args: argparse.Namespace, out: Path, policy: Any, budget: str | None, folder: Path) -> int:
+    calibration = None
+    if args.calibration:
+        calibration = calibration_batches(args, _folder_lm(folder))
+        policy = data_aware(policy, budget)
+    t = time.perf_counter()
+    path, report = kronc.compile(str(folder), budget, policy=policy, calibration=calibration, stream=True, out=out,
+                                 max_memory=args.max_memory, offload_activations=args.offload_activations,
+                                 progress=not args.quiet, report=True)
+    if scale_dist.rank() == 0:
+        plan = report.plan
+        print(plan.table())
+        print()
+        stored = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+        print(f"in-scope weights {size(plan.bytes_before)} -> {size(plan.bytes_after)} ({plan.ratio:.2f}x); streamed in "
+              f"{time.perf_counter() - t:.1f}s on {scale_dist.world()} rank(s)")
+        print(f"saved to {path} ({size(stored)} of tensors in {len(list(Path(path).glob('*.safetensors')))} shards); "
+              f"load with kronc.load({str(path)!r})")
+    return EXIT_OK
+
+
+def _folder_lm(folder: Path) -> Any:
+    """What calibration needs of a Hugging Face folder, read without loading its weights."""
+    import json
+
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    causal = any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in config.get("architectures") or [])
+    return SimpleNamespace(spec=str(folder), task="causal-lm" if causal else "model", tokenizer=folder_tokenizer(folder),
+                           max_length=config.get("max_position_embeddings"))
 
 
 def check_writable(out: Path) -> None:

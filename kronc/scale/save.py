@@ -1,0 +1,129 @@
+"""Writing a streamed compile's save folder: one weight shard per block (and one for the rest), the manifest last.
+
+Everything goes into a hidden sibling folder that is renamed into place at the end (as `kronc.save`
+does), so an interrupted or failed run leaves no folder that looks like a valid save. Under
+``torch.distributed`` every rank writes the shards of its own blocks into the same folder; rank 0
+gathers their manifest entries, writes config, tokenizer files and the manifest after a barrier, and
+renames the folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..plan import Plan
+from ..serialize import FORMAT_VERSION, MANIFEST
+from ..serialize.shards import shard_name, write_shard
+from ..state_dicts import dedupe, unshared
+from . import distributed as dist
+from .skeleton import Skeleton
+
+COPIED = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+          "merges.txt", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
+"""Files of the source folder copied beside the weights (when present)."""
+
+
+@dataclass
+class SaveWriter:
+    """The folder being written and the shards this rank wrote."""
+
+    out: Path
+    tmp: Path
+    entries: list[dict[str, Any]] = field(default_factory=list)
+    dtypes: set[str] = field(default_factory=set)
+
+    @classmethod
+    def prepare(cls, out: str | Path, *, overwrite: bool = False) -> SaveWriter:
+        """Check ``out`` (as `kronc.save` does) and make the hidden folder beside it (rank 0 names it)."""
+        out = Path(out)
+        if out.exists() and not out.is_dir():
+            raise FileExistsError(f"{out} exists and is not a directory")
+        if out.is_dir() and not overwrite and not (out / MANIFEST).is_file() and any(out.iterdir()):
+            raise FileExistsError(f"{out} is a non-empty folder that is not a kronc save: choose another path "
+                                  "or pass overwrite=True to replace everything in it")
+        name = dist.broadcast(f".{out.name}.kronc-tmp-{secrets.token_hex(6)}" if dist.rank() == 0 else None)
+        tmp = out.parent / name
+        if dist.rank() == 0:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp.mkdir()
+        dist.barrier()
+        return cls(out, tmp)
+
+    def write_unit(self, sk: Skeleton, unit: int | None) -> None:
+        """Write block ``unit``'s state (or the rest's, for None) as its own shard."""
+        if unit is None:
+            state = {k: v for k, v in sk.model.state_dict().items() if sk.unit_of(k) is None}
+        else:
+            state = sk.blocks[unit].state_dict(prefix=sk.block_prefix(unit))
+        tensors = unshared(dedupe(state))
+        index = sk.count if unit is None else unit
+        entry = write_shard(self.tmp, shard_name(index, sk.count + 1), tensors, {"kronc_format_version": str(FORMAT_VERSION)})
+        self.entries.append(entry)
+        self.dtypes |= {str(t.dtype).removeprefix("torch.") for t in tensors.values() if t.is_floating_point()}
+
+    def finish(self, model: nn.Module, plan: Plan, policy: Any, source: Path) -> Path:
+        """Gather every rank's shards, write config, tokenizer and manifest (rank 0), rename into place."""
+        entries = sorted((e for part in dist.gather_list(self.entries) for e in part), key=lambda e: e["file"])
+        dtypes = sorted(set().union(*dist.gather_list(sorted(self.dtypes))))
+        dist.barrier()  # every shard is on disk before the manifest names it
+        if dist.rank() == 0:
+            config = getattr(model, "config", None)
+            if config is not None and hasattr(config, "to_json_file"):
+                config.to_json_file(str(self.tmp / "config.json"))
+            for name in COPIED:
+                if (source / name).is_file():
+                    shutil.copyfile(source / name, self.tmp / name)
+            manifest = {
+                "format_version": FORMAT_VERSION,
+                "versions": {name: _version(name) for name in ("kronc", "torch", "transformers", "safetensors")},
+                "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+                "huggingface": True,
+                "output": "module",
+                "source": str(source),
+                "dtype": dtypes[0] if len(dtypes) == 1 else None,
+                "weights": {"shards": entries, "bytes": sum(e["bytes"] for e in entries),
+                            "tensors": sum(len(e["names"]) for e in entries)},
+                "example_inputs": None,
+                "plan": plan.model_dump(mode="json"),
+                "policy": policy,
+            }
+            (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+            _replace_dir(self.tmp, self.out)
+        dist.barrier()
+        return self.out
+
+    def abort(self) -> None:
+        """Remove the unfinished folder (nothing half-written stays behind)."""
+        if dist.rank() == 0:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _replace_dir(new: Path, path: Path) -> None:
+    """Move the finished folder to ``path``; an earlier save there is removed only once the new one is in place."""
+    if not path.exists():
+        os.replace(new, path)
+        return
+    old = path.parent / f".{path.name}.kronc-old-{secrets.token_hex(6)}"
+    os.replace(path, old)
+    try:
+        os.replace(new, path)
+    except BaseException:
+        os.replace(old, path)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
