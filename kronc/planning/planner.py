@@ -158,12 +158,12 @@ def make_plan(
         h = moments.get(site.name) if moments else None
         cands = priced[site.name]
         analysis = SiteAnalysis(weight, h, options.damping, folds=folds.get(site.name))
-        errors = analysis.errors([c.spec for c in cands])
+        errors = analysis.errors([c.spec for c in cands], nbytes=[c.nbytes for c in cands])
         scale = analysis.total * (white if data and h is None else 1.0)
         scale *= float(importance.get(site.name, typical)) if importance else 1.0
-        return [
+        return [  # NaN: dominated, not estimated (see `SiteAnalysis.errors`)
             Candidate(c.spec, c.nbytes, c.nparams, c.choice, float(e), float(e) ** 2 * scale)
-            for c, e in zip(cands, errors, strict=True)
+            for c, e in zip(cands, errors, strict=True) if not math.isnan(e)
         ]
 
     tables = map_sites(analyse, scope, options.worker_count(), "kronc: analysing sites", progress)
