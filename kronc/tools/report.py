@@ -28,9 +28,9 @@ import torch
 from torch import nn
 
 from ..plan import Decision, Plan
-from ..values import Precision
 from ..serialize import read_manifest
 from ..serialize import stored_bytes as _stored
+from ..values import Precision
 from .zoo import MissingPackageError
 
 RESULTS = "results.json"
