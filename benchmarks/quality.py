@@ -267,7 +267,9 @@ def run_model(bench: Bench, budgets: list[float], methods: list[str], check_inpu
 
 
 QUANT_FAMILIES = {"cast": "bf16 cast", "rtn": "round to nearest", "hqq": "data-free (clip + HQQ)",
-                  "gptq": "GPTQ-style (calibration Gram)", "joint": "joint quantized + low rank"}
+                  "gptq": "GPTQ-style (calibration Gram)", "joint": "joint quantized + low rank",
+                  "kronc": "kronc plan (bits and structure per site)"}
+_KRONC_RE = re.compile(r"^kronc@([0-9.]+)x$")
 QUANT_DEFAULT = (
     "bf16,int8,int4g32,int4g32a,int4g64,int4g64a,int4g32-gptq,int4g64-gptq,int4g64a-gptq,"
     "int3g32,int3g32a,int3g64,int3g64a,int3g64-gptq,int3g64a-gptq,"
@@ -436,7 +438,8 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--quant", default=None, nargs="?", const="default",
                     help="run the uniform quantization baselines instead (comma-separated configs, e.g. "
-                         "int4g32,int3g64a-gptq,int3g64a+r16; 'default' or no value: the standard set) and write "
+                         "int4g32,int3g64a-gptq,int3g64a+r16, and kronc@8x for kronc's own plan at 8x; 'default' or "
+                         "no value: the standard set) and write "
                          "benchmarks/results/quality_quant.*")
     ap.add_argument("--append", action="store_true",
                     help="with --quant: add (or replace, by config name) rows in the existing results instead of starting anew")
@@ -462,7 +465,10 @@ def main() -> None:
     }
     kjv = kjv_text(max_chars=400_000)
     if args.quant:
-        configs = [QuantConfig.parse(c) for c in (QUANT_DEFAULT if args.quant == "default" else args.quant).split(",")]
+        entries = (QUANT_DEFAULT if args.quant == "default" else args.quant).split(",")
+        kronc_budgets = [float(m.group(1)) for e in entries if (m := _KRONC_RE.match(e.strip()))]
+        configs = [QuantConfig.parse(c) for c in entries if not _KRONC_RE.match(c.strip())]
+        names = {c.name for c in configs} | {f"kronc@{b:g}x" for b in kronc_budgets}
         report["arguments"] = (f"--quant {args.quant} --models {args.models} --windows {args.windows} "
                                f"--calib-windows {args.calib_windows} --joint-iters {args.joint_iters} --threads {args.threads}")
         previous: dict[str, Any] = {}
@@ -473,7 +479,7 @@ def main() -> None:
             report["arguments"] = previous.get("arguments", "") + "; then " + report["arguments"]
         for key in models:
             kept = [r for r in report["models"].get(key, {}).get("rows", [])
-                    if r["config"] not in {c.name for c in configs}]
+                    if r["config"] not in names]
             bench, dense_scores, info, _ = _smollm2(args, kjv, heldout=True) if key == "smollm2" else _minilm(args, kjv)
             dense_bytes = sum(s.nbytes for s in bench.sites)
             info.update(dense_bytes=dense_bytes, rows=[])
@@ -489,7 +495,8 @@ def main() -> None:
                 info["rows"] = kept + rows
                 write_quant(report, out)
 
-            run_quant(bench, configs, dense_bytes, on_row, args.joint_iters)
+            done = run_quant(bench, configs, dense_bytes, on_row, args.joint_iters)
+            run_kronc(bench, kronc_budgets, dense_bytes, on_row, done)
             del bench
         report["total_s"] = round(time.perf_counter() - start) + previous.get("total_s", 0)
         write_quant(report, out)
@@ -591,9 +598,80 @@ BANDS = ((1.5, 2.5, "~2x"), (3.5, 4.5, "~4x"), (6.0, 8.5, "~8x"), (8.5, 11.0, "~
 """Ratio bands for the best-per-band table (lower bound inclusive)."""
 
 
+def run_kronc(bench: Bench, budgets: list[float], dense_bytes: int, on_row, rows: list[dict[str, Any]]) -> None:  # type: ignore[no-untyped-def]
+    """kronc's plan (what ``kronc.compile(model, budget, calibration=...)`` plans: the default data-aware
+    policy, Fisher sensitivity) at each budget, as rows of the quantization table: ratio from the plan's
+    stored bytes, the same scores and calibration output error as the uniform rows."""
+    for ratio in budgets:
+        name = f"kronc@{ratio:g}x"
+        t = time.perf_counter()
+        try:
+            plan, moments = bench.plan("kronc", ratio)
+        except kronc.BudgetError as e:
+            say(f"  {bench.name} {name}: not reachable ({e})")
+            continue
+        plan_s = time.perf_counter() - t
+        small = bench.materialize(plan, moments)
+        fit_s = time.perf_counter() - t - plan_s
+        scores = bench.score(small)
+        errs = []
+        with torch.no_grad():
+            for site in bench.sites:
+                h = bench.moments.get(site.name)
+                if h is None:
+                    continue
+                w = bench.weights[site.name].detach().float()
+                got = getattr(small.get_submodule(site.owner), site.attr).detach().float()
+                diff, hf = w - (got.T if site.kind == "conv1d" else got), h.float()
+                errs.append(float(((diff @ hf) * diff).sum() / ((w @ hf) * w).sum()) ** 0.5)
+        values: dict[str, int] = {}
+        for d in plan.decisions:
+            label = d.values if d.spec.kind == "dense" else f"{d.spec.kind}:{d.values}"
+            values[label] = values.get(label, 0) + 1
+        row = {"config": name, "family": "kronc", "bits": "mixed", "group": None, "symmetric": None, "fit": None,
+               "rank": 0, "damp": None, "budget": ratio, "bytes": plan.bytes_after, "ratio": dense_bytes / plan.bytes_after,
+               "calib_output_err": sum(errs) / max(1, len(errs)), **scores, "values": values,
+               "plan_s": round(plan_s, 1), "fit_s": round(fit_s, 1), "eval_s": round(time.perf_counter() - t - plan_s - fit_s, 1)}
+        rows.append(row)
+        shown = " ".join(f"{k} {v:.4g}" for k, v in scores.items())
+        say(f"  {bench.name} {name:16s} {row['ratio']:6.2f}x  {shown}  [plan {plan_s:.0f}s fit {fit_s:.0f}s "
+            f"eval {row['eval_s']:.0f}s] {values}")
+        del small
+        on_row(rows)
+
+
 def _source_grid(key: str, r: dict[str, Any]) -> bool:
     """SmolLM2's weights were Q4_1 (asymmetric 4-bit, blocks of 32): that grid reproduces them."""
     return key == "smollm2" and r["bits"] == 4 and r["group"] == 32 and r["symmetric"] is False
+
+
+def _kronc_vs_uniform(plans: list[dict[str, Any]], uniform: list[dict[str, Any]], lm: bool) -> list[str]:
+    """kronc's plan at each budget against the best uniform configuration storing at least as many
+    bytes (ratio <= the plan's) and the nearest one by bytes (source grid excluded)."""
+    metric = "ppl" if lm else "pearson"
+    better = (lambda a, b: a < b) if lm else (lambda a, b: a > b)  # noqa: E731
+
+    def show(r: dict[str, Any] | None) -> str:
+        if r is None:
+            return "-"
+        val = f"{r['ppl']:.4g} ({r['ppl_ratio']:.3f}x)" if lm else f"{r['pearson']:.3f}"
+        return f"`{r['config']}` {r['ratio']:.2f}x: {val}"
+
+    out = ["kronc's plan against uniform quantization at matching bytes (uniform: the best configuration "
+           "storing at least as many bytes, and the one nearest in bytes; source grid excluded):", "",
+           "| kronc plan | ratio | " + ("perplexity (x dense)" if lm else "Pearson") + " | best uniform at >= its bytes | "
+           "nearest uniform | precisions chosen (sites) |", "|---|---|---|---|---|---|"]
+    for p in plans:
+        bigger = [r for r in uniform if r["ratio"] <= p["ratio"] * 1.0001]
+        best = None
+        for r in bigger:
+            if best is None or better(r[metric], best[metric]):
+                best = r
+        near = min(uniform, key=lambda r: abs(math.log(r["ratio"] / p["ratio"])), default=None)
+        val = f"{p['ppl']:.4g} ({p['ppl_ratio']:.3f}x)" if lm else f"{p['pearson']:.3f}"
+        mix = ", ".join(f"{k} {v}" for k, v in sorted(p.get("values", {}).items(), key=lambda kv: -kv[1]))
+        out.append(f"| `{p['config']}` | {p['ratio']:.2f}x | {val} | {show(best)} | {show(near)} | {mix} |")
+    return [*out, ""]
 
 
 def _pareto(points: list[tuple[float, float]], higher_better: bool) -> list[tuple[float, float]]:
@@ -610,7 +688,7 @@ def write_quant(report: dict[str, Any], out: Path) -> None:
     source-grid configuration apart, and perplexity / Pearson against ratio with a Pareto front per family."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=1))
-    lines = ["# Uniform quantization baselines at matching bytes", "",
+    lines = ["# Uniform quantization baselines at matching bytes, and kronc's plan", "",
              f"- command: `{report['command'].strip()}` (that is: `{report.get('arguments', '')}`; "
              f"{report['threads']} threads, torch {report['torch']})"]
     if "total_s" in report:
@@ -640,7 +718,8 @@ def write_quant(report: dict[str, Any], out: Path) -> None:
 
         def cells(r: dict[str, Any], key: str = key, lm: bool = lm, info: dict[str, Any] = info) -> str:
             grid = " (Q4_1 source grid)" if _source_grid(key, r) else ""
-            base = (f"| {QUANT_FAMILIES[r['family']]} | `{r['config']}`{grid} | {r['bits']} | {r['group'] or ('row' if r['fit'] else '-')} | "
+            name = f"**`{r['config']}`**" if r["family"] == "kronc" else f"`{r['config']}`"
+            base = (f"| {QUANT_FAMILIES[r['family']]} | {name}{grid} | {r['bits']} | {r['group'] or ('row' if r['fit'] else '-')} | "
                     f"{r['ratio']:.2f}x | ")
             if lm:
                 kjv = f"{r['kjv_ppl']:.4g} ({r['kjv_ppl_ratio']:.3f}x)" if "kjv_ppl_ratio" in r else "n/a"
@@ -653,7 +732,10 @@ def write_quant(report: dict[str, Any], out: Path) -> None:
         if skipped:
             lines += ["Not applicable (a group size that does not divide an input dimension): "
                       + ", ".join(f"`{r['config']}`" for r in skipped), ""]
-        general = [r for r in rows if not _source_grid(key, r)]
+        general = [r for r in rows if not _source_grid(key, r) and r["family"] != "kronc"]
+        plans = sorted((r for r in rows if r["family"] == "kronc"), key=lambda r: r["ratio"])
+        if plans:
+            lines += _kronc_vs_uniform(plans, general, lm)
         metric = "ppl" if lm else "pearson"
         lines += ["Best uniform method per ratio band" + (" (excluding the Q4_1 source-grid configuration)" if lm else "")
                   + ":", "", "| band | best | ratio | " + ("perplexity (x dense) | best on held-out King James |" if lm else "Pearson |"),
@@ -689,7 +771,7 @@ def write_quant(report: dict[str, Any], out: Path) -> None:
         return
     keys = list(report["models"])
     fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(6.2 * max(1, len(keys)), 4.6), squeeze=False)
-    colors = dict(zip(QUANT_FAMILIES, ("tab:gray", "tab:blue", "tab:green", "tab:red", "tab:purple"), strict=True))
+    colors = dict(zip(QUANT_FAMILIES, ("tab:gray", "tab:blue", "tab:green", "tab:red", "tab:purple", "black"), strict=True))
     for ax, key in zip(axes[0], keys, strict=False):
         info = report["models"][key]
         lm = key == "smollm2"

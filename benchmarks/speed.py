@@ -28,7 +28,11 @@ embedding and the tied LM head stay dense and outside the budget):
   FLOPs and bytes as two plain GEMMs, so on CPU it runs faster in proportion;
 * ``quality``: every format (low rank, Kronecker, doped Kronecker, block-sparse, dense), the
   planner's least-error choice. Doped and block-sparse formats are gather/scatter kernels on CPU
-  and slower than the dense GEMM they replace, so this plan is smaller but not faster here.
+  and slower than the dense GEMM they replace, so this plan is smaller but not faster here;
+* ``int8``: every decoder linear at int8, one scale per row (budget fixed at 3.9x);
+  ``int4``: the shipped ``int4-kernels`` policy (int8 or int4 per site). ``kronc::quant_linear``
+  runs aten's packed kernels (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``) only for
+  bfloat16 activations (``--dtype bf16``); with float32 activations it dequantizes and runs a GEMM.
 
 With ``--calib-windows N > 0`` plans are data-aware (input statistics from N windows of the King
 James text, calibration only). Measurements repeat ``--reps`` times, interleaved across models so
@@ -75,7 +79,24 @@ SCOPE = {"include": ["model.layers.*"]}
 POLICIES: dict[str, dict[str, Any]] = {
     "speed": {"default_formats": [{"kind": "lowrank"}, {"kind": "dense"}]},
     "quality": {},
+    "int8": {"budget": "3.9x", "rules": [{"match": "*", "bits": [8], "group_sizes": ["row"], "formats": [{"kind": "dense"}]}],
+             "default_formats": [{"kind": "dense"}]},
+    "int4": {"shipped": "int4-kernels"},
 }
+"""``int8``: every decoder linear at int8 with one scale per row (3.99x, so its budget is fixed at 3.9x);
+``int4``: the shipped ``int4-kernels`` policy (int8 or int4 per site, groups of 32-128) at the budget."""
+
+
+def policy_for(name: str, budget: str, objective: str) -> Policy:
+    """The benchmark's policy ``name`` at ``budget`` (a fixed ``budget`` in its entry wins), scoped to the decoder."""
+    entry = dict(POLICIES[name])
+    if "shipped" in entry:
+        from kronc.policies import load_policy
+
+        shipped = load_policy(entry.pop("shipped")).model_dump(mode="json")
+        entry = {k: shipped[k] for k in ("rules", "default_formats")}
+    budget = entry.pop("budget", budget)
+    return Policy(budget=budget, scope=SCOPE, objective=objective, **entry)
 
 
 # ------------------------------------------------------------------------------------------------ measuring
@@ -192,12 +213,13 @@ def build_variants(args: argparse.Namespace, model: nn.Module, tokenizer: Any) -
         calibration = [ids[i * 512 : (i + 1) * 512][None] for i in range(args.calib_windows)]
     for budget in args.budgets:
         for name in args.policies:
-            policy = Policy(budget=budget, scope=SCOPE, objective="data" if calibration else "weight", **POLICIES[name])
-            print(f"kronc.compile {name} {budget} ...", flush=True)
+            policy = policy_for(name, budget, "data" if calibration else "weight")
+            label = policy.budget if "budget" in POLICIES[name] else budget
+            print(f"kronc.compile {name} {label} ...", flush=True)
             small, report = kronc.compile(model, policy=policy, calibration=calibration, report=True)
             kinds = Counter(d.spec.kind for d in report.plan.decisions)
             print(f"  {dict(report.seconds)}  formats {dict(kinds)}", flush=True)
-            variants.append(Variant(f"{name} {budget}", small.eval(), report.plan, dict(report.seconds)))
+            variants.append(Variant(f"{name} {label}", small.eval(), report.plan, dict(report.seconds)))
     return variants
 
 
@@ -299,7 +321,7 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, command: str,
         f"Command: `{command}`",
         "",
         f"Machine: {env['cpu']}, {env['cores']} cores (shared with other work), torch {env['torch']}, "
-        f"{args.threads} torch thread(s). Medians of {args.reps} interleaved repetitions. Prefill: "
+        f"{args.threads} torch thread(s), model in {getattr(args, 'dtype', 'fp32')}. Medians of {args.reps} interleaved repetitions. Prefill: "
         f"{args.prefill} tokens, batch 1. Decode: greedy generate with KV cache from a {args.prompt}-token "
         f"prompt, {args.new_tokens} new tokens. Speedups and ratios are against the dense model in the same run. "
         f"Perplexity: ABC news, {args.ppl_windows} windows of 512 tokens. "
@@ -411,6 +433,8 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
+                    help="the model's dtype (activations and kept weights); the packed int8/int4 CPU kernels run only for bf16")
     ap.add_argument("--calib-windows", type=int, default=0, help="King James windows for data-aware plans (0: weight)")
     ap.add_argument("--ppl-windows", type=int, default=2, help="ABC news windows for the perplexity check (0: skip)")
     ap.add_argument("--out", type=Path, default=RESULTS / "speed")
@@ -440,6 +464,8 @@ def main() -> None:
 
     model, tokenizer = load_smollm2()
     model.eval()
+    if args.dtype == "bf16":
+        model = model.to(torch.bfloat16)
     text_ids = tokenizer(abc_news_text(), return_tensors="pt").input_ids
     prefill_ids, prompt = text_ids[:, : args.prefill], text_ids[:, 1000 : 1000 + args.prompt]
     variants = build_variants(args, model, tokenizer)

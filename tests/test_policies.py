@@ -202,6 +202,19 @@ BAD_FILES = {
         "budget: 4x\nrules:\n  - {match: a, name: x, formats: [{kind: dense}]}\n  - {match: b, name: x, formats: [{kind: dense}]}\n",
         ["rules[1].name: duplicate rule name 'x' (also rules[0])"],
     ),
+    "bad rule bits": (
+        "budget: 4x\nrules:\n  - {match: a, bits: [4, 5], formats: [{kind: dense}]}\n",
+        ["rules[0].bits[1]", "2, 3, 4, 8, 16, 32"],
+    ),
+    "bad rule group size": (
+        "budget: 4x\nrules:\n  - {match: a, group_sizes: [48], formats: [{kind: dense}]}\n",
+        ["rules[0].group_sizes[0]", "16, 32, 64, 128", "row"],
+    ),
+    "rule limits leave nothing": (
+        "budget: 4x\nrules:\n  - {match: a, name: k, bits: [2], group_sizes: [128], formats: [{kind: dense}]}\n",
+        ["rules[0]", "rule 'k': bits [2] and group_sizes [128] leave none of the formats (dense) a precision",
+         "allowed bits: [2, 3, 4, 8, 16, 32]"],
+    ),
     "empty file": ("", ["the policy is empty"]),
     "not a mapping": ("- budget: 4x\n", ["expected a mapping of policy keys at the top level, got list"]),
     "yaml syntax": ("budget: 25x\nrules:\n  - match: [a, b\n    formats: []\n", ["bad.yaml:4:12: YAML syntax error: expected ',' or ']'"]),
@@ -537,3 +550,29 @@ def test_python_policies_pass_through_and_validate_on_assignment() -> None:
     with pytest.raises(ValueError, match="cannot read budget"):
         policy.budget = "lots"
     assert yaml.safe_load(dumps_policy(policy))["budget"] == "3M params"
+
+
+def test_rule_bits_and_group_sizes_narrow_every_format() -> None:
+    """``bits``/``group_sizes`` on a rule: a dense format without precisions searches the default ones
+    within the limits, listed precisions and quantlr bases are narrowed, ``explain`` shows the limits."""
+    from kronc.policies.choices import DEFAULT_PRECISIONS
+    from kronc.values import Precision
+
+    rule = Rule(match="*", bits=[4, 8], group_sizes=[32, "row"], formats=[{"kind": "dense"}])
+    (dense,) = rule.allowed_formats()
+    assert dense.precisions == ["keep", Precision(dtype="int8"), *[p for p in DEFAULT_PRECISIONS if p.bits == 4 and p.group_size == 32]]
+    listed = Rule(match="*", bits=[3], formats=[
+        {"kind": "dense", "precisions": ["keep", {"dtype": "int4", "group_size": 32}, {"dtype": "int3", "group_size": 64}]},
+        {"kind": "quantlr", "bases": [{"dtype": "int3", "group_size": 64}, {"dtype": "int2", "group_size": 32}]},
+    ])
+    narrowed = listed.allowed_formats()
+    assert narrowed[0].precisions == ["keep", Precision(dtype="int3", group_size=64)]
+    assert narrowed[1].bases == [Precision(dtype="int3", group_size=64)]  # type: ignore[attr-defined]
+    assert Rule(match="*", formats=[{"kind": "dense"}]).allowed_formats()[0].precisions == ["keep"]  # no limits: as written
+    policy = Policy(budget="4x", rules=[rule])
+    text = explain(policy, llama_sites()).table()
+    assert "rules[0] (bits 4,8; groups 32,row)" in text and "int4g32-hqq" in text and "int4g64" not in text
+    shipped = load_policy("int4-kernels")
+    assert shipped.rules[0].bits == [4, 8]
+    values = {p.describe() for f in shipped.rules[0].allowed_formats() for p in f.precisions if not isinstance(p, str)}
+    assert values == {"int8", "int4g32-hqq", "int4g64-hqq", "int4g128-hqq"}

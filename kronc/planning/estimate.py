@@ -21,8 +21,9 @@ The error of a candidate is relative: ``||W - W'|| / ||W||`` in the weight metri
   ``W diag(sqrt(H_jj))`` (as `fit_site` fits them) and a per-block-row quadratic
   form over the dropped blocks, from one pass over ``W H`` (a coarser block grid sums a finer
   grid's form). Exact for `BlockSparse.fit`.
-* **dense**: zero; at a precision, the error of the actual quantization (round to nearest or the
-  data-free clip/HQQ fit, elementwise and cheap) in the weight metric, or data-aware with the diagonal
+* **dense**: zero; at a precision, the error of the quantization (round to nearest, or the data-free
+  fit's clip search, all clip ratios at once, on ~32k sampled values of whole rows scaled by their
+  share of the energy: `SiteAnalysis.dense_quant_error`) in the weight metric, or data-aware with the diagonal
   of ``H`` (``Σ_j H_jj ||E_:j||²``: rounding errors of different input columns are nearly
   uncorrelated, so the off-diagonal terms of ``tr(E H Eᵀ)`` average out; measured against the exact
   value in ``tests/test_precision.py``). A ``gptq`` precision is estimated by its data-free fit's
@@ -55,13 +56,18 @@ from ..formats import fit as fit_format
 from ..formats.base import check_matrix
 from ..formats.doped import row_balanced_order
 from ..reference.kronecker import rearrange
-from ..values import decode, encode
+from ..values import Precision, clip_search_error, encode
+from ..values.fits import CLIP_RATIOS
 from .families.base import family
 from .whiten import column_scale, damped, whitener
 
 F64 = torch.float64
 _CHUNK = 1 << 22  # elements of the largest temporary in the block-sparse data-aware pass
 _SPARSE_SHARE = 0.08  # overlays keeping at most this share of entries: sparse products, else dense
+_QUANT_SAMPLE = 32768  # values (whole rows) a dense quantization estimate is measured on
+_QUANT_MIN_ROWS = 16
+SCREEN_MARGIN = 2.0
+"""A screened candidate is dropped when its rough error is this many times a cheaper candidate's."""
 
 
 def tail_sums(lam: Tensor) -> Tensor:
@@ -305,19 +311,51 @@ class SiteAnalysis:
         p = spec.precision
         assert p is not None
         if spec.identity is False and spec.kind == "dense":
-            q = p if p.is_float or p.fit != "gptq" else p.model_copy(update={"fit": "hqq"})
-            e = decode(encode(self.w32, q)).to(F64) - self.w32.to(F64)
-            if self.h is None:
-                return self.rel(float(e.square().sum()))
-            return self.rel(float((e.square().sum(0) * self.h.diagonal()).sum()))
+            return self.dense_quant_error(p)
         e = fit_format(self.w32, spec).to_dense().detach().to(F64) - self.w32.to(F64)
         if self.h is None:
             return self.rel(float(e.square().sum()))
         return self.rel(float(((e @ self.h) * e).sum()))
 
-    def errors(self, specs: Sequence[FormatSpec]) -> np.ndarray:
+    def _quant_rows(self) -> tuple[Tensor, Tensor | None, float]:
+        """The rows the dense quantization estimates are measured on, the column weights (diagonal of
+        ``H``, data-aware), and the factor from their (weighted) energy to the whole weight's."""
+        if getattr(self, "_qrows", None) is None:
+            m, n = self.shape
+            k = min(m, max(_QUANT_MIN_ROWS, math.ceil(_QUANT_SAMPLE / n)))
+            rows = self.w32 if k == m else self.w32[torch.linspace(0, m - 1, k).round().long().unique()]
+            cw = None if self.h is None else self.h.diagonal().float()
+            energy = lambda x: float((x.square() if cw is None else x.square() * cw).sum(dtype=F64))  # noqa: E731
+            part = energy(rows)
+            self._qrows = (rows, cw, energy(self.w32) / part if part > 0 else 1.0)
+        return self._qrows
+
+    def dense_quant_error(self, p: Precision) -> float:
+        """The dense weight at ``p``: a float cast exactly; an integer grid by `clip_search_error` (the
+        clip search of the data-free fit, all ratios at once; ``rtn``: the full range only) on
+        `_quant_rows`, scaled to the whole weight by the energy ratio. Rounding error relative to a
+        row's energy varies little between rows, so ~32k sampled values estimate it to a few percent
+        (measured in ``tests/test_precision.py``), for a fraction of the cost of fitting each precision.
+        A ``gptq`` precision is estimated by its data-free fit (an upper bound of what it reaches), an
+        ``hqq`` one by its clip search (HQQ's zero-point step only lowers the error further)."""
+        rows, cw, scale = self._quant_rows()
+        if p.is_float:
+            e = encode(rows, p).codes.float() - rows
+            err2 = float((e.square() if cw is None else e.square() * cw).sum(dtype=F64))
+        else:
+            err2 = clip_search_error(rows, p, cw, ratios=(1.0,) if p.fit == "rtn" else CLIP_RATIOS)
+        return self.rel(err2 * scale)
+
+    def errors(self, specs: Sequence[FormatSpec], nbytes: Sequence[int] | None = None) -> np.ndarray:
         """Relative error of every spec, in order: each format's family estimates its own specs at once
-        (sharing this analysis's decompositions); specs at a precision by `quant_error`."""
+        (sharing this analysis's decompositions); specs at a precision by `quant_error`.
+
+        With ``nbytes`` (each spec's stored bytes), candidates that are clearly dominated are not
+        estimated and come back as NaN: a family with a `Family.screen` gives a rough error first, and a
+        spec whose rough error exceeds `SCREEN_MARGIN` times the error of some other spec storing no
+        more bytes (among those estimated exactly without a screen) is dropped. The solver would never
+        pick it, and the exact estimate (for pruning: a sort of every entry and sparse products) is the
+        slowest part of the analysis."""
         out = np.zeros(len(specs))
         groups: dict[str, list[int]] = defaultdict(list)
         for i, spec in enumerate(specs):
@@ -326,10 +364,29 @@ class SiteAnalysis:
                 out[i] = self.quant_error(spec)
                 continue
             groups[spec.kind].append(i)
+        screened = {k: w for k, w in groups.items() if nbytes is not None and family(k).screens}
         for kind, where in groups.items():
-            errs = family(kind).errors(self, [specs[i] for i in where])
-            out[where] = np.asarray(errs, dtype=np.float64)
+            if kind not in screened:
+                out[where] = np.asarray(family(kind).errors(self, [specs[i] for i in where]), dtype=np.float64)
+        if screened:
+            assert nbytes is not None
+            exact = sorted({i for i in range(len(specs))} - {i for w in screened.values() for i in w}, key=lambda i: nbytes[i])
+            for kind, where in screened.items():
+                rough = family(kind).screen(self, [specs[i] for i in where])
+                keep = []
+                for i, r in zip(where, rough, strict=True):
+                    best = min((out[j] for j in exact if nbytes[j] <= nbytes[i]), default=math.inf)
+                    if r > SCREEN_MARGIN * best:
+                        out[i] = math.nan
+                    else:
+                        keep.append(i)
+                if keep:
+                    out[keep] = np.asarray(family(kind).errors(self, [specs[i] for i in keep]), dtype=np.float64)
         return out
+
+    def row_sample(self) -> tuple[Tensor, Tensor | None, float]:
+        """`_quant_rows`: sampled rows, column weights (diagonal of ``H``) and the energy factor to the whole."""
+        return self._quant_rows()
 
 
 def estimate_errors(

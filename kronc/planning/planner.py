@@ -117,19 +117,19 @@ def site_curve(weight: Tensor, moments: Tensor | None, cands: Sequence[Candidate
                folds: tuple[Tensor, Tensor] | None = None) -> SiteCurve:
     """Analyse one site: the relative error of every candidate in ``cands`` (as `make_plan` does)."""
     analysis = SiteAnalysis(weight, moments, options.damping, folds=folds)
-    errors = analysis.errors([c.spec for c in cands])
+    errors = analysis.errors([c.spec for c in cands], nbytes=[c.nbytes for c in cands])
     return SiteCurve(tuple(float(e) for e in errors), analysis.total)
 
 
 def damage_table(cands: Sequence[Candidate], curve: SiteCurve, white: float = 1.0, importance: float = 1.0
                  ) -> list[Candidate]:
     """The candidates with their errors and damage ``error^2 * total * white * importance`` (the solver's
-    input); ``white`` is `white_energy` for a site measured without moments in a data-aware plan, else 1."""
-    scale = curve.total * white
-    scale *= importance
+    input); ``white`` is `white_energy` for a site measured without moments in a data-aware plan, else 1.
+    A NaN error marks a dominated candidate that was not estimated (see `SiteAnalysis.errors`): left out."""
+    scale = curve.total * white * importance
     return [
         Candidate(c.spec, c.nbytes, c.nparams, c.choice, e, e ** 2 * scale)
-        for c, e in zip(cands, curve.errors, strict=True)
+        for c, e in zip(cands, curve.errors, strict=True) if not math.isnan(e)
     ]
 
 

@@ -36,7 +36,10 @@ class Explanation:
             s = r.site
             scope = "yes" if r.in_scope else f"no: {r.reason}"
             formats = "; ".join(describe_choice(f) for f in r.formats) or "-"
-            rows.append((s.name, s.kind, f"{s.shape[0]}x{s.shape[1]}", scope, r.rule or "-", formats))
+            rule = r.rule or "-"
+            if r.rule_index is not None and (limits := self.resolution.policy.rules[r.rule_index].limits()):
+                rule += f" ({limits})"
+            rows.append((s.name, s.kind, f"{s.shape[0]}x{s.shape[1]}", scope, rule, formats))
         return rows
 
     def table(self) -> str:

@@ -103,7 +103,7 @@ def _resolve(policy: Policy, sites: Iterable[Site]) -> Resolution:
         for i, rule in enumerate(policy.rules):
             if any(pattern_matches(p, site) for p in rule.patterns):
                 applied.add(i)
-                out.append(SiteResolution(site, True, reason, i, policy.rule_label(i), tuple(rule.formats)))
+                out.append(SiteResolution(site, True, reason, i, policy.rule_label(i), tuple(rule.allowed_formats())))
                 break
         else:
             out.append(SiteResolution(site, True, reason, None, "default_formats", tuple(policy.default_formats)))

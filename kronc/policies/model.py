@@ -27,12 +27,15 @@ matches a site when it matches its parameter name (``...q_proj.weight``), its mo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..budget import Budget
-from .choices import ALL_FORMATS, DATA_FORMATS, FormatChoice
+from ..planning.families import Choice
+from ..values import Precision
+from .choices import ALL_FORMATS, DATA_FORMATS, DEFAULT_PRECISIONS, FormatChoice
 from .patterns import check_pattern
 from .recovery import RecoveryConfig
 
@@ -42,6 +45,13 @@ ScopeKind = Literal["linear", "conv1d", "functional", "lstm"]
 
 MAX_RULES = 1000
 """Most rules in one policy (each site is tried against every rule's patterns)."""
+
+BIT_WIDTHS = (2, 3, 4, 8, 16, 32)
+GROUP_LIMITS = (16, 32, 64, 128, "row")
+BitWidth = Literal[2, 3, 4, 8, 16, 32]
+"""Bits per stored value a rule's ``bits`` can list (16: bf16/fp16; 32: fp32)."""
+GroupLimit = Literal[16, 32, 64, 128, "row"]
+"""Scale groupings a rule's ``group_sizes`` can list (``row``: one scale per row)."""
 
 Pattern = Annotated[str, AfterValidator(check_pattern)]
 """A site name pattern: exact name, glob, or ``re:`` regex."""
@@ -85,6 +95,16 @@ class Rule(_Model):
     candidate among all of them. ``[{kind: dense}]`` leaves the sites uncompressed."""
     name: str | None = None
     """A label for the rule, shown by ``explain`` and recorded in the plan (default ``rules[i]``)."""
+    bits: list[BitWidth] | None = Field(default=None, min_length=1)
+    """Bit widths the stored values of the matching sites may take (``[4, 8]``: the deployment's
+    kernels take int4 and int8 only); 16 is bf16/fp16, 32 fp32. None: no limit. Every format's
+    precisions are narrowed to these; a ``dense`` format that lists no precisions searches the
+    default ones (`kronc.policies.choices.DEFAULT_PRECISIONS`) within the limits. ``keep`` (the
+    weight's own dtype, no kernel needed) is always allowed."""
+    group_sizes: list[GroupLimit] | None = Field(default=None, min_length=1)
+    """Scale groups the integer precisions of the matching sites may use: 16, 32, 64, 128 values
+    along the input, or ``row`` (one scale per row, as int8 takes). None: no limit. Applied like
+    ``bits``."""
 
     @field_validator("match", mode="before")
     @classmethod
@@ -105,6 +125,64 @@ class Rule(_Model):
     def patterns(self) -> tuple[str, ...]:
         """The patterns as a tuple, whether written as one string or a list."""
         return (self.match,) if isinstance(self.match, str) else tuple(self.match)
+
+    def limits(self) -> str:
+        """``""`` or e.g. ``bits 4,8; groups 32,row``: the rule's limits in a short form (for ``explain``)."""
+        parts = []
+        if self.bits is not None:
+            parts.append("bits " + ",".join(map(str, self.bits)))
+        if self.group_sizes is not None:
+            parts.append("groups " + ",".join(map(str, self.group_sizes)))
+        return "; ".join(parts)
+
+    def allows(self, p: Precision) -> bool:
+        """Whether precision ``p`` is within the rule's ``bits`` and ``group_sizes``."""
+        if self.bits is not None and p.bits not in self.bits:
+            return False
+        if self.group_sizes is not None and not p.is_float:
+            return (p.group_size or "row") in self.group_sizes
+        return True
+
+    def allowed_formats(self) -> list[Choice]:
+        """`formats` narrowed to the rule's limits (formats left with no precision dropped)."""
+        if self.bits is None and self.group_sizes is None:
+            return list(self.formats)
+        out = []
+        for choice in self.formats:
+            narrowed = _narrow(choice, self.allows)
+            if narrowed is not None:
+                out.append(narrowed)
+        return out
+
+    @model_validator(mode="after")
+    def _limits_leave_something(self) -> Rule:
+        quantized = [p for c in self.allowed_formats() for p in [*c.precisions, *getattr(c, "bases", [])] if not isinstance(p, str)]
+        if (self.bits is not None or self.group_sizes is not None) and not quantized:
+            kinds = ", ".join(c.kind for c in self.formats)
+            raise ValueError(
+                (f"rule {self.name!r}: " if self.name else "")
+                + f"bits {self.bits} and group_sizes {self.group_sizes} leave none of the formats ({kinds}) a precision besides 'keep'; "
+                f"allowed bits: {list(BIT_WIDTHS)}, group_sizes: {list(GROUP_LIMITS)}"
+            )
+        return self
+
+
+def _narrow(choice: Choice, allows: Callable[[Precision], bool]) -> Choice | None:
+    """``choice`` with only the precisions ``allows`` (a dense choice that lists none: the default ones,
+    ``keep`` included); a base-plus-correction choice also narrows its bases. None: nothing left."""
+    listed: list[Any] = list(choice.precisions)
+    if choice.kind == "dense" and "precisions" not in choice.model_fields_set:
+        listed = ["keep", *DEFAULT_PRECISIONS]
+    kept = [p for p in listed if isinstance(p, str) or allows(p)]
+    update: dict[str, Any] = {"precisions": kept}
+    bases = getattr(choice, "bases", None)
+    if bases is not None:
+        update["bases"] = [b for b in bases if allows(b)]
+        if not update["bases"]:
+            return None
+    if not kept:
+        return None
+    return choice.model_copy(update=update)
 
 
 class SolverOptions(_Model):

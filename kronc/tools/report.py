@@ -27,9 +27,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..plan import Plan
+from ..plan import Decision, Plan
 from ..serialize import read_manifest
 from ..serialize import stored_bytes as _stored
+from ..values import Precision
 from .zoo import MissingPackageError
 
 RESULTS = "results.json"
@@ -311,16 +312,43 @@ def write_file(path: Path, write: Callable[[Path], Any]) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def value_bits(d: Decision) -> float:
+    """Bits per stored value of a decision: its precision's (``int4g32``: 4; a quantized base plus
+    correction: the base's), or the weight's own (bytes before over entries) when it keeps them."""
+    p = d.spec.precision
+    if p is None:
+        p = getattr(d.spec, "base", None) if isinstance(getattr(d.spec, "base", None), Precision) else None
+    if p is not None:
+        return float(p.bits)
+    return 8.0 * d.bytes_before / max(1, d.shape[0] * d.shape[1])
+
+
+def site_panel_data(run: Run) -> list[dict[str, Any]]:
+    """What a run's site panel draws, one entry per site: name, format, compression, bits per stored
+    value (`value_bits`), the precision's name and the estimated error."""
+    assert run.plan is not None
+    return [{"site": d.site, "kind": d.spec.kind, "ratio": d.ratio, "bits": value_bits(d), "values": d.values,
+             "error": d.error} for d in run.plan.decisions]
+
+
 def _site_panel(ax: Any, run: Run) -> None:
     plan = run.plan
     assert plan is not None
     ds = plan.decisions
+    data = site_panel_data(run)
     x = list(range(len(ds)))
     ratios = [d.ratio for d in ds]
     colors = [FORMAT_COLORS.get(d.spec.kind, "#ff7f0e") for d in ds]
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    ax.bar(x, [max(r - 1.0, 0.0) for r in ratios], color=colors, width=0.85, bottom=1.0)
+    bars = ax.bar(x, [max(r - 1.0, 0.0) for r in ratios], color=colors, width=0.85, bottom=1.0)
+    bits = [row["bits"] for row in data]
+    for bar, b in zip(bars, bits, strict=True):  # fewer bits: a lighter bar, and the bit width above it
+        bar.set_alpha(0.35 + 0.65 * min(1.0, b / 16))
+    if len(set(bits)) > 1 or any(row["values"] != "keep" for row in data):
+        for i, (r, b) in enumerate(zip(ratios, bits, strict=True)):
+            ax.annotate(f"{b:g}", (i, max(r, 1.0)), textcoords="offset points", xytext=(0, 1), ha="center",
+                        fontsize=5 if len(ds) > 40 else 7)
     ax.set_yscale("log")
     ax.set_ylim(1.0, max(2.0, max(ratios) ** 1.25))  # headroom for the legend
     ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
@@ -341,6 +369,8 @@ def _site_panel(ax: Any, run: Run) -> None:
     ax.set_xticklabels([_short(d.site) for d in ds][::step], rotation=90, fontsize=6)
     kinds = list(dict.fromkeys(d.spec.kind for d in ds))
     handles = [plt_patch(FORMAT_COLORS.get(k, "#ff7f0e"), k) for k in kinds]
+    counts = {b: bits.count(b) for b in sorted(set(bits))}
+    handles.append(plt_patch("#ffffff", "bits/value: " + ", ".join(f"{b:g} ({n})" for b, n in counts.items())))
     if errors:
         from matplotlib.lines import Line2D
 
@@ -387,5 +417,5 @@ def _short(site: str) -> str:
 __all__ = [
     "EVAL", "REPORT", "RESULTS", "Measurement", "Results", "ResultsError", "Run", "measure_latency", "measure_latency_pair", "read_runs",
     "require_matplotlib",
-    "size", "stored_bytes", "write_report",
+    "site_panel_data", "size", "stored_bytes", "value_bits", "write_report",
 ]

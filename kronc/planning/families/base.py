@@ -72,6 +72,13 @@ class Family(ABC):
     def errors(self, analysis: SiteAnalysis, specs: Sequence[FormatSpec]) -> list[float]:
         """Relative error of each spec's fit (`fit`) to the analysed weight, all at once."""
 
+    screens: ClassVar[bool] = False
+    """Whether `screen` gives rough errors (used to skip candidates that are clearly dominated)."""
+
+    def screen(self, analysis: SiteAnalysis, specs: Sequence[FormatSpec]) -> list[float]:
+        """Rough relative errors of ``specs``, much cheaper than `errors` (only with ``screens``)."""
+        raise NotImplementedError
+
     def fit(self, weight: Tensor, spec: FormatSpec, moments: Tensor | None, damping: float) -> Factorized:
         """The fit whose error `errors` estimates (data-aware with input ``moments``; default: the format's fit)."""
         return fit(weight, spec)

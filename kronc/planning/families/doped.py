@@ -145,6 +145,27 @@ class DopedFamily(Family):
                 out.append(od[s.base][s.nnz(shape)])
         return out
 
+    screens = True
+
+    def screen(self, analysis: SiteAnalysis, specs: Sequence[FormatSpec]) -> list[float]:
+        """Pruning (no base): each sampled row (`SiteAnalysis.row_sample`) keeps its share of entries,
+        largest ``|W_ij| sqrt(H_jj)`` first, and loses the rest in the diagonal metric ``Σ H_jj E_ij²``;
+        scaled by the rows' share of the energy. Bases: 0 (never screened out)."""
+        rows, cw, factor = analysis.row_sample()
+        sq = rows.square() if cw is None else rows.square() * cw
+        cum = torch.cat([torch.zeros(sq.shape[0], 1), sq.sort(1, descending=True).values.cumsum(1)], 1).to(torch.float64)
+        total = cum[:, -1]
+        m, n = analysis.shape
+        out = []
+        for s in specs:
+            assert isinstance(s, DopedSpec)
+            if s.base is not None:
+                out.append(0.0)
+                continue
+            per_row = min(n, int(round(s.nnz(analysis.shape) / m)))
+            out.append(analysis.rel(float((total - cum[:, per_row]).sum()) * factor))
+        return out
+
     def fit(self, weight: Tensor, spec: FormatSpec, moments: Tensor | None, damping: float) -> Doped:
         scale = None if moments is None else column_scale(damped(moments, damping))
         return Doped.fit(weight, spec, column_scale=scale)
