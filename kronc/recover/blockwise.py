@@ -18,8 +18,9 @@ The pipeline of GPTQ's sequential mode, OmniQuant and EfficientQAT's block phase
    own stream** at that depth (OmniQuant's main target: the block also undoes the drift before it), or
    ``both`` losses summed (the default; OmniQuant's ``aug_loss``; on a 10x toy Llama it gave the lowest
    output error of the three, by a few percent). The block's trainable parameters (``trainable``:
-   factors, overlay values, block values, norms, biases) train with AdamW on the per-position relative
-   squared error (`losses.relative_mse`) for ``epochs`` passes; then the trained block's outputs become
+   factors, overlay values, block values, quantization scales (`kronc.recover.scales`), norms, biases)
+   train with AdamW on the per-position relative squared error (`losses.relative_mse`) for ``epochs``
+   passes; then the trained block's outputs become
    the next block's inputs (sequential), and the dense stream advances through the dense block;
    after the last block, the tail (final norm, LM head) trains on the model output (`kronc.recover.tail`);
 3. optionally a short end-to-end distillation pass (`kronc.recover.loop`) that trains only a few
@@ -58,6 +59,7 @@ from .loop import distill
 from .losses import kl_loss, model_output, relative_mse, takes_argument
 from .optim import trainable_parameters
 from .result import RecoveryResult
+from .scales import scales_trained
 from .tail import blocks_skipped
 
 __all__ = ["BlockRecord", "BlockwiseResult", "reconstruct_blocks"]
@@ -100,6 +102,12 @@ def reconstruct_blocks(
     """
     cfg = make_config(config, overrides)
     check_models(student, teacher)
+    with scales_trained(student):  # quantization scales train as fp32 parameters, stored back as fp16
+        return _reconstruct(student, teacher, data, cfg, tokenizer, resume, progress)
+
+
+def _reconstruct(student: nn.Module, teacher: nn.Module, data: Any, cfg: RecoveryConfig, tokenizer: Any,
+                 resume: bool | str | Path, progress: bool) -> BlockwiseResult:
     batches = _calibration(student, data, cfg, tokenizer)
     params = trainable_parameters(student, cfg.trainable)
     if not params:
