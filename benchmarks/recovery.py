@@ -23,7 +23,7 @@ the default) and ``blockwise``: first block-wise reconstruction (`kronc.recover(
 ``--bw-samples`` KJV windows, ``--bw-epochs``, AdamW at ``--bw-lr``, teacher-stream + own-input targets)
 for ``--block-share`` of the minutes (rounded to whole segments, at least one; ``blockwise.max_seconds``
 splits it equally over the 30 layers and the tail), then, in the remaining segments, the same end-to-end
-distillation training norms and biases only (at ``--e2e-lr``). Perplexity is measured at the same
+distillation training quantization scales, norms and biases only (at ``--e2e-lr``). Perplexity is measured at the same
 minute marks; "tokens" of the block phase are the windows each block trained on (x epochs), the tokens
 that went through every block. Writes
 ``benchmarks/results/<--out>.{md,json,png}``; ``--render`` rewrites the markdown and plot from the JSON.
@@ -51,7 +51,7 @@ from kronc.tools.evaluate import perplexity
 from kronc.tools.zoo import load_smollm2
 
 RESULTS = Path(__file__).parent / "results"
-RECOVERY = {"distill": "end-to-end distillation", "blockwise": "block-wise, then norms+biases end to end"}
+RECOVERY = {"distill": "end-to-end distillation", "blockwise": "block-wise, then scales+norms+biases end to end"}
 METHODS = {"kronc": "kronc plan", "kngpt2": "Kronecker, one term, A of 2-4 values (KnGPT2)",
            "kronecker": "Kronecker sum (uniform)", "svd": "low rank, SVD (uniform)",
            "asvd": "low rank, activation-aware SVD (uniform)"}
@@ -112,7 +112,7 @@ def main() -> None:
         record["blockwise"] = (
             f"the first {first} segment(s) reconstruct the blocks ({args.bw_samples} KJV windows of {args.seq_len}, "
             f"{args.bw_epochs} epochs, AdamW lr {args.bw_lr:g} per block, `blockwise.max_seconds` shared equally by "
-            f"the layers and the tail), the rest distil end to end training norms and biases only (lr "
+            f"the layers and the tail), the rest distil end to end training quantization scales, norms and biases only (lr "
             f"{args.e2e_lr or args.lr:g}); their tokens are those each block saw in the block phase plus the "
             "end-to-end tokens.")
     moments: dict[str, torch.Tensor] | None = None
@@ -169,7 +169,7 @@ def train_curve(student: torch.nn.Module, model: torch.nn.Module, train: torch.T
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = str(Path(tmp) / "recover.pt")
         for seg in range(first, args.segments):
-            e2e = ({"trainable": "norms+biases", "lr": args.e2e_lr or args.lr} if recovery == "blockwise"
+            e2e = ({"trainable": "scales+norms+biases", "lr": args.e2e_lr or args.lr} if recovery == "blockwise"
                    else {"trainable": "factors+norms+biases", "lr": args.lr})
             result = kronc.recover(student, model, train, **distill, **e2e, max_seconds=segment, checkpoint_path=ckpt,
                                    resume=seg > first)

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .formats import Dense, Factorized
+from .formats.training import training_weight
 
 
 class CompressedLinear(nn.Module):
@@ -32,6 +33,9 @@ class CompressedLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         fmt = self.weight_format
+        w = training_weight(fmt, x)  # in training, a transient dense weight where it costs less
+        if w is not None:
+            return nn.functional.linear(x, w, self.bias)
         # every format takes the bias into its op, so the add is fused with the product
         return fmt(x) if self.bias is None else fmt(x, self.bias)
 
@@ -104,13 +108,16 @@ class CompressedLSTM(nn.Module):
             hx = (zeros, zeros)
         h_n, c_n = [], []
         for layer in range(self.num_layers):
-            gates_x = self.ih[layer](seq)
+            w_ih = training_weight(self.ih[layer], seq)
+            gates_x = self.ih[layer](seq) if w_ih is None else nn.functional.linear(seq, w_ih)
             if len(self.bias_ih):
                 gates_x = gates_x + (self.bias_ih[layer] + self.bias_hh[layer])
             h, c = hx[0][layer], hx[1][layer]
+            # in training, the recurrent weight built once for all time steps where that costs less
+            w_hh = training_weight(self.hh[layer], h, tokens=seq.shape[0] * batch)
             outs = []
             for t in range(seq.shape[0]):
-                gates = gates_x[t] + self.hh[layer](h)
+                gates = gates_x[t] + (self.hh[layer](h) if w_hh is None else nn.functional.linear(h, w_hh))
                 i, f, g, o = gates.chunk(4, dim=-1)
                 c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
                 h = torch.sigmoid(o) * torch.tanh(c)

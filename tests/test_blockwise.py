@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 import kronc
 from kronc.policies import Policy
-from kronc.recover import RecoveryConfig, RecoveryError, recover
+from kronc.recover import RecoveryConfig, RecoveryError, block_cache, block_fit, recover
 from kronc.recover import blockwise as bw
 from kronc.recover.blocks import find_blocks
 from kronc.recover.blockwise import BlockwiseResult, reconstruct_blocks
@@ -262,7 +262,7 @@ def test_the_teachers_tail_on_its_final_stream_gives_its_output(name: str) -> No
     x = toy_inputs(name)
     chain = find_blocks(student, teacher, (x,), {})
     with torch.no_grad():
-        final = bw._teacher_final_stream(teacher, chain, Batch((x,), tokens=x.numel()), {})
+        final = block_cache.teacher_final_stream(teacher, chain, Batch((x,), tokens=x.numel()), {})
         kinds: list[bool] = []
         handle = chain.blocks[-1].teacher.register_forward_hook(lambda m, a, out: kinds.append(isinstance(out, tuple)))
         expected = model_output(teacher(x))[0]
@@ -289,6 +289,7 @@ def test_a_time_budget_stops_every_block_and_no_budget_runs_every_step(monkeypat
     clock = [0.0]
     fake = type("FakeTime", (), {"perf_counter": staticmethod(lambda: clock[0])})
     monkeypatch.setattr(bw, "time", fake)
+    monkeypatch.setattr(block_fit, "time", fake)
     for name in ("relative_mse", "kl_loss"):
         real = getattr(bw, name)
 

@@ -142,6 +142,9 @@ class Factorized(nn.Module, ABC):
     """A weight matrix of logical shape ``(out, in)`` stored in a compressed format."""
 
     spec_type: ClassVar[type[FormatSpec]]
+    factored_overhead: ClassVar[float] = 1.0
+    """What one FLOP of this format's factored ops costs in GEMM FLOPs, forward and backward (measured;
+    the training path's choice, `kronc.formats.training`). 1 for a format whose op is a GEMM."""
 
     def __init__(self, spec: FormatSpec, shape: Shape) -> None:
         super().__init__()
@@ -238,6 +241,17 @@ class Factorized(nn.Module, ABC):
 
     def flops_per_token(self) -> int:
         return self.spec.flops_per_token(self.shape)
+
+    def build_flops(self) -> int:
+        """FLOPs of `dense_weight` (the training path weighs them against the factored product's,
+        `kronc.formats.training`); the default, one write per entry, fits formats that scatter values."""
+        return self.shape[0] * self.shape[1]
+
+    def dense_weight(self, dtype: torch.dtype) -> Tensor:
+        """``W`` built from the stored values with autograd (their gradients flow back through it), in
+        ``dtype``: the transient weight of the dense training path. The default is `to_dense`."""
+        w = self.to_dense()
+        return w if w.dtype == dtype else w.to(dtype)
 
     def extra_repr(self) -> str:
         return f"{self.shape[0]}x{self.shape[1]}, {self.spec.describe()}"

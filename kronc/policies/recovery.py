@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Trainable = Literal["factors", "factors+norms", "factors+norms+biases", "norms+biases", "all"]
+Trainable = Literal["factors", "factors+norms", "factors+norms+biases", "scales+norms+biases", "norms+biases", "all"]
 """Which student parameters train: the compressed formats' own tensors (low-rank ``u, v``, Kronecker
 ``a, b``, overlay ``values``, block-sparse ``blocks``, and the dense matrices kept inside compressed
 LSTMs), plus normalisation weights, plus biases, or every parameter (``norms+biases``: those only)."""
@@ -70,8 +70,10 @@ class BlockwiseConfig(BaseModel):
     model's output against the teacher's, with the blocks skipped and the cached final stream fed in."""
     e2e_steps: int = Field(default=0, ge=0)
     """Steps of the short end-to-end distillation pass after the blocks (the recipe's losses); 0: none."""
-    e2e_trainable: Literal["norms+biases", "factors", "factors+norms", "factors+norms+biases", "all"] = "norms+biases"
-    """Which parameters the end-to-end pass trains (as ``trainable``; ``norms+biases`` trains only those)."""
+    e2e_trainable: Literal["scales+norms+biases", "norms+biases", "factors", "factors+norms", "factors+norms+biases",
+                           "all"] = "scales+norms+biases"
+    """Which parameters the end-to-end pass trains (as ``trainable``): by default the quantization scales
+    (of integer-quantized values; none otherwise), norms and biases, as EfficientQAT's second phase."""
     e2e_lr: float | None = Field(default=None, gt=0)
     """Peak learning rate of the end-to-end pass (None: the recipe's ``lr``)."""
 
@@ -131,8 +133,9 @@ class RecoveryConfig(BaseModel):
     student, as after a module swap) or ``[teacher_name, student_name]``. Empty: the Hugging Face hidden
     states when the model returns them."""
     trainable: Trainable = "factors+norms+biases"
-    """Which student parameters train: ``factors`` (the compressed formats' tensors only),
-    ``factors+norms``, ``factors+norms+biases`` or ``all``. The others stay frozen."""
+    """Which student parameters train: ``factors`` (the compressed formats' tensors only, with the
+    quantization scales of integer-quantized ones; their codes stay), ``factors+norms``,
+    ``factors+norms+biases``, ``scales+norms+biases`` (no factor values) or ``all``. The others stay frozen."""
     train_mode: bool | None = None
     """Run the student in training mode (True: dropout active, as in ordinary fine-tuning) or eval mode
     (False: no dropout noise against the teacher's exact outputs, better for short recoveries). None:

@@ -31,6 +31,7 @@ from .losses import Distiller, weighted_total
 from .optim import make_optimizer, make_scheduler, trainable_parameters
 from .progress import Progress
 from .result import RecoveryResult, StepRecord
+from .scales import scales_trained
 
 
 def distill(
@@ -54,22 +55,23 @@ def distill(
     if isinstance(batches, TokenWindows):
         check_windows(student, batches, cfg)
         parallel.check_rows(cfg.batch_size, "batch_size")  # under torch.distributed: equal slices per rank
-    params = trainable_parameters(student, cfg.trainable)
-    if not params:
-        raise RecoveryError(f"no trainable parameters: trainable={cfg.trainable!r} selects none of the student's "
-                            f"{sum(1 for _ in student.parameters())} parameters (was it compressed with kronc.compile?)")
-    snap = _resume_snapshot(resume, cfg, names)
-    if cfg.checkpoint_path is not None:
-        checkpoint.check_target(cfg.checkpoint_path)  # before any work: never overwrite a user's file
-    distiller = Distiller(student, teacher, cfg)
-    if cfg.hidden > 0 and not distiller.has_hidden and cfg.kd == cfg.lm == 0:
-        distiller.close()
-        raise RecoveryError("only the hidden loss has weight, but the models give no hidden states: name hidden_modules")
-    try:
-        with seeded(cfg.seed, device_of(student)), models_restored(student, teacher):
-            return _Run(student, teacher, cfg, batches, scheme_list, names, params, distiller, progress).run(snap)
-    finally:
-        distiller.close()
+    with scales_trained(student):  # quantization scales train as fp32 parameters, stored back as fp16
+        params = trainable_parameters(student, cfg.trainable)
+        if not params:
+            raise RecoveryError(f"no trainable parameters: trainable={cfg.trainable!r} selects none of the student's "
+                                f"{sum(1 for _ in student.parameters())} parameters (was it compressed with kronc.compile?)")
+        snap = _resume_snapshot(resume, cfg, names)
+        if cfg.checkpoint_path is not None:
+            checkpoint.check_target(cfg.checkpoint_path)  # before any work: never overwrite a user's file
+        distiller = Distiller(student, teacher, cfg)
+        if cfg.hidden > 0 and not distiller.has_hidden and cfg.kd == cfg.lm == 0:
+            distiller.close()
+            raise RecoveryError("only the hidden loss has weight, but the models give no hidden states: name hidden_modules")
+        try:
+            with seeded(cfg.seed, device_of(student)), models_restored(student, teacher):
+                return _Run(student, teacher, cfg, batches, scheme_list, names, params, distiller, progress).run(snap)
+        finally:
+            distiller.close()
 
 
 def recovery_losses(student: nn.Module, teacher: nn.Module, batch: Any, config: RecoveryConfig | Mapping[str, Any] | None = None,

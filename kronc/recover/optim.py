@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..formats import Factorized
+from ..values import QuantizedTensor
 from .config import RecoveryConfig, Trainable
 
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._NormBase)
@@ -23,17 +24,21 @@ def _is_bias(name: str) -> bool:
 
 
 def parameter_roles(model: nn.Module) -> dict[str, str]:
-    """``name -> "factor" | "norm" | "bias" | "other"`` for every (deduplicated) parameter of ``model``.
+    """``name -> "factor" | "scale" | "norm" | "bias" | "other"`` for every (deduplicated) parameter of ``model``.
 
     Factors are the tensors of `Factorized` weights (every compressed format, and the dense matrices
-    that compressed LSTMs keep as `Dense`); norms are the parameters of normalisation layers (any module
+    that compressed LSTMs keep as `Dense`); scales are the quantization scales and minima that train
+    during recovery (`kronc.recover.scales`); norms are the parameters of normalisation layers (any module
     whose class name contains "Norm"); biases are parameters named ``bias*``.
     """
+    scales = {id(p) for m in model.modules() if isinstance(m, QuantizedTensor) for p in m.parameters()}
     factors = {id(p) for m in model.modules() if isinstance(m, Factorized) for p in m.parameters()}
     norms = {id(p) for m in model.modules() if _is_norm(m) for p in m.parameters(recurse=False)}
     roles: dict[str, str] = {}
     for name, p in model.named_parameters():
-        if id(p) in factors:
+        if id(p) in scales:
+            roles[name] = "scale"
+        elif id(p) in factors:
             roles[name] = "factor"
         elif id(p) in norms:
             roles[name] = "norm"
@@ -45,11 +50,12 @@ def parameter_roles(model: nn.Module) -> dict[str, str]:
 
 
 _TRAINED_ROLES: dict[str, set[str]] = {
-    "factors": {"factor"},
-    "factors+norms": {"factor", "norm"},
-    "factors+norms+biases": {"factor", "norm", "bias"},
+    "factors": {"factor", "scale"},
+    "factors+norms": {"factor", "scale", "norm"},
+    "factors+norms+biases": {"factor", "scale", "norm", "bias"},
+    "scales+norms+biases": {"scale", "norm", "bias"},
     "norms+biases": {"norm", "bias"},
-    "all": {"factor", "norm", "bias", "other"},
+    "all": {"factor", "scale", "norm", "bias", "other"},
 }
 
 
@@ -62,10 +68,10 @@ def trainable_parameters(model: nn.Module, which: Trainable) -> dict[str, nn.Par
 
 
 def make_optimizer(model: nn.Module, params: dict[str, nn.Parameter], config: RecoveryConfig) -> torch.optim.AdamW:
-    """AdamW over ``params``; weight decay on factors and other matrices, never on norms or biases."""
+    """AdamW over ``params``; weight decay on factors and other matrices, never on scales, norms or biases."""
     roles = parameter_roles(model)
     decay = [p for n, p in params.items() if roles[n] in ("factor", "other")]
-    no_decay = [p for n, p in params.items() if roles[n] in ("norm", "bias")]
+    no_decay = [p for n, p in params.items() if roles[n] in ("scale", "norm", "bias")]
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)
 

@@ -77,6 +77,14 @@ def decode(e: Encoded, dtype: torch.dtype = torch.float32) -> Tensor:
     return decode_parts(e.codes, e.scales, e.minima, e.precision, e.shape, dtype)
 
 
+def _fp16_forward(t: Tensor | None) -> Tensor | None:
+    """``t`` rounded to fp16 in the forward pass, its gradient passed straight through (fp32 training of
+    values stored as fp16)."""
+    if t is None:
+        return None
+    return t + (t.detach().half().float() - t.detach())
+
+
 class QuantizedTensor(nn.Module):
     """One stored tensor at a `Precision`, held as buffers (``codes``, ``scales``, ``minima``) so
     ``state_dict``/``.to(device)``/save-load carry exactly the packed bytes."""
@@ -102,8 +110,50 @@ class QuantizedTensor(nn.Module):
         return Encoded(self.precision, self.shape, self.codes, self.scales, self.minima)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """The represented float tensor (original shape) in ``dtype``."""
-        return decode_parts(self.codes, self.scales, self.minima, self.precision, self.shape, dtype)
+        """The represented float tensor (original shape) in ``dtype``; differentiable in the scales and
+        minima while they train (`train_scales`)."""
+        scales, minima = self.trained_scales() if self.trains_scales else (self.scales, self.minima)
+        return decode_parts(self.codes, scales, minima, self.precision, self.shape, dtype)
+
+    def trained_scales(self) -> tuple[Tensor, Tensor | None]:
+        """The scales and minima the trainable parameters give, rounded to fp16 in the forward pass (the
+        gradient passes straight through): ``scales * scales_train`` and ``minima + minima_train * scale``."""
+        scales = _fp16_forward(self.scales.float() * self.scales_train)
+        minima = self.minima
+        if minima is not None:
+            minima = _fp16_forward(minima.float() + self.minima_train * scales.detach())
+        return scales, minima
+
+    @property
+    def trains_scales(self) -> bool:
+        """True between `train_scales` and `commit_scales`."""
+        return "scales_train" in self._parameters
+
+    def train_scales(self) -> list[nn.Parameter]:
+        """Make the group scales (and minima) trainable, the integer codes frozen: fp32 parameters
+        ``scales_train`` (a factor per scale, from 1) and ``minima_train`` (a shift per minimum in units of
+        its scale, from 0). Relative parameters make one learning rate fit every tensor, however small its
+        scales. The forward pass sees the results rounded to fp16, so what trains is what `commit_scales`
+        stores. Returns the new parameters (none for float precisions, or when they train already)."""
+        if self.precision.is_float or self.scales is None or self.trains_scales:
+            return []
+        self.scales_train = nn.Parameter(torch.ones_like(self.scales, dtype=torch.float32))
+        if self.minima is not None:
+            self.minima_train = nn.Parameter(torch.zeros_like(self.minima, dtype=torch.float32))
+        return [p for n, p in self._parameters.items() if n.endswith("_train") and p is not None]
+
+    def commit_scales(self) -> None:
+        """Store the trained scales (and minima) as fp16 in the buffers and drop the parameters: the stored
+        bytes keep their layout, so ``nbytes`` and save/load stay exact."""
+        if not self.trains_scales:
+            return
+        with torch.no_grad():
+            scales, minima = self.trained_scales()
+            self.scales.copy_(scales.half())
+            if minima is not None and self.minima is not None:
+                self.minima.copy_(minima.half())
+        self._parameters.pop("scales_train")
+        self._parameters.pop("minima_train", None)
 
     def nbytes(self) -> int:
         """Bytes of the stored buffers (equals ``self.precision.nbytes(self.shape)``)."""
@@ -115,6 +165,8 @@ class QuantizedTensor(nn.Module):
             raise ValueError(f"QuantizedTensor.linear needs a 2-D (out, in) weight, got shape {self.shape}")
         if self.precision.is_float:
             return nn.functional.linear(x, self.codes.to(x.dtype), bias)
+        if self.trains_scales and torch.is_grad_enabled():  # the packed op has no gradient for the scales
+            return nn.functional.linear(x, self.dequantize(x.dtype), bias)
         return quant_linear(x, self.codes, self.scales, self.minima, bias, self.precision.bits)
 
     def _apply(self, fn, recurse: bool = True):
