@@ -40,7 +40,7 @@ class CompileReport:
 def compile(  # noqa: A001
     model: nn.Module, budget: str | float | Budget | None = None, *, policy: PolicyLike | None = None,
     example_inputs: Any = None, calibration: Iterable[Any] | None = None, output: Output = "auto",
-    inplace: bool = False, progress: bool = False, report: Literal[False] = False,
+    inplace: bool = False, progress: bool = False, report: Literal[False] = False, stream: Literal[False] = False,
 ) -> nn.Module: ...
 
 
@@ -48,12 +48,30 @@ def compile(  # noqa: A001
 def compile(  # noqa: A001
     model: nn.Module, budget: str | float | Budget | None = None, *, policy: PolicyLike | None = None,
     example_inputs: Any = None, calibration: Iterable[Any] | None = None, output: Output = "auto",
-    inplace: bool = False, progress: bool = False, report: Literal[True],
+    inplace: bool = False, progress: bool = False, report: Literal[True], stream: Literal[False] = False,
 ) -> tuple[nn.Module, CompileReport]: ...
 
 
+@overload
+def compile(  # noqa: A001
+    model: str | Path, budget: str | float | Budget | None = None, *, policy: PolicyLike | None = None,
+    calibration: Iterable[Any] | None = None, progress: bool = False, report: Literal[False] = False,
+    stream: Literal[True], out: str | Path, max_memory: str | int | None = None,
+    offload_activations: str | Path | None = None,
+) -> Path: ...
+
+
+@overload
+def compile(  # noqa: A001
+    model: str | Path, budget: str | float | Budget | None = None, *, policy: PolicyLike | None = None,
+    calibration: Iterable[Any] | None = None, progress: bool = False, report: Literal[True],
+    stream: Literal[True], out: str | Path, max_memory: str | int | None = None,
+    offload_activations: str | Path | None = None,
+) -> tuple[Path, CompileReport]: ...
+
+
 def compile(  # noqa: A001 - mirrors torch.compile on purpose
-    model: nn.Module,
+    model: nn.Module | str | Path,
     budget: str | float | Budget | None = None,
     *,
     policy: PolicyLike | None = None,
@@ -89,20 +107,24 @@ def compile(  # noqa: A001 - mirrors torch.compile on purpose
     seconds: dict[str, float] = {}
     t0 = t = time.perf_counter()
     pol = make_policy(policy, budget, calibration)  # 0. the policy: a file, a shipped name or an object; budget overrides
+    if not isinstance(model, nn.Module):
+        raise InputError(f"kronc.compile takes an nn.Module (or a Hugging Face folder with stream=True), got "
+                         f"{type(model).__name__}")
     state = PipelineState.start(model, pol, example_inputs, progress=progress)  # 1. trace the model, resolve the scope
     seconds["capture"], t = time.perf_counter() - t, time.perf_counter()
     state.calibrate(calibration)  # 2. input moments and sensitivity (data objective only)
     seconds["calibrate"], t = time.perf_counter() - t, time.perf_counter()
     the_plan = state.make_plan()  # 3. analyse, solve
     seconds["plan"], t = time.perf_counter() - t, time.perf_counter()
-    out = state.apply(output, inplace=inplace)  # 4. fit, materialize
+    small = state.apply(output, inplace=inplace)  # 4. fit, materialize
     seconds["apply"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t0
-    out.kronc_policy = pol.model_dump(mode="json")  # type: ignore[assignment]
+    # nn.Module.__setattr__ is typed for tensors and modules only
+    small.kronc_policy = pol.model_dump(mode="json")  # type: ignore[assignment]
     if report:
-        kind = "graph" if isinstance(out, torch.fx.GraphModule) and not isinstance(model, torch.fx.GraphModule) else "module"
-        return out, CompileReport(the_plan, seconds, kind)
-    return out
+        kind = "graph" if isinstance(small, torch.fx.GraphModule) and not isinstance(model, torch.fx.GraphModule) else "module"
+        return small, CompileReport(the_plan, seconds, kind)
+    return small
 
 
 def _compile_streamed(model: Any, budget: str | float | Budget | None, policy: PolicyLike | None, calibration: Any,

@@ -6,6 +6,8 @@ Each wraps a `Factorized` weight. Tied weights share one `Factorized` object bet
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor, nn
 
@@ -108,13 +110,13 @@ class CompressedLSTM(nn.Module):
             hx = (zeros, zeros)
         h_n, c_n = [], []
         for layer in range(self.num_layers):
-            w_ih = training_weight(self.ih[layer], seq)
+            w_ih = training_weight(cast(Factorized, self.ih[layer]), seq)
             gates_x = self.ih[layer](seq) if w_ih is None else nn.functional.linear(seq, w_ih)
             if len(self.bias_ih):
                 gates_x = gates_x + (self.bias_ih[layer] + self.bias_hh[layer])
             h, c = hx[0][layer], hx[1][layer]
             # in training, the recurrent weight built once for all time steps where that costs less
-            w_hh = training_weight(self.hh[layer], h, tokens=seq.shape[0] * batch)
+            w_hh = training_weight(cast(Factorized, self.hh[layer]), h, tokens=seq.shape[0] * batch)
             outs = []
             for t in range(seq.shape[0]):
                 gates = gates_x[t] + (self.hh[layer](h) if w_hh is None else nn.functional.linear(h, w_hh))

@@ -26,7 +26,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import numpy as np
 import torch
@@ -145,7 +145,8 @@ def price_sites(scope: Sequence[Site], spaces: Mapping[str, Sequence[Choice]], o
     return priced
 
 
-def budget_limit(scope: Sequence[Site], priced: Mapping[str, Sequence[Candidate]], budget: Budget) -> tuple[str, float]:
+def budget_limit(scope: Sequence[Site], priced: Mapping[str, Sequence[Candidate]], budget: Budget
+                 ) -> tuple[Literal["bytes", "params"], float]:
     """The budget's unit and limit over ``scope``; `BudgetError` when even the smallest candidates exceed it
     (checked before any analysis, which is the slow part)."""
     dense_bytes = sum(s.nbytes for s in scope)
@@ -162,14 +163,14 @@ def budget_limit(scope: Sequence[Site], priced: Mapping[str, Sequence[Candidate]
     return key, limit
 
 
-def plan_from_tables(scope: Sequence[Site], tables: Sequence[Sequence[Candidate]], budget: Budget, key: str, limit: float,
-                     *, data: bool, rules: Mapping[str, str] | None = None, options: SearchOptions | None = None) -> Plan:
+def plan_from_tables(scope: Sequence[Site], tables: Sequence[Sequence[Candidate]], budget: Budget, key: Literal["bytes", "params"],
+                     limit: float, *, data: bool, rules: Mapping[str, str | None] | None = None, options: SearchOptions | None = None) -> Plan:
     """Solve the multiple-choice knapsack over the sites' damage tables and write the decisions."""
     options = options or SearchOptions()
     picks = solve(tables, limit, key, grid=options.dp_grid)
     decisions = [
         Decision(
-            site=site.name, shape=site.shape, spec=t[i].spec, bytes_before=site.nbytes, bytes_after=t[i].nbytes,  # type: ignore[arg-type]
+            site=site.name, shape=site.shape, spec=t[i].spec, bytes_before=site.nbytes, bytes_after=t[i].nbytes,
             params_after=t[i].nparams, error=t[i].error, rule=(rules or {}).get(site.name),
         )
         for site, t, i in zip(scope, tables, picks, strict=True)

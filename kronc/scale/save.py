@@ -51,7 +51,7 @@ class SaveWriter:
             raise FileExistsError(f"{out} is a non-empty folder that is not a kronc save: choose another path "
                                   "or pass overwrite=True to replace everything in it")
         name = dist.broadcast(f".{out.name}.kronc-tmp-{secrets.token_hex(6)}" if dist.rank() == 0 else None)
-        tmp = out.parent / name
+        tmp = out.parent / str(name)
         if dist.rank() == 0:
             out.parent.mkdir(parents=True, exist_ok=True)
             tmp.mkdir()

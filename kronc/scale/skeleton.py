@@ -152,19 +152,19 @@ def load_unit(skeleton: Skeleton, unit: int | None) -> int:
             continue
         for kind in ("_parameters", "_buffers"):
             slots: dict[str, Tensor | None] = getattr(owner, kind)
-            for attr, t in list(slots.items()):
-                if t is None or not t.is_meta:
+            for attr, slot in list(slots.items()):
+                if slot is None or not slot.is_meta:
                     continue
-                if id(t) in replaced:
-                    slots[attr] = replaced[id(t)]  # type: ignore[assignment]
+                if id(slot) in replaced:
+                    slots[attr] = replaced[id(slot)]
                     continue
                 key = wanted.get(full_owner + attr)
                 if key is None:
                     continue  # a buffer the checkpoint does not hold: recomputed below
-                value = tensors[key].to(t.dtype)
-                new = nn.Parameter(value, requires_grad=t.requires_grad) if kind == "_parameters" else value
-                replaced[id(t)] = new
-                slots[attr] = new  # type: ignore[assignment]
+                value = tensors[key].to(slot.dtype)
+                new = nn.Parameter(value, requires_grad=slot.requires_grad) if kind == "_parameters" else value
+                replaced[id(slot)] = new
+                slots[attr] = new
                 loaded += value.numel() * value.element_size()
     _init_buffers(skeleton, root, prefix, unit)
     return loaded

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..formats import Factorized, FormatSpec
 from ..inputs import InputError, calibration_batches, check_finite_weights, check_moments
 from ..passes.swap import swappable
 from ..pipeline import materialize, scope
@@ -326,10 +327,13 @@ def _pass2(sk: Skeleton, units: dict[int | None, list[Site]], plan: Plan, batche
             decisions = [d for d in plan.decisions if sk.unit_of(d.site) == unit]
             part = Plan(decisions=decisions, budget=plan.budget, objective=plan.objective)
             by_name = {s.name: s for s in sites}
-            materialize(part, by_name, lambda s, spec, m=moments: fit_site(sk.captured.weight(s), spec, m.get(s.name)),
-                        model=sk.model)
+
+            def fit(site: Site, spec: FormatSpec, m: Any = moments) -> Factorized:
+                return fit_site(sk.captured.weight(site), spec, m.get(site.name))
+
+            materialize(part, by_name, fit, model=sk.model)
             writer.write_unit(sk, unit)
-        if unit is not None:
+        if unit is not None and pristine is not None:
             sk.blocks[unit] = pristine
         if progress:
             print(f"kronc stream: wrote {'rest' if unit is None else f'block {unit}'}", flush=True)

@@ -77,11 +77,9 @@ def decode(e: Encoded, dtype: torch.dtype = torch.float32) -> Tensor:
     return decode_parts(e.codes, e.scales, e.minima, e.precision, e.shape, dtype)
 
 
-def _fp16_forward(t: Tensor | None) -> Tensor | None:
+def _fp16_forward(t: Tensor) -> Tensor:
     """``t`` rounded to fp16 in the forward pass, its gradient passed straight through (fp32 training of
     values stored as fp16)."""
-    if t is None:
-        return None
     return t + (t.detach().half().float() - t.detach())
 
 
@@ -118,6 +116,8 @@ class QuantizedTensor(nn.Module):
     def trained_scales(self) -> tuple[Tensor, Tensor | None]:
         """The scales and minima the trainable parameters give, rounded to fp16 in the forward pass (the
         gradient passes straight through): ``scales * scales_train`` and ``minima + minima_train * scale``."""
+        if self.scales is None:
+            raise ValueError("float values have no scales to train")
         scales = _fp16_forward(self.scales.float() * self.scales_train)
         minima = self.minima
         if minima is not None:
@@ -149,6 +149,7 @@ class QuantizedTensor(nn.Module):
             return
         with torch.no_grad():
             scales, minima = self.trained_scales()
+            assert self.scales is not None  # trains_scales implies quantized values
             self.scales.copy_(scales.half())
             if minima is not None and self.minima is not None:
                 self.minima.copy_(minima.half())
