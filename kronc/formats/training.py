@@ -76,12 +76,15 @@ def dense_pays(fmt: Factorized, tokens: int, need_values: bool) -> bool:
 
 def training_weight(fmt: Factorized, x: Tensor, tokens: int | None = None) -> Tensor | None:
     """The transient dense ``(out, in)`` weight to multiply ``x`` by in this training step, or None when
-    the factored product is the one to run (no gradients, tracing, or it costs less).
+    the factored product is the one to run (no gradients, tracing, a forward wrapped by a recovery scheme,
+    or it costs less).
 
     ``tokens`` is the number of rows the weight will multiply (default: ``x``'s rows; an LSTM's
     recurrent weight multiplies every time step's rows with one weight built once per sequence)."""
     mode = _mode[0]
     if mode == "never" or not torch.is_grad_enabled() or is_traced(x):
+        return None
+    if "forward" in vars(fmt):  # a recovery scheme wraps this format's forward (CMR's dropout): run it
         return None
     need_values = any(p.requires_grad for p in fmt.parameters())
     if not need_values and not x.requires_grad:
