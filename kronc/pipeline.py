@@ -115,7 +115,7 @@ class PipelineState:
         spaces = {s.name: list(self.resolution[s.name].formats) for s in self.in_scope}
         rules = {s.name: self.resolution[s.name].rule for s in self.in_scope}
         self.plan = make_plan(
-            self.in_scope, {s.name: self.captured.weight(s) for s in self.in_scope}, spaces, self.policy.parsed_budget,
+            self.in_scope, {s.name: self.captured.weight(s) for s in self.in_scope}, spaces, self.policy.budget,
             moments=self.moments, rules=rules, progress=self.progress, importance=self.importance,
         )
         return self.plan

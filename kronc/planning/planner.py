@@ -177,7 +177,7 @@ def make_plan(
         )
         for site, t, i in zip(scope, tables, picks, strict=True)
     ]
-    return Plan(decisions=decisions, budget=str(budget), objective="data" if data else "weight")
+    return Plan(decisions=decisions, budget=budget, objective="data" if data else "weight")
 
 
 # ------------------------------------------------------------------------------------------ uniform
@@ -234,5 +234,5 @@ def uniform_plan(
         )
 
     decisions = map_sites(decide, sites, options.worker_count(), f"kronc: uniform {fmt}", progress)
-    return Plan(decisions=decisions, budget=str(budget), objective="data" if data else "weight")
+    return Plan(decisions=decisions, budget=budget, objective="data" if data else "weight")
 
