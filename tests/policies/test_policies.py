@@ -106,7 +106,7 @@ def test_shipped_policies_are_package_data_and_the_repo_folder_links_to_them() -
 
     tomllib = pytest.importorskip("tomllib")
     assert SHIPPED_DIR.is_relative_to(Path(kronc.__file__).resolve().parent)  # found from a wheel install too
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]  # the repository (this file is tests/policies/)
     pyproject = tomllib.loads((root / "pyproject.toml").read_text())
     globs = pyproject["tool"]["setuptools"]["package-data"]["kronc.policies"]
     assert all(any(f.relative_to(SHIPPED_DIR.parent).match(g) for g in globs) for f in SHIPPED)
