@@ -235,11 +235,11 @@ def make_policy(policy: PolicyLike | None, budget: str | float | Budget | None, 
     if policy is None:
         if budget is None:
             raise ValueError("kronc needs a budget (e.g. budget='10x') or a policy (e.g. policy='edge-25x')")
-        pol = Policy(budget=str(Budget.parse(budget)))
+        pol = Policy(budget=Budget.parse(budget))
     else:
         pol = load_policy(policy)  # type: ignore[arg-type]
     if budget is not None:
-        pol = pol.model_copy(update={"budget": str(Budget.parse(budget))})
+        pol = pol.model_copy(update={"budget": Budget.parse(budget)})
     if calibration is not None and pol.objective == "weight":
         pol = pol.data_aware()
     return pol

@@ -7,15 +7,21 @@ are not counted):
 * a size, ``"40MB"``, ``"512KiB"``, ``"1.5GB"`` (decimal ``kB/MB/GB``, binary ``KiB/MiB/GiB``):
   in-scope weight bytes after compression at most that;
 * a parameter count, ``"3M params"`` / ``"250k params"``: stored values (indices excluded) at most that.
+
+`Budget` is a pydantic field type (`Policy.budget`, `Plan.budget`): it validates from its spelling and
+serializes back to exactly that spelling, so policy and plan files round-trip as written.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import GetCoreSchemaHandler, GetJsonSchemaHandler
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import core_schema
 
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 _COUNT = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}
@@ -25,15 +31,39 @@ class BudgetError(ValueError):
     """A budget that cannot be parsed or cannot be met."""
 
 
-class Budget(BaseModel):
-    """A parsed budget; build with `Budget.parse`."""
+Unit = Literal["ratio", "bytes", "params"]
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
-    unit: Literal["ratio", "bytes", "params"]
-    value: float = Field(gt=0, allow_inf_nan=False)
-    text: str | None = Field(default=None, exclude=True, repr=False)
+@dataclass(frozen=True, eq=False, repr=False)
+class Budget:
+    """A parsed budget; build with `Budget.parse` (or from a unit and a positive finite value)."""
+
+    unit: Unit
+    value: float
+    text: str | None = None
     """The user's spelling, so printing a budget gives back what was asked for (``str`` re-parses)."""
+
+    def __post_init__(self) -> None:
+        if self.unit not in ("ratio", "bytes", "params"):
+            raise BudgetError(f"budget unit must be 'ratio', 'bytes' or 'params', got {self.unit!r}")
+        value = self.value
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise BudgetError(f"budget value must be a positive finite number, got {value!r}")
+        object.__setattr__(self, "value", float(value))
+
+    def __repr__(self) -> str:
+        return f"Budget({str(self)!r})"
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
+        """Validate from a spelling (or a Budget); serialize to the spelling (JSON and Python alike)."""
+        return core_schema.no_info_plain_validator_function(
+            cls.parse, serialization=core_schema.plain_serializer_function_ser_schema(str, return_schema=core_schema.str_schema()),
+        )
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        return {"type": "string"}
 
     def __eq__(self, other: object) -> bool:  # the spelling is not part of the value
         if not isinstance(other, Budget):

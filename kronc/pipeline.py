@@ -31,9 +31,9 @@ from .inputs import (
     check_model,
     check_moments,
 )
-from .passes.base import run_passes
 from .passes.rewrite import compress_sites
 from .passes.swap import swap_modules, swappable
+from .passes.verify import output_signature, verify
 from .plan import Plan
 from .planning import collect_input_moments, collect_sensitivity, fit_site, make_plan
 from .policies import Policy, Resolution, resolve
@@ -115,7 +115,7 @@ class PipelineState:
         spaces = {s.name: list(self.resolution[s.name].formats) for s in self.in_scope}
         rules = {s.name: self.resolution[s.name].rule for s in self.in_scope}
         self.plan = make_plan(
-            self.in_scope, {s.name: self.captured.weight(s) for s in self.in_scope}, spaces, self.policy.parsed_budget,
+            self.in_scope, {s.name: self.captured.weight(s) for s in self.in_scope}, spaces, self.policy.budget,
             moments=self.moments, rules=rules, progress=self.progress, importance=self.importance,
         )
         return self.plan
@@ -191,6 +191,8 @@ def materialize(
         out = swap_modules(model, chosen, weights)
     else:
         assert graph is not None
-        out = run_passes(graph, [compress_sites(chosen, weights)], args, kwargs).graph_module
+        expected = output_signature(graph, args, kwargs)
+        out = compress_sites(graph, chosen, weights)
+        verify(out, "compress_sites", args, kwargs, expected)
     out.kronc_plan = plan  # type: ignore[assignment]
     return out

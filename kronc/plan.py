@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from .budget import Budget
 from .formats import AnySpec
 
 
@@ -42,7 +43,7 @@ class Plan(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     decisions: list[Decision]
-    budget: str | None = Field(default=None, description="The budget the plan was made for, as written.")
+    budget: Budget | None = Field(default=None, description="The budget the plan was made for, as written.")
     objective: str = Field(default="weight", description="What the error estimates measure.")
     kronc_version: str = Field(default="0.1.0")
 

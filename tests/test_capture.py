@@ -35,6 +35,7 @@ def test_functional_linear_is_a_site() -> None:
     assert c.site("fc1.weight").kind == "linear"
 
 
+@pytest.mark.slow
 def test_gpt2_goes_through_export_with_tied_head_and_transposed_conv1d() -> None:
     model = tiny_gpt2()
     c = capture(model, {"input_ids": toy_inputs("gpt2")})

@@ -53,6 +53,7 @@ MODELS = ["gpt2", "llama", "bert", "lstm", "mlp"]
 needs_hf = {"gpt2", "llama", "bert"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
 def test_compile_meets_budget_keeps_type_and_leaves_original(name: str) -> None:
     if name in needs_hf:
@@ -79,6 +80,7 @@ def test_compile_meets_budget_keeps_type_and_leaves_original(name: str) -> None:
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["llama", "lstm"])
 def test_error_grows_with_budget_and_mild_budget_stays_close(name: str) -> None:
     if name in needs_hf:
@@ -98,6 +100,7 @@ def test_error_grows_with_budget_and_mild_budget_stays_close(name: str) -> None:
     assert max(errors[0], errors[1]) < 0.05 and max(errors[0], errors[1]) < errors[2], errors
 
 
+@pytest.mark.slow
 def test_hf_causal_model_still_generates() -> None:
     pytest.importorskip("transformers")
     model = TOY_MODELS["gpt2"]()
@@ -106,6 +109,7 @@ def test_hf_causal_model_still_generates() -> None:
     assert out.shape == (1, 9)
 
 
+@pytest.mark.slow
 def test_calibration_plans_data_aware_with_sensitivity() -> None:
     pytest.importorskip("transformers")
     torch.manual_seed(0)
@@ -122,6 +126,7 @@ def test_calibration_plans_data_aware_with_sensitivity() -> None:
     assert plain.objective == "data" and plain.model_dump() != report.plan.model_dump()
 
 
+@pytest.mark.slow
 def test_apply_replays_a_saved_plan_exactly(tmp_path) -> None:  # type: ignore[no-untyped-def]
     torch.manual_seed(0)
     model = TOY_MODELS["lstm"]()

@@ -157,6 +157,7 @@ def test_no_import_cycles() -> None:
             visit(m)
 
 
+@pytest.mark.slow
 def test_import_kronc_registers_ops_but_not_the_dynamo_backend() -> None:
     code = (
         "import torch, torch._dynamo.backends.registry as r\n"

@@ -160,12 +160,14 @@ VALUES = st.recursive(
 )
 
 
+@pytest.mark.slow
 @hypothesis.settings(max_examples=300, deadline=None, derandomize=True)
 @hypothesis.given(st.dictionaries(st.sampled_from(KEYS), VALUES, max_size=6))
 def test_hypothesis_policy_data_raises_only_policy_errors(data: dict[str, Any]) -> None:
     check(lambda: validate_policy(data, "<hypothesis>"))
 
 
+@pytest.mark.slow
 @hypothesis.settings(max_examples=200, deadline=None, derandomize=True)
 @hypothesis.given(st.text(max_size=300), st.sampled_from(["yaml", "toml", "json"]))
 def test_hypothesis_policy_text_raises_only_policy_errors(text: str, fmt: str) -> None:

@@ -223,6 +223,7 @@ def test_planner_trades_bits_against_structure() -> None:
         make_plan(sites, weights, bad, "2x", progress=False)
 
 
+@pytest.mark.slow
 def test_compile_int4_kernels_policy_and_save_load_bit_exact(tmp_path) -> None:  # type: ignore[no-untyped-def]
     torch.manual_seed(0)
     model = TOY_MODELS["llama"]()
@@ -258,6 +259,7 @@ def quant_toy_plan(captured) -> Plan:  # type: ignore[no-untyped-def]
     return Plan(decisions=decisions, budget="4x")
 
 
+@pytest.mark.slow
 def test_fullgraph_compile_and_export_of_quantized_model_match_eager() -> None:
     torch.manual_seed(0)
     model = TOY_MODELS["llama"]()

@@ -73,6 +73,7 @@ def test_17_02_save_refuses_a_foreign_folder(tmp_path: Path) -> None:
     assert (empty / MANIFEST).is_file()
 
 
+@pytest.mark.slow
 def test_17_03_overwrite_leaves_no_stale_files(tmp_path: Path) -> None:
     pytest.importorskip("transformers")
     from kronc.tools.toy import TOY_MODELS, toy_inputs
@@ -105,6 +106,7 @@ def test_17_09_missing_checksum_is_an_error(tmp_path: Path) -> None:
     assert isinstance(load(tmp_path / "m", model=FunctionalMLP(), verify=False), torch.nn.Module)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["pipeline", "set_seed", "Trainer"])
 def test_17_10_model_class_must_be_a_pretrained_model(name: str, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
@@ -172,6 +174,7 @@ def tokens() -> torch.Tensor:
 RECIPE = {"steps": 2, "seq_len": 16, "batch_size": 2, "progress": False}
 
 
+@pytest.mark.slow
 def test_17_05_checkpoint_path_never_overwrites_a_user_file(tmp_path: Path) -> None:
     from kronc.recover import RecoveryError, recover
 
@@ -198,6 +201,7 @@ def copy_of(model: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(model)
 
 
+@pytest.mark.slow
 def test_17_08_checkpoints_are_checked_like_saves(tmp_path: Path) -> None:
     from kronc.recover import RecoveryError, recover
     from kronc.recover import checkpoint as ckpt
@@ -343,6 +347,7 @@ def test_17_13_meta_device_model_is_refused() -> None:
         kronc.compile(model, "4x")
 
 
+@pytest.mark.slow
 def test_17_13_a_2d_tensor_of_ids_is_that_many_batches_in_compile_and_recover() -> None:
     from kronc.planning.calibrate import collect_input_moments
     from kronc.recover import recover
@@ -551,6 +556,7 @@ def test_17_18_bad_results_json_and_out_suffix_exit_2(tmp_path: Path, capsys: py
     assert json.loads((tmp_path / "m" / "kronc.json").read_text())  # the manifest was not drawn over
 
 
+@pytest.mark.slow
 def test_17_04_eval_json_and_report_png_are_not_written_through_links(tmp_path: Path,
                                                                        capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("matplotlib")
@@ -595,6 +601,7 @@ def test_17_07_unwritable_out_fails_before_compressing(tmp_path: Path, monkeypat
     assert leftovers(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_17_07_demo_keeps_finished_runs_when_a_later_budget_fails(tmp_path: Path,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("transformers")

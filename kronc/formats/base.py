@@ -79,6 +79,22 @@ class FormatSpec(BaseModel, ABC):
     identity: ClassVar[bool] = False
     """True for the spec that leaves a weight as it is (dense): nothing to fit or swap."""
 
+    # Capabilities code outside the format asks about (recovery schemes), instead of switching on spec classes.
+
+    @property
+    def overlay_density(self) -> float | None:
+        """Density of the sparse overlay stored beside the structured part; None for formats without one."""
+        return None
+
+    def with_overlay_density(self, density: float) -> FormatSpec:
+        """This spec with its overlay at ``density`` (overlay annealing); formats without an overlay refuse."""
+        raise FormatError(f"a {self.kind} spec has no sparse overlay to set the density of")
+
+    @property
+    def factor_rank(self) -> int | None:
+        """``r`` when the format is exactly two factors ``U (out, r) @ V (r, in)``; None otherwise."""
+        return None
+
     @model_serializer(mode="wrap")
     def _drop_default_precision(self, handler: SerializerFunctionWrapHandler) -> dict:
         """Plans and saved models written before precision existed stay byte-identical."""

@@ -42,6 +42,13 @@ class DopedSpec(FormatSpec):
     density: float = Field(ge=0.0, le=1.0, description="Fraction of the weight's entries kept in the overlay.")
 
     @property
+    def overlay_density(self) -> float | None:
+        return self.density
+
+    def with_overlay_density(self, density: float) -> DopedSpec:
+        return DopedSpec(base=self.base, density=density)
+
+    @property
     def base_spec(self) -> KroneckerSpec | LowRankSpec | None:
         """The base with this spec's precision (the base's own ``precision`` field is not used)."""
         return None if self.base is None else self.base.model_copy(update={"precision": self.precision})

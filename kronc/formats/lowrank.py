@@ -25,6 +25,10 @@ class LowRankSpec(FormatSpec):
     kind: Literal["lowrank"] = "lowrank"
     rank: int = Field(ge=1, description="Number of singular components kept.")
 
+    @property
+    def factor_rank(self) -> int | None:
+        return self.rank
+
     def check(self, shape: Shape) -> None:
         if self.rank > min(shape):
             raise FormatError(f"lowrank rank={self.rank} exceeds min(out, in)={min(shape)} of a {shape[0]}x{shape[1]} weight")

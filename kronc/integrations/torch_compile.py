@@ -28,7 +28,7 @@ Options (``torch.compile(..., options={...})``):
 * ``inductor``: a dict of inductor config patches (with ``inner="inductor"``);
 * ``on_plan``: a callable that receives each graph's `kronc.Plan` (to log or check it);
 * ``verify``: run the graph on the example inputs before and after the rewrite and check that
-  the outputs keep their structure, shapes and dtypes (`kronc.passes.base.run_passes`);
+  the outputs keep their structure, shapes and dtypes (`kronc.passes.verify`);
 * ``progress``: progress bars while planning and fitting.
 
 Limits:
@@ -124,7 +124,7 @@ def qualified_name(source: str) -> str | None:
 
 @dataclasses.dataclass
 class _Lifted:
-    """A parameter of the graph, read through a ``get_attr`` node while the passes run."""
+    """A parameter of the graph, read through a ``get_attr`` node while the graph is rewritten."""
 
     param: nn.Parameter
     attr: str

@@ -10,7 +10,7 @@ Rules, one per way a weight can be used (pattern -> replacement):
 
 A bias that is computed rather than stored stays in the graph as an add after the new node.
 Afterwards the dead ``get_attr`` nodes and the dense weights they read are removed, so the graph
-module no longer holds them. The pass mutates the graph module it is given: pass a copy.
+module no longer holds them. `compress_sites` mutates the graph module it is given: pass a copy.
 """
 
 from __future__ import annotations
@@ -23,42 +23,34 @@ from torch import fx, nn
 from ..formats import Factorized
 from ..modules import CompressedEmbedding, CompressedLinear
 from ..sites import ADDMM, EMBEDDING_FNS, LINEAR_FNS, Site
-from .base import Pass, PassResult
 from .replacements import replacement_for_module
 from .swap import set_submodule
 
 
-def compress_sites(sites: list[Site], weights: dict[str, Factorized]) -> Pass:
-    """A pass replacing the uses of every site in ``weights`` by its compressed module."""
-
-    def compress_sites_pass(gm: fx.GraphModule) -> PassResult:
-        nodes = {n.name: n for n in gm.graph.nodes}
-        module_weights: dict[str, tuple[str, dict[str, Factorized]]] = {}
-        dead: set[str] = set()
-        modified = False
-        for site in sites:
-            fmt = weights.get(site.name)
-            if fmt is None:
-                continue
-            for i, use in enumerate(site.uses):
-                node = nodes[use.node]
-                if node.op == "call_module":
-                    attr = site.attr if use.role == "lstm" else "weight"
-                    module_weights.setdefault(str(node.target), (use.role, {}))[1][attr] = fmt
-                else:
-                    name = _unique_name(gm, f"kronc_{site.module_name.replace('.', '_')}_{i}")
-                    _rewrite_call(gm, node, fmt, name)
-                    modified = True
-            dead.update((site.name, *site.aliases))
-        for target, (role, fmts) in module_weights.items():
-            set_submodule(gm, target, replacement_for_module(gm.get_submodule(target), role, fmts))
-            modified = True
-        _drop_dead_weights(gm, dead)
-        gm.graph.lint()
-        gm.recompile()
-        return PassResult(gm, modified)
-
-    return compress_sites_pass
+def compress_sites(gm: fx.GraphModule, sites: list[Site], weights: dict[str, Factorized]) -> fx.GraphModule:
+    """Replace the uses of every site in ``weights`` by its compressed module, in ``gm`` (returned)."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    module_weights: dict[str, tuple[str, dict[str, Factorized]]] = {}
+    dead: set[str] = set()
+    for site in sites:
+        fmt = weights.get(site.name)
+        if fmt is None:
+            continue
+        for i, use in enumerate(site.uses):
+            node = nodes[use.node]
+            if node.op == "call_module":
+                attr = site.attr if use.role == "lstm" else "weight"
+                module_weights.setdefault(str(node.target), (use.role, {}))[1][attr] = fmt
+            else:
+                name = _unique_name(gm, f"kronc_{site.module_name.replace('.', '_')}_{i}")
+                _rewrite_call(gm, node, fmt, name)
+        dead.update((site.name, *site.aliases))
+    for target, (role, fmts) in module_weights.items():
+        set_submodule(gm, target, replacement_for_module(gm.get_submodule(target), role, fmts))
+    _drop_dead_weights(gm, dead)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
 
 
 def _rewrite_call(gm: fx.GraphModule, node: fx.Node, fmt: Factorized, name: str) -> None:

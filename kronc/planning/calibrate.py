@@ -2,8 +2,9 @@
 
 `collect_input_moments` runs the model on calibration batches with forward hooks on the modules
 that own the sites and accumulates ``X^T X`` in float64 on the CPU (each batch's product is formed in
-float32 on the activation's device: 4-8x faster than float64 on CPUs, ~1e-6 relative rounding),
-divided by the number of rows at the end.
+float32 on the activation's device: several times faster than float64, at a rounding far below what
+planning can see; figures in ``benchmarks/results/design_measurements.md``), divided by the number of
+rows at the end.
 
 * ``linear`` / ``conv1d`` sites: the module's input is the activation (``(..., in)``, also for the
   transposed HF ``Conv1D``). Sites reading the same tensor one after another (q/k/v, gate/up) share
@@ -221,9 +222,8 @@ def fisher_loss(output: Any, batch: Any, generator: torch.Generator) -> Tensor:
     """A scalar whose gradient ``g`` gives the sensitivity through ``E[g gᵀ]``.
 
     * logits ``(B, T, V)`` over input ids ``(B, T)`` (a causal language model): the summed
-      next-token cross-entropy on the batch itself (empirical Fisher). On SmolLM2-135M this
-      allocates far better than the sampled Fisher below: perplexity 2,651 against 9,738 for pruning
-      planned at 4x (uniform: 12,006; ABC news, 8 windows of 512 tokens);
+      next-token cross-entropy on the batch itself (empirical Fisher): on a real language model it
+      allocates far better than the sampled Fisher below (``benchmarks/results/design_measurements.md``);
     * other logits: cross-entropy against labels sampled from the model's own predictions (Fisher);
     * other outputs: a standard normal projection of the first floating-point tensor (``J Jᵀ``).
     """

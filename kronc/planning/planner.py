@@ -175,7 +175,7 @@ def plan_from_tables(scope: Sequence[Site], tables: Sequence[Sequence[Candidate]
         )
         for site, t, i in zip(scope, tables, picks, strict=True)
     ]
-    return Plan(decisions=decisions, budget=str(budget), objective="data" if data else "weight")
+    return Plan(decisions=decisions, budget=budget, objective="data" if data else "weight")
 
 
 def _size(n: float, key: str) -> str:
@@ -289,5 +289,5 @@ def uniform_plan(
         )
 
     decisions = map_sites(decide, sites, options.worker_count(), f"kronc: uniform {fmt}", progress)
-    return Plan(decisions=decisions, budget=str(budget), objective="data" if data else "weight")
+    return Plan(decisions=decisions, budget=budget, objective="data" if data else "weight")
 

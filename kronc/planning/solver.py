@@ -19,7 +19,7 @@ A multiple-choice knapsack. `solve` is the production solver, `solve_exact` a re
    plan and from the ``restarts`` plans before it (undoing a segment or two frees budget that a
    better mix of off-hull candidates may use); the least damaging result wins.
 
-**Guarantees** (each tested in ``tests/test_planning.py``):
+**Guarantees** (each tested in ``tests/planning/test_planning.py``):
 
 * *Budget met*: step 2 only takes segments that fit, step 3 rounds costs up; the total never
   exceeds ``limit``. If even the cheapest candidates exceed it, `kronc.budget.BudgetError` says how

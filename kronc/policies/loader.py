@@ -23,6 +23,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from ..budget import Budget
 from . import _toml
 from .diagnostics import validation_problems
 from .errors import PolicyError, Problem
@@ -228,6 +229,8 @@ def _data(obj: Any, full: bool) -> Any:
         return {k: _data(getattr(obj, k), full) for k in keys}
     if isinstance(obj, (list, tuple)):
         return [_data(x, full) for x in obj]
+    if isinstance(obj, Budget):
+        return str(obj)  # as the user wrote it
     return obj
 
 

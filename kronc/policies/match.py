@@ -39,7 +39,7 @@ class SiteResolution:
     @property
     def dense(self) -> bool:
         """True when the site cannot be compressed: out of scope, or only ``dense`` allowed."""
-        return all(f.kind == "dense" and f.precisions == ["keep"] for f in self.formats)
+        return all(f.identity for f in self.formats)
 
 
 @dataclass(frozen=True)

@@ -200,7 +200,7 @@ class SolverOptions(_Model):
 class Policy(_Model):
     """A compression policy: budget, scope, rules, objective and solver options."""
 
-    budget: str = Field(examples=["25x", "40MB", "512KiB", "3M params"])
+    budget: Budget = Field(examples=["25x", "40MB", "512KiB", "3M params"])
     """How small the in-scope weights must become: a ratio (``"25x"``), a size in bytes
     (``"40MB"``, ``"512KiB"``) or a count of stored values (``"3M params"``)."""
     name: str = ""
@@ -236,10 +236,10 @@ class Policy(_Model):
     @field_validator("budget", mode="before")
     @classmethod
     def _budget(cls, value: Any) -> Any:
+        # a bare number in a file is ambiguous (ratio? bytes?): ask for the spelling. Other mistakes are a
+        # BudgetError from Budget.parse, a ValueError that pydantic reports at `budget`.
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             raise ValueError(f"write the budget as a string, e.g. '{value:g}x' for a ratio, '40MB' or '3M params'")
-        if isinstance(value, str):
-            Budget.parse(value)  # BudgetError is a ValueError: pydantic reports it at `budget`
         return value
 
     @model_validator(mode="before")
@@ -269,11 +269,6 @@ class Policy(_Model):
                 raise ValueError(f"rules[{i}].name: duplicate rule name {rule.name!r} (also rules[{seen[rule.name]}])")
             seen[rule.name] = i
         return self
-
-    @property
-    def parsed_budget(self) -> Budget:
-        """The budget as a `kronc.budget.Budget`."""
-        return Budget.parse(self.budget)
 
     def rule_label(self, index: int) -> str:
         """How rule ``index`` is named in explanations and plans: its ``name`` or ``rules[i]``."""

@@ -65,8 +65,9 @@ def relative_mse(student: Tensor, teacher: Tensor, mask: Tensor | None = None) -
     """Per position ``||s - t||² / ||t||²`` over the last dim, averaged: 0 is a perfect match, 1 as far as zeros.
 
     Normalised per position, not by the batch's total energy: decoder hidden states carry "massive
-    activations" (SmolLM2-135M: 90-98% of the squared norm of layers 15-25 sits in the first token),
-    and a batch-level ratio would spend nearly all of its gradient on that one position.
+    activations" (most of a layer's squared norm in the first token; figures in
+    ``benchmarks/results/design_measurements.md``), and a batch-level ratio would spend nearly all of
+    its gradient on that one position.
     """
     t = teacher.detach().float()
     if t.dim() <= 1:

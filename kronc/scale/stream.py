@@ -108,7 +108,7 @@ def _compile(folder: str | Path, policy: Policy, out: str | Path, *, calibration
     spaces = {s.name: list(resolution[s.name].formats) for s in in_scope}
     rules = {s.name: resolution[s.name].rule for s in in_scope}
     priced = price_sites(in_scope, spaces, options)
-    budget = policy.parsed_budget
+    budget = policy.budget
     key, cap = budget_limit(in_scope, priced, budget)  # 3. a budget no plan reaches fails here, before any work
     stuck = [s.name for s in in_scope if not swappable(s)]
     if stuck:

@@ -236,7 +236,7 @@ def read_runs(paths: Sequence[str | Path]) -> tuple[list[Run], Measurement | Non
         measured = Measurement()
         if (p / EVAL).is_file():
             measured = Measurement.from_json(_read_json(p / EVAL), str(p / EVAL))
-        label = plan.budget or p.name
+        label = str(plan.budget) if plan.budget is not None else p.name
         runs.append(Run(label if len(paths) == 1 else f"{p.name} ({label})", plan, measured))
         titles.append(manifest.get("source") or p.name)
     if not runs:

@@ -15,11 +15,10 @@ machine (AVX512 with bf16, torch 2.13, SmolLM2 shapes):
   shapes the packed kernels refuse). On CUDA, int3 also takes this path (on the GPU).
 
 Rule: the packed kernels run only for **bfloat16** activations and at most `PACKED_MAX_TOKENS`
-tokens. With bf16 ``x`` they take the AVX512-bf16 path: at 1 to 128 tokens they beat
-dequantize-then-GEMM by 3-15x (and match the fp32 dense GEMM), at 512 tokens dequantize-then-GEMM
-wins (1.8 ms vs 2.6 ms at 576x576). With float32 or float16 ``x`` they are 2-50x slower than
-dequantize-then-GEMM (a scalar path), so those dtypes always dequantize; a float32 model gets the
-packed kernels by running in bf16.
+tokens. With bf16 ``x`` they take the AVX512-bf16 path, which beats dequantize-then-GEMM at few
+tokens and loses to it at many. With float32 or float16 ``x`` they take a scalar path, slower than
+dequantize-then-GEMM, so those dtypes always dequantize; a float32 model gets the packed kernels by
+running in bf16. Timings: ``benchmarks/results/design_measurements.md`` ("int4 packed kernels").
 
 The op is a plain ``torch.library.custom_op`` (not ``triton_op``) so its cache lives outside any
 trace; on CUDA it runs the Triton kernel that dequantizes inside the matmul.
@@ -40,7 +39,8 @@ from ..checks.quant import INT4_GROUPS, check_quant, level_offset
 PACKED_DTYPES = (torch.bfloat16,)
 """Activation dtypes for which the aten packed kernels are faster than dequantize-then-GEMM here."""
 PACKED_MAX_TOKENS = 256
-"""Above this many tokens, dequantize-then-GEMM beats the packed kernels (measured crossover 128-512)."""
+"""Above this many tokens, dequantize-then-GEMM beats the packed kernels (the crossover measured in
+``benchmarks/results/design_measurements.md``)."""
 
 
 def dequantize(codes: Tensor, scales: Tensor, minima: Tensor | None, bits: int, inn: int,

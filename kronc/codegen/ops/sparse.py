@@ -50,15 +50,15 @@ def csr_product(x: Tensor, rows: Tensor, cols: Tensor, values: Tensor, out_featu
     return y.reshape(*x.shape[:-1], out_features)
 
 
-# CPU cost model, measured with 2 threads on 576x576, 576x1536 and 1536x576 at 1-512 tokens and
-# 5-45% density: CSR SpMM costs ~8.4x a dense GEMM per stored entry; scattering the entries into a
-# dense matrix costs ~77 GEMM token-rows. Densify when  tokens * (8.4 * density - 1) > 77.
+# CPU cost model (fitted timings: benchmarks/results/design_measurements.md, "sparse products"): CSR SpMM
+# costs _CSR_PER_ENTRY dense-GEMM multiply-adds per stored entry; scattering the entries into a dense
+# matrix costs _SCATTER_ROWS GEMM token-rows. Densify when  tokens * (_CSR_PER_ENTRY * density - 1) > _SCATTER_ROWS.
 _CSR_PER_ENTRY = 8.4
 _SCATTER_ROWS = 77.0
 
 
 def densify_pays(tokens: int, nnz: int, out_features: int, in_features: int) -> bool:
-    """Whether scatter-to-dense plus one GEMM beats the CSR product (e.g. 22% density: from ~91 tokens)."""
+    """Whether scatter-to-dense plus one GEMM beats the CSR product: dense enough matrices at enough tokens."""
     numel = out_features * in_features
     return numel > 0 and tokens * (_CSR_PER_ENTRY * nnz / numel - 1.0) > _SCATTER_ROWS
 
@@ -134,8 +134,8 @@ def values_grad(g: Tensor, x: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
     """``d values[k] = Σ_t g[t, rows[k]] * x[t, cols[k]]``.
 
     Read off the dense product ``gᵀ x`` at the kept positions when that matrix is not huge: one GEMM
-    beats gathering ``tokens x nnz`` products at every density we store (measured 2-400x on CPU for
-    1024x256 and 1536x576 at 0.5-50% density). Else (and while tracing) gathered in token chunks.
+    beats gathering ``tokens x nnz`` products at every density we store (figures in
+    ``benchmarks/results/design_measurements.md``). Else (and while tracing) gathered in token chunks.
     """
     g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
     nnz = rows.numel()

@@ -53,6 +53,11 @@ class Choice(BaseModel):
         """`precisions` with ``keep`` as None (a spec's default precision)."""
         return [None if isinstance(p, str) else p for p in self.precisions]
 
+    @property
+    def identity(self) -> bool:
+        """True when the choice allows only leaving the weight as it is (nothing to compress)."""
+        return False
+
     def describe(self) -> str:
         """A short form for `kronc.explain`, e.g. ``lowrank(rank 1-max, x8)``."""
         return self.kind + self.precision_note()

@@ -19,6 +19,10 @@ class DenseChoice(Choice):
     kind: Literal["dense"] = "dense"
     """Format tag: ``dense`` keeps the weight as it is."""
 
+    @property
+    def identity(self) -> bool:
+        return self.precisions == ["keep"]  # a lower precision compresses
+
 
 class DenseFamily(Family):
     kind = "dense"

@@ -40,7 +40,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from ...formats import Doped, DopedSpec, SparseIndex, SparseOverlay
+from ...formats import Doped, SparseIndex, SparseOverlay
 from ...formats.sparse_index import count_kept
 from ...plan import Decision, Plan
 from ._common import (
@@ -174,10 +174,10 @@ class OverlayAnnealing(Scheme):
             overlay = SparseOverlay(index, values.detach()[keep].clone())
             overlay.values.requires_grad_(values.requires_grad)
             doped.overlay = overlay
-            assert isinstance(doped.spec, DopedSpec)
-            spec = DopedSpec(base=doped.spec.base, density=ov.target_density)
-            if spec.nnz(doped.shape) != index.nnz:  # pragma: no cover - count_kept defines both
-                raise RuntimeError(f"{type(self).__name__}: repacked {index.nnz} entries but the spec stores {spec.nnz(doped.shape)}")
+            spec = doped.spec.with_overlay_density(ov.target_density)
+            stores = count_kept(ov.target_density, doped.shape[0] * doped.shape[1])  # what the spec's overlay keeps
+            if stores != index.nnz:  # pragma: no cover - count_kept defines both
+                raise RuntimeError(f"{type(self).__name__}: repacked {index.nnz} entries but the spec stores {stores}")
             doped.spec = spec
             ov.mask = torch.ones(index.nnz, dtype=torch.bool, device=keep.device)
             for site in sites.get(id(doped), []):
@@ -235,10 +235,10 @@ class OverlayAnnealing(Scheme):
                 raise ValueError(f"{scheme}: cannot tell which plan site the doped weight {name} is (the model has "
                                  "no kronc_plan naming it); pass one target_density instead")
             decision = wanted.get(names[0])
-            if decision is None or not isinstance(decision.spec, DopedSpec):
+            density = None if decision is None else decision.spec.overlay_density
+            if decision is None or density is None:
                 got = "no decision" if decision is None else decision.spec.describe()
-                raise ValueError(f"{scheme}: the target plan has {got} for {names[0]}, expected a doped one")
-            density = decision.spec.density
+                raise ValueError(f"{scheme}: the target plan has {got} for {names[0]}, expected one with a sparse overlay")
             check_fraction(scheme, f"target density of {names[0]}", density)
             out.append(density)
         return out
@@ -259,8 +259,9 @@ def denser_plan(plan: Plan, factor: float) -> Plan:
         raise ValueError(f"denser_plan: factor must be at least 1 (it multiplies the density), got {factor}")
     decisions: list[Decision] = []
     for d in plan.decisions:
-        if isinstance(d.spec, DopedSpec):
-            spec = DopedSpec(base=d.spec.base, density=min(1.0, d.spec.density * factor))
+        density = d.spec.overlay_density
+        if density is not None:
+            spec = d.spec.with_overlay_density(min(1.0, density * factor))
             itemsize = d.bytes_before // max(1, d.shape[0] * d.shape[1])
             d = d.model_copy(update={"spec": spec, "bytes_after": spec.nbytes(d.shape, itemsize),
                                      "params_after": spec.nparams(d.shape), "error": None})

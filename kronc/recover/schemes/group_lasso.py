@@ -312,7 +312,7 @@ def prune_blocks(
         for t in targets:
             norms = block_norms(t.data().double(), block)
             if ratio is None:
-                keep = BlockSparseSpec(block=block, density=density).nblocks(t.shape)  # type: ignore[arg-type]
+                keep = BlockSparseSpec(block=block, density=density).nblocks(t.shape)
             else:
                 keep = _blocks_within(t, block, ratio)
             mask = topk_mask(norms, keep)

@@ -281,8 +281,8 @@ def _fit(t: DenseTarget, rank: int, mask: Tensor | None, importance: Tensor | No
 def _plan_ranks(plan: Plan) -> dict[str, int]:
     out = {}
     for d in plan.decisions:
-        if isinstance(d.spec, LowRankSpec):
-            out[d.site.removesuffix(".weight")] = d.spec.rank
+        if d.spec.factor_rank is not None:
+            out[d.site.removesuffix(".weight")] = d.spec.factor_rank
     if not out:
         raise ValueError("lpaf_factorize: the plan has no low-rank decisions to take ranks from")
     return out

@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
                             text=text, dense=resolved.model)
         runs.append(Run(budget, the_plan, measured, seconds))
         if args.save:
-            small.kronc_policy = (policy or kronc.Policy(budget=budget)).model_copy(update={"budget": budget}).model_dump(mode="json")  # type: ignore[assignment]
+            small.kronc_policy = (policy or kronc.Policy(budget=budget)).model_copy(update={"budget": Budget.parse(budget)}).model_dump(mode="json")  # type: ignore[assignment]
             kronc.save(small, args.out / f"budget-{budget}", tokenizer=resolved.tokenizer,
                        source=resolved.spec if resolved.kind != "huggingface" else None,
                        example_inputs=resolved.example_inputs)

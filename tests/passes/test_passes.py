@@ -1,4 +1,4 @@
-"""Rewrite passes: graph rewrite and module swap against the dense model, pass verification."""
+"""Graph rewrite and module swap against the dense model, and the checks after a rewrite."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from torch import fx, nn
 from kronc.capture import capture
 from kronc.formats import Factorized, KroneckerSpec, LowRankSpec, fit
 from kronc.modules import CompressedEmbedding, CompressedLinear, CompressedLSTM
-from kronc.passes.base import PassError, PassResult, run_passes
 from kronc.passes.rewrite import compress_sites
 from kronc.passes.swap import SwapError, swap_modules
+from kronc.passes.verify import PassError, output_signature, verify
 from kronc.tools.toy import FunctionalMLP, LSTMLanguageModel, toy_inputs
 
 
@@ -27,7 +27,7 @@ def test_graph_rewrite_of_fx_graph_matches_dense_and_drops_dense_weights() -> No
     model = FunctionalMLP()
     x = toy_inputs("mlp")
     c = capture(model)
-    gm = run_passes(copy.deepcopy(c.graph_module), [compress_sites(c.sites, exact_weights(c))], (x,)).graph_module
+    gm = compress_sites(copy.deepcopy(c.graph_module), c.sites, exact_weights(c))
     torch.testing.assert_close(gm(x), model(x), atol=1e-5, rtol=1e-5)
     targets = [n.target for n in gm.graph.nodes if n.op == "call_module"]
     assert any(str(t).startswith("kronc_w2") for t in targets)
@@ -36,12 +36,13 @@ def test_graph_rewrite_of_fx_graph_matches_dense_and_drops_dense_weights() -> No
     assert isinstance(model.w2, nn.Parameter), "the user's model keeps its weights"
 
 
+@pytest.mark.slow
 def test_graph_rewrite_of_lstm_lm() -> None:
     torch.manual_seed(0)
     model = LSTMLanguageModel()
     x = toy_inputs("lstm")
     c = capture(model)
-    gm = run_passes(copy.deepcopy(c.graph_module), [compress_sites(c.sites, exact_weights(c))], (x,)).graph_module
+    gm = compress_sites(copy.deepcopy(c.graph_module), c.sites, exact_weights(c))
     assert isinstance(gm.get_submodule("lstm"), CompressedLSTM)
     assert isinstance(gm.get_submodule("embedding"), CompressedEmbedding)
     torch.testing.assert_close(gm(x), model(x), atol=1e-5, rtol=1e-5)
@@ -75,25 +76,25 @@ def test_module_swap_refuses_functional_sites_with_a_hint() -> None:
         swap_modules(copy.deepcopy(model), c.sites, exact_weights(c))
 
 
-def test_run_passes_names_the_pass_that_broke_the_outputs() -> None:
+def test_verify_names_the_rewrite_that_broke_the_outputs() -> None:
     model = FunctionalMLP()
     x = toy_inputs("mlp")
     gm = fx.symbolic_trace(model)
+    expected = output_signature(gm, (x,))
+    assert expected is not None and verify(gm, "nothing", (x,), expected=expected) is not None
 
-    def truncate_output(g: fx.GraphModule) -> PassResult:
-        out = next(n for n in g.graph.nodes if n.op == "output")
-        with g.graph.inserting_before(out):
-            cut = g.graph.call_function(torch.narrow, (out.args[0], 1, 0, 3))
-        out.args = (cut,)
-        return PassResult(g, True)
-
-    with pytest.raises(PassError, match="truncate_output"):
-        run_passes(gm, [truncate_output], (x,))
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    with gm.graph.inserting_before(out):
+        cut = gm.graph.call_function(torch.narrow, (out.args[0], 1, 0, 3))
+    out.args = (cut,)
+    with pytest.raises(PassError, match="'truncate_output' changed the outputs"):
+        verify(gm, "truncate_output", (x,), expected=expected)
 
 
 transformers = pytest.importorskip("transformers")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["gpt2", "llama", "bert"])
 def test_hf_graph_rewrite_and_module_swap_agree_with_dense(name: str) -> None:
     from kronc.tools.toy import TOY_MODELS
@@ -107,12 +108,15 @@ def test_hf_graph_rewrite_and_module_swap_agree_with_dense(name: str) -> None:
     swapped = swap_modules(copy.deepcopy(model), c.sites, weights)
     assert type(swapped) is type(model)
     torch.testing.assert_close(swapped(input_ids=ids)[0], ref, atol=1e-4, rtol=1e-4)
-    gm = run_passes(copy.deepcopy(c.graph_module), [compress_sites(c.sites, weights)], c.example_args, c.example_kwargs)
-    torch.testing.assert_close(gm.graph_module(**c.example_kwargs)[0], ref, atol=1e-4, rtol=1e-4)
-    dense_names = {n for n, _ in gm.graph_module.named_parameters()}
+    expected = output_signature(c.graph_module, c.example_args, c.example_kwargs)
+    gm = compress_sites(copy.deepcopy(c.graph_module), c.sites, weights)
+    verify(gm, "compress_sites", c.example_args, c.example_kwargs, expected)
+    torch.testing.assert_close(gm(**c.example_kwargs)[0], ref, atol=1e-4, rtol=1e-4)
+    dense_names = {n for n, _ in gm.named_parameters()}
     assert not any(s.name in dense_names for s in c.sites)
 
 
+@pytest.mark.slow
 def test_tied_gpt2_weights_stay_tied_after_swap() -> None:
     from kronc.tools.toy import tiny_gpt2
 

@@ -72,6 +72,7 @@ def same(a: dict[str, Tensor], b: dict[str, Tensor]) -> bool:
 # --------------------------------------------------------------------------- it works
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "lr"), [("gpt2", 1e-3), ("llama", 1e-3), ("lstm", 3e-3)])
 def test_recovery_lowers_the_held_out_distillation_loss(name: str, lr: float) -> None:
     teacher, student = compressed(name)
@@ -199,6 +200,7 @@ class Recorder(Scheme):
         return {"n": len(self.calls)}
 
 
+@pytest.mark.slow
 def test_scheme_hooks_run_in_order_and_the_penalty_reaches_the_loss(caplog: pytest.LogCaptureFixture) -> None:
     teacher, student = compressed("gpt2", "6x", [{"kind": "lowrank"}])
     rec = Recorder(weight=1e-3)
@@ -272,6 +274,7 @@ class Counter(Scheme):
         self.count = int(state["count"])
 
 
+@pytest.mark.slow
 def test_resuming_a_checkpoint_equals_an_uninterrupted_run(tmp_path: Path) -> None:
     teacher, base = compressed("gpt2", "6x", [{"kind": "lowrank"}])
     recipe = RecoveryConfig(steps=12, lr=3e-3, checkpoint_every=4, train_mode=True, seq_len=16, batch_size=4)
@@ -333,6 +336,7 @@ def test_determinism_with_a_seed() -> None:
 # --------------------------------------------------------------------------- NaN/inf
 
 
+@pytest.mark.slow
 def test_a_huge_learning_rate_stops_with_the_step_and_keeps_good_weights() -> None:
     teacher, student = compressed("gpt2", "6x", [{"kind": "lowrank"}])
     before = state(student)
@@ -399,6 +403,7 @@ def test_batches_are_windows_drawn_deterministically() -> None:
     assert torch.equal(a.next().args[0], nxt.args[0])
 
 
+@pytest.mark.slow
 def test_iterables_dicts_text_and_module_pairs() -> None:
     from kronc.tools.resolve_model import ByteTokenizer
 

@@ -186,6 +186,7 @@ def test_quantized_tensor_state_and_dtype_casts() -> None:
     assert torch.equal(other.dequantize(), before)
 
 
+@pytest.mark.slow
 def test_joint_recovers_grid_plus_low_rank() -> None:
     """A low-rank term below the grid step (the regime of a correction of quantization error) is
     recovered by the alternation; RTN alone rounds it into the grid."""
@@ -202,6 +203,7 @@ def test_joint_recovers_grid_plus_low_rank() -> None:
     assert fitted.left.shape == (64, 4) and fitted.right.shape == (4, 128)
 
 
+@pytest.mark.slow
 def test_joint_data_aware_reduces_output_error() -> None:
     g = gen(8)
     w = torch.randn(48, 64, generator=g)

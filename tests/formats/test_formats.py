@@ -707,3 +707,23 @@ def test_math_sanity_of_budget_helpers() -> None:
     assert spec.nnz((3, 3)) == 4  # 4.5 -> 4
     assert DopedSpec(density=1.0).nnz((7, 9)) == 63
     assert DopedSpec(density=1.0).nbytes((7, 9), 4) == 63 * 4 + math.ceil(63 / 8)
+
+
+def test_spec_capabilities_replace_switches_on_spec_classes() -> None:
+    """Recovery schemes and policy matching ask these instead of testing spec or choice classes."""
+    from kronc.planning.families.dense import DenseChoice
+    from kronc.policies import LowRankChoice
+    from kronc.values import Precision
+
+    doped = F.DopedSpec(base=F.LowRankSpec(rank=4), density=0.05)
+    assert doped.overlay_density == 0.05 and doped.factor_rank is None
+    denser = doped.with_overlay_density(0.2)
+    assert isinstance(denser, F.DopedSpec) and denser.overlay_density == 0.2 and denser.base == doped.base
+    assert F.LowRankSpec(rank=3).factor_rank == 3 and F.LowRankSpec(rank=3).overlay_density is None
+    for spec in (F.DenseSpec(), F.KroneckerSpec(a_shape=(2, 2)), F.BlockSparseSpec(block=(2, 2), density=0.5)):
+        assert spec.overlay_density is None and spec.factor_rank is None
+        with pytest.raises(F.FormatError, match=f"a {spec.kind} spec has no sparse overlay"):
+            spec.with_overlay_density(0.1)
+    assert DenseChoice().identity
+    assert not DenseChoice(precisions=[Precision(dtype="int8")]).identity  # a lower precision compresses
+    assert not LowRankChoice().identity

@@ -301,6 +301,7 @@ def _model_sites() -> tuple[list[Site], dict[str, torch.Tensor]]:
     return sites, weights
 
 
+@pytest.mark.slow
 def test_plan_meets_budget_deterministic_and_monotone() -> None:
     sites, weights = _model_sites()
     spaces = {s.name: list(ALL_FORMATS) for s in sites[:3]}  # "out" is out of scope

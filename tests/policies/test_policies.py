@@ -95,10 +95,10 @@ def quiet_resolve(policy: Policy, sites: list[Site]):
 
 def test_the_three_shipped_policies_exist_and_load_by_name() -> None:
     assert {"edge-25x", "server-4x", "lstm-25x"} <= set(list_policies())
-    assert str(load_policy("edge-25x").parsed_budget) == "25x"
-    assert str(load_policy("server-4x").parsed_budget) == "4x"
+    assert str(load_policy("edge-25x").budget) == "25x"
+    assert str(load_policy("server-4x").budget) == "4x"
     lstm = load_policy("lstm-25x.yaml")
-    assert str(lstm.parsed_budget) == "25x" and "lstm" in lstm.scope.kinds
+    assert str(lstm.budget) == "25x" and "lstm" in lstm.scope.kinds
 
 
 def test_shipped_policies_are_package_data_and_the_repo_folder_links_to_them() -> None:
@@ -106,7 +106,7 @@ def test_shipped_policies_are_package_data_and_the_repo_folder_links_to_them() -
 
     tomllib = pytest.importorskip("tomllib")
     assert SHIPPED_DIR.is_relative_to(Path(kronc.__file__).resolve().parent)  # found from a wheel install too
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]  # the repository (this file is tests/policies/)
     pyproject = tomllib.loads((root / "pyproject.toml").read_text())
     globs = pyproject["tool"]["setuptools"]["package-data"]["kronc.policies"]
     assert all(any(f.relative_to(SHIPPED_DIR.parent).match(g) for g in globs) for f in SHIPPED)
@@ -576,3 +576,32 @@ def test_rule_bits_and_group_sizes_narrow_every_format() -> None:
     assert shipped.rules[0].bits == [4, 8]
     values = {p.describe() for f in shipped.rules[0].allowed_formats() for p in f.precisions if not isinstance(p, str)}
     assert values == {"int8", "int4g32-hqq", "int4g64-hqq", "int4g128-hqq"}
+
+
+@pytest.mark.parametrize("text", ["40MB", "25x", "3M params"])
+def test_budget_is_typed_and_round_trips_as_written(text: str, tmp_path: Path) -> None:
+    from kronc.budget import Budget
+    from kronc.plan import Plan
+
+    policy = Policy(budget=text)
+    assert isinstance(policy.budget, Budget) and policy.budget == Budget.parse(text)
+    assert policy.model_dump(mode="json")["budget"] == text and policy.model_dump()["budget"] == text
+    assert f'"budget": "{text}"' in policy.model_dump_json(indent=1).replace('":"', '": "')
+    again = load_policy(tmp_path / "p.yaml") if (tmp_path / "p.yaml").write_text(dumps_policy(policy)) else None
+    assert again is not None and str(again.budget) == text and again == policy
+    assert Policy.model_validate_json(policy.model_dump_json()).budget.text == text
+
+    plan = Plan(decisions=[], budget=Budget.parse(text))
+    for suffix in (".json", ".yaml"):
+        plan.save(tmp_path / f"plan{suffix}")
+        loaded = Plan.load(tmp_path / f"plan{suffix}")
+        assert isinstance(loaded.budget, Budget) and str(loaded.budget) == text and loaded == plan
+
+
+def test_bad_budget_in_code_names_the_key() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=r"budget\n.*cannot read budget '25y'"):
+        Policy(budget="25y")
+    with pytest.raises(ValidationError, match=r"budget\n.*write the budget as a string, e.g. '25x'"):
+        Policy(budget=25)  # type: ignore[arg-type]

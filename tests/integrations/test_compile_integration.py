@@ -25,6 +25,8 @@ from kronc.plan import Decision, Plan
 from kronc.policies import Policy
 from kronc.tools.toy import TOY_MODELS, toy_inputs
 
+pytestmark = pytest.mark.slow  # torch.compile (inductor) and torch.export of compressed models: seconds per test
+
 POLICY = Policy(budget="4x")
 MODELS = ["gpt2", "llama", "lstm"]
 HF = {"gpt2", "llama"}

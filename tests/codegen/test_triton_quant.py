@@ -2,7 +2,7 @@
 
 Compared with float64 math on the decoded weight, for int8 (per row and grouped), int4 and int2,
 symmetric and with minima, float32/float16/bfloat16 activations, shapes that divide the
-interpreter's 16-wide tiles and shapes that do not. Tolerance as in tests/test_triton_kernels.py:
+interpreter's 16-wide tiles and shapes that do not. Tolerance as in tests/codegen/test_triton_kernels.py:
 ``max|y - ref| <= tol * max|ref|`` with tol 1e-5 (float32), 3e-3 (float16), 3e-2 (bfloat16).
 """
 

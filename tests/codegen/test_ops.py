@@ -178,6 +178,7 @@ def test_gradcheck_kron_linear() -> None:
         assert torch.autograd.gradcheck(lambda x, a, b: ops.kron_linear(x, a, b), _req(x, a, b))
 
 
+@pytest.mark.slow
 def test_gradcheck_doped_kron_linear() -> None:
     a, b = kron_args(2, 2, 3, 3, 2)
     rows, cols, values = entries(6, 6, 8)
@@ -186,6 +187,7 @@ def test_gradcheck_doped_kron_linear() -> None:
     assert torch.autograd.gradcheck(ops.doped_kron_linear, args)
 
 
+@pytest.mark.slow
 def test_gradcheck_sparse_linear() -> None:
     rows, cols, values = entries(5, 7, 12)
     x, bias = torch.randn(2, 3, 7, dtype=F64), torch.randn(5, dtype=F64)
@@ -193,6 +195,7 @@ def test_gradcheck_sparse_linear() -> None:
     assert torch.autograd.gradcheck(lambda x, v, b: ops.sparse_linear(x, rows, cols, v, 5, b), (xr, vr, br))
 
 
+@pytest.mark.slow
 def test_sparse_linear_densified_path_matches_the_csr_path() -> None:
     """Dense enough and many tokens: the CPU op scatters into a dense matrix; same numbers, same grads."""
     from kronc.codegen.ops.sparse import csr_product, densified_product, densify_pays
@@ -398,6 +401,7 @@ def test_opcheck() -> None:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
+@pytest.mark.slow
 def test_compile_fullgraph_matches_eager_with_grads() -> None:
     torch._dynamo.reset()
     m = AllOps()
@@ -414,6 +418,7 @@ def test_compile_fullgraph_matches_eager_with_grads() -> None:
         torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-3, msg=n)
 
 
+@pytest.mark.slow
 def test_compile_inductor_kron_linear() -> None:
     torch._dynamo.reset()
     a, b = kron_args(2, 4, 5, 6, 8, dtype=torch.float32)
@@ -434,6 +439,7 @@ def _kronc_targets(gm: torch.fx.GraphModule) -> set[str]:
     }
 
 
+@pytest.mark.slow
 def test_export_keeps_kronc_ops() -> None:
     m = AllOps()
     x, index = torch.randn(2, 5, 40), torch.randint(0, 24, (2, 5))

@@ -181,6 +181,7 @@ def test_cudnn_lstm_to_torch_round_trip() -> None:
     torch.testing.assert_close(b_hh, lstm.bias_hh_l0.detach())
 
 
+@pytest.mark.slow
 def test_textgenrnn_from_keras_hdf5_round_trip(tmp_path: Path) -> None:
     h5py = pytest.importorskip("h5py")
     torch.manual_seed(0)
@@ -315,6 +316,7 @@ def test_similarity_pearson_is_one_against_own_similarities() -> None:
         similarity_pearson(model, tok, docs, own[:4, :4])
 
 
+@pytest.mark.slow
 def test_logistic_regression_cv_separable_and_chance() -> None:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(60, 4))
@@ -357,6 +359,7 @@ def test_kjv_text() -> None:
     assert re.search(r"\b\d+:\d+ ", text) is None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     not (_installed("textgenrnn") and _installed("h5py")), reason="textgenrnn or h5py not installed"
 )
