@@ -46,7 +46,7 @@ class DopedSpec(FormatSpec):
         return self.density
 
     def with_overlay_density(self, density: float) -> DopedSpec:
-        return DopedSpec(base=self.base, density=density)
+        return type(self).model_validate({**dict(self), "density": density})  # validated; keeps the precision
 
     @property
     def base_spec(self) -> KroneckerSpec | LowRankSpec | None:

@@ -719,6 +719,8 @@ def test_spec_capabilities_replace_switches_on_spec_classes() -> None:
     assert doped.overlay_density == 0.05 and doped.factor_rank is None
     denser = doped.with_overlay_density(0.2)
     assert isinstance(denser, F.DopedSpec) and denser.overlay_density == 0.2 and denser.base == doped.base
+    int8 = F.DopedSpec(base=F.LowRankSpec(rank=4), density=0.05, precision=Precision(dtype="int8"))
+    assert int8.with_overlay_density(0.01).precision == Precision(dtype="int8")  # annealing keeps the bits
     assert F.LowRankSpec(rank=3).factor_rank == 3 and F.LowRankSpec(rank=3).overlay_density is None
     for spec in (F.DenseSpec(), F.KroneckerSpec(a_shape=(2, 2)), F.BlockSparseSpec(block=(2, 2), density=0.5)):
         assert spec.overlay_density is None and spec.factor_rank is None
