@@ -16,7 +16,8 @@ tokens, forward and backward: 3-7 for Kronecker sums and doped Kronecker (4 is u
 block-sparse at 10% (8), 2-3 for low rank (2). At 10x a uniform Kronecker sum has 0.9-2.4x the dense
 FLOPs, so it trains dense at any token count worth a step; low rank keeps its factors.
 Without gradients (inference, evaluation, the teacher) and while tracing (``torch.export``,
-``torch.compile`` must see the ``kronc::`` ops) the factored ops run as before. `dense_training`
+``torch.compile`` must see the ``kronc::`` ops) the factored ops run as before, and so does a weight
+whose ``forward`` a training scheme has wrapped (`kronc.recover.schemes.CoMatrixDropout`). `dense_training`
 ("auto", "never", "always") switches the choice off or forces it (tests, ``benchmarks/train_speed.py``).
 """
 
@@ -84,7 +85,7 @@ def training_weight(fmt: Factorized, x: Tensor, tokens: int | None = None) -> Te
     mode = _mode[0]
     if mode == "never" or not torch.is_grad_enabled() or is_traced(x):
         return None
-    if "forward" in vars(fmt):  # a recovery scheme wraps this format's forward (CMR's dropout): run it
+    if "forward" in vars(fmt):  # a training scheme wraps this weight's forward (co-matrix dropout): run it
         return None
     need_values = any(p.requires_grad for p in fmt.parameters())
     if not need_values and not x.requires_grad:

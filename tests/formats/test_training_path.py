@@ -114,6 +114,19 @@ def test_inference_and_frozen_weights_keep_the_factored_ops() -> None:
         assert training_weight(fmt, x) is None
 
 
+def test_a_scheme_that_wraps_the_forward_keeps_it() -> None:
+    from kronc.recover.schemes import CoMatrixDropout
+
+    m = layer("doped-kron")
+    x = torch.randn(512, IN, dtype=F64)
+    assert training_weight(m.weight_format, x) is not None
+    scheme = CoMatrixDropout(p=0.5)
+    scheme.attach(m, 1)
+    assert training_weight(m.weight_format, x) is None  # the dropout wrapper must run
+    scheme.finish(m)
+    assert training_weight(m.weight_format, x) is not None
+
+
 def test_tracing_keeps_the_kronc_ops() -> None:
     m = layer("kronecker")
     x = torch.randn(64, IN, dtype=F64)
