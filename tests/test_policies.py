@@ -575,4 +575,4 @@ def test_rule_bits_and_group_sizes_narrow_every_format() -> None:
     shipped = load_policy("int4-kernels")
     assert shipped.rules[0].bits == [4, 8]
     values = {p.describe() for f in shipped.rules[0].allowed_formats() for p in f.precisions if not isinstance(p, str)}
-    assert values == {"int8", "int4g32-hqq", "int4g64-hqq", "int4g128-hqq"}
+    assert values == {"int8", "int4g32-hqq", "int4g64-hqq", "int4g128-hqq", "int4g64a-hqq", "int4g128a-hqq"}

