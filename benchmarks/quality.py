@@ -649,8 +649,8 @@ def _source_grid(key: str, r: dict[str, Any]) -> bool:
 
 
 def _kronc_vs_uniform(plans: list[dict[str, Any]], uniform: list[dict[str, Any]], lm: bool) -> list[str]:
-    """kronc's plan at each budget against the best uniform configuration storing at least as many
-    bytes (ratio <= the plan's) and the nearest one by bytes (source grid excluded)."""
+    """kronc's plan at each budget against the best uniform configuration storing at most 15% more bytes
+    (ratio >= the plan's / 1.15) and the nearest one by bytes (source grid excluded)."""
     metric = "ppl" if lm else "pearson"
     better = (lambda a, b: a < b) if lm else (lambda a, b: a > b)  # noqa: E731
 
@@ -661,11 +661,11 @@ def _kronc_vs_uniform(plans: list[dict[str, Any]], uniform: list[dict[str, Any]]
         return f"`{r['config']}` {r['ratio']:.2f}x: {val}"
 
     out = ["kronc's plan against uniform quantization at matching bytes (uniform: the best configuration "
-           "storing at least as many bytes, and the one nearest in bytes; source grid excluded):", "",
-           "| kronc plan | ratio | " + ("perplexity (x dense)" if lm else "Pearson") + " | best uniform at >= its bytes | "
+           "storing at most 15% more bytes than the plan, and the one nearest in bytes; source grid excluded):", "",
+           "| kronc plan | ratio | " + ("perplexity (x dense)" if lm else "Pearson") + " | best uniform within +15% bytes | "
            "nearest uniform | precisions chosen (sites) |", "|---|---|---|---|---|---|"]
     for p in plans:
-        bigger = [r for r in uniform if r["ratio"] <= p["ratio"] * 1.0001]
+        bigger = [r for r in uniform if r["ratio"] >= p["ratio"] / 1.15]
         best = None
         for r in bigger:
             if best is None or better(r[metric], best[metric]):
