@@ -79,15 +79,16 @@ SCOPE = {"include": ["model.layers.*"]}
 POLICIES: dict[str, dict[str, Any]] = {
     "speed": {"default_formats": [{"kind": "lowrank"}, {"kind": "dense"}]},
     "quality": {},
-    "int8": {"budget": "3.9x", "rules": [{"match": "*", "bits": [8], "group_sizes": ["row"], "formats": [{"kind": "dense"}]}],
+    "int8": {"budget": {"fp32": "3.9x", "bf16": "1.95x"}, "rules": [{"match": "*", "bits": [8], "group_sizes": ["row"], "formats": [{"kind": "dense"}]}],
              "default_formats": [{"kind": "dense"}]},
     "int4": {"shipped": "int4-kernels"},
 }
-"""``int8``: every decoder linear at int8 with one scale per row (3.99x, so its budget is fixed at 3.9x);
-``int4``: the shipped ``int4-kernels`` policy (int8 or int4 per site, groups of 32-128) at the budget."""
+"""``int8``: every decoder linear at int8 with one scale per row (3.99x of fp32, 2x of bf16: its budget is
+fixed per model dtype); ``int4``: the shipped ``int4-kernels`` policy (int8 or int4 per site, groups of
+32-128) at the budget (ratios are against the model's own dtype: int4 is at most ~3.8x of bf16)."""
 
 
-def policy_for(name: str, budget: str, objective: str) -> Policy:
+def policy_for(name: str, budget: str, objective: str, dtype: str = "fp32") -> Policy:
     """The benchmark's policy ``name`` at ``budget`` (a fixed ``budget`` in its entry wins), scoped to the decoder."""
     entry = dict(POLICIES[name])
     if "shipped" in entry:
@@ -96,6 +97,8 @@ def policy_for(name: str, budget: str, objective: str) -> Policy:
         shipped = load_policy(entry.pop("shipped")).model_dump(mode="json")
         entry = {k: shipped[k] for k in ("rules", "default_formats")}
     budget = entry.pop("budget", budget)
+    if isinstance(budget, dict):
+        budget = budget[dtype]
     return Policy(budget=budget, scope=SCOPE, objective=objective, **entry)
 
 
@@ -213,7 +216,7 @@ def build_variants(args: argparse.Namespace, model: nn.Module, tokenizer: Any) -
         calibration = [ids[i * 512 : (i + 1) * 512][None] for i in range(args.calib_windows)]
     for budget in args.budgets:
         for name in args.policies:
-            policy = policy_for(name, budget, "data" if calibration else "weight")
+            policy = policy_for(name, budget, "data" if calibration else "weight", args.dtype)
             label = policy.budget if "budget" in POLICIES[name] else budget
             print(f"kronc.compile {name} {label} ...", flush=True)
             small, report = kronc.compile(model, policy=policy, calibration=calibration, report=True)

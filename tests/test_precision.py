@@ -229,7 +229,7 @@ def test_compile_int4_kernels_policy_and_save_load_bit_exact(tmp_path) -> None: 
     model = TOY_MODELS["llama"]()
     small = kronc.compile(model, policy="int4-kernels", budget="5x")
     plan = small.kronc_plan
-    assert {d.values for d in plan.decisions} <= {"keep", "int8", "int4g32-hqq", "int4g64-hqq"}
+    assert {d.values for d in plan.decisions} <= {"keep", "int8", "int4g32-hqq", "int4g64-hqq", "int4g64a-hqq", "int4g128a-hqq"}
     assert plan.ratio >= 5
     x = toy_inputs("llama")
     kronc.save(small, tmp_path / "q")

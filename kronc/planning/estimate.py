@@ -23,11 +23,9 @@ The error of a candidate is relative: ``||W - W'|| / ||W||`` in the weight metri
   grid's form). Exact for `BlockSparse.fit`.
 * **dense**: zero; at a precision, the error of the quantization (round to nearest, or the data-free
   fit's clip search, all clip ratios at once, on ~32k sampled values of whole rows scaled by their
-  share of the energy: `SiteAnalysis.dense_quant_error`) in the weight metric, or data-aware with the diagonal
-  of ``H`` (``Σ_j H_jj ||E_:j||²``: rounding errors of different input columns are nearly
-  uncorrelated, so the off-diagonal terms of ``tr(E H Eᵀ)`` average out; measured against the exact
-  value in ``tests/test_precision.py``). A ``gptq`` precision is estimated by its data-free fit's
-  error, an upper bound of what the error-compensating fit reaches.
+  share of the energy, exact per row with the full ``H``: `SiteAnalysis.dense_quant_error`; the
+  diagonal of ``H`` alone misjudges layers with a massive-activation channel). A ``gptq`` precision
+  is estimated by its data-free fit's error, an upper bound of what the error-compensating fit reaches.
 * **quantized factors** (any other format at a precision): the exact error of the quantized fit,
   recomputed (fit, rebuild, measure); only searched when a policy asks for it.
 
@@ -56,7 +54,7 @@ from ..formats import fit as fit_format
 from ..formats.base import check_matrix
 from ..formats.doped import row_balanced_order
 from ..reference.kronecker import rearrange
-from ..values import Precision, clip_search_error, encode
+from ..values import Precision, clip_search_residual, encode
 from ..values.fits import CLIP_RATIOS
 from .families.base import family
 from .whiten import column_scale, damped, whitener
@@ -66,6 +64,7 @@ _CHUNK = 1 << 22  # elements of the largest temporary in the block-sparse data-a
 _SPARSE_SHARE = 0.08  # overlays keeping at most this share of entries: sparse products, else dense
 _QUANT_SAMPLE = 32768  # values (whole rows) a dense quantization estimate is measured on
 _QUANT_MIN_ROWS = 16
+_QUANT_TOP_ROWS = 8  # the rows with the most energy, always measured
 SCREEN_MARGIN = 2.0
 """A screened candidate is dropped when its rough error is this many times a cheaper candidate's."""
 
@@ -317,34 +316,78 @@ class SiteAnalysis:
             return self.rel(float(e.square().sum()))
         return self.rel(float(((e @ self.h) * e).sum()))
 
-    def _quant_rows(self) -> tuple[Tensor, Tensor | None, float]:
-        """The rows the dense quantization estimates are measured on, the column weights (diagonal of
-        ``H``, data-aware), and the factor from their (weighted) energy to the whole weight's."""
+    def _quant_rows(self) -> tuple[Tensor, int, float]:
+        """The rows the dense quantization estimates are measured on: the `_QUANT_TOP_ROWS` rows with
+        the most energy (``w_i H w_iᵀ`` data-aware, ``|w_i|²`` else), counted as they are, then rows
+        spread evenly over the rest, scaled by the rest's share of the energy. Returns the rows, how
+        many of them are the top ones, and that scale (a stratified estimate: one row holding a massive
+        weight on a massive-activation channel can carry most of a layer's output energy, and a plain
+        sample that misses it, scaled by energy, overstates the error tenfold)."""
         if getattr(self, "_qrows", None) is None:
             m, n = self.shape
             k = min(m, max(_QUANT_MIN_ROWS, math.ceil(_QUANT_SAMPLE / n)))
-            rows = self.w32 if k == m else self.w32[torch.linspace(0, m - 1, k).round().long().unique()]
-            cw = None if self.h is None else self.h.diagonal().float()
-            energy = lambda x: float((x.square() if cw is None else x.square() * cw).sum(dtype=F64))  # noqa: E731
-            part = energy(rows)
-            self._qrows = (rows, cw, energy(self.w32) / part if part > 0 else 1.0)
+            if k + _QUANT_TOP_ROWS >= m:
+                self._qrows = (self.w32, m, 1.0)
+            else:
+                energy = (self.p * self.w).sum(1) if self.p is not None else self.w32.square().sum(1, dtype=F64)
+                top = torch.topk(energy, _QUANT_TOP_ROWS).indices
+                rest = torch.ones(m, dtype=torch.bool)
+                rest[top] = False
+                others = torch.nonzero(rest).squeeze(1)
+                pick = others[torch.linspace(0, others.numel() - 1, k).round().long().unique()]
+                part = float(energy[pick].sum())
+                scale = float(energy[others].sum()) / part if part > 0 else 1.0
+                self._qrows = (self.w32[torch.cat([top, pick])], _QUANT_TOP_ROWS, scale)
         return self._qrows
 
+    def _quadratic(self, e: Tensor) -> float:
+        """``Σ_i e_i H e_iᵀ`` (data-aware) or ``Σ e²`` over the rows of ``e``, float64."""
+        if self.h is None:
+            return float(e.square().sum(dtype=F64))
+        e64 = e.to(F64)
+        return float(((e64 @ self.h) * e64).sum())
+
     def dense_quant_error(self, p: Precision) -> float:
-        """The dense weight at ``p``: a float cast exactly; an integer grid by `clip_search_error` (the
-        clip search of the data-free fit, all ratios at once; ``rtn``: the full range only) on
-        `_quant_rows`, scaled to the whole weight by the energy ratio. Rounding error relative to a
-        row's energy varies little between rows, so ~32k sampled values estimate it to a few percent
-        (measured in ``tests/test_precision.py``), for a fraction of the cost of fitting each precision.
-        A ``gptq`` precision is estimated by its data-free fit (an upper bound of what it reaches), an
+        """The dense weight at ``p``, measured on `_quant_rows` and scaled to the whole weight by their
+        share of its energy: a float cast by the cast itself; an integer grid by `clip_search_residual`
+        (the clip search of the data-free fit, all ratios at once; ``rtn``: the full range only). The
+        error of each sampled row is exact, ``e_i H e_iᵀ`` with the full ``H`` (the diagonal of ``H``
+        alone overstates it up to tenfold on layers with a massive-activation channel, SmolLM2's
+        ``layers.11.mlp.down_proj`` among them, and ranks symmetric and asymmetric grids wrongly there).
+        Relative rounding error varies little between rows, so ~32k sampled values estimate it to a few
+        percent (``tests/test_precision.py``) for a fraction of the cost of fitting each precision. A
+        ``gptq`` precision is estimated by its data-free fit (an upper bound of what it reaches), an
         ``hqq`` one by its clip search (HQQ's zero-point step only lowers the error further)."""
-        rows, cw, scale = self._quant_rows()
-        if p.is_float:
-            e = encode(rows, p).codes.float() - rows
-            err2 = float((e.square() if cw is None else e.square() * cw).sum(dtype=F64))
+        return self.dense_quant_errors([p])[0]
+
+    def dense_quant_errors(self, precisions: Sequence[Precision]) -> list[float]:
+        """`dense_quant_error` of each precision, the quadratic forms of all of them in one float32 product."""
+        rows, top, scale = self._quant_rows()
+        resid = []
+        for p in precisions:
+            if p.is_float:
+                resid.append(encode(rows, p).codes.float() - rows)
+            else:
+                resid.append(clip_search_residual(rows, p, ratios=(1.0,) if p.fit == "rtn" else CLIP_RATIOS))
+        e = torch.stack(resid)  # (precisions, rows, in)
+        if self.h is None:
+            per_row = e.square().sum(-1, dtype=F64)
         else:
-            err2 = clip_search_error(rows, p, cw, ratios=(1.0,) if p.fit == "rtn" else CLIP_RATIOS)
-        return self.rel(err2 * scale)
+            if self.h32 is None:
+                self.h32 = self.h.float()
+            per_row = ((e.reshape(-1, e.shape[-1]) @ self.h32).reshape(e.shape) * e).sum(-1, dtype=F64)
+        err2 = per_row[:, :top].sum(-1) + per_row[:, top:].sum(-1) * scale
+        return [self.rel(float(x)) for x in err2]
+
+    def row_sample(self) -> tuple[Tensor, Tensor | None, float]:
+        """Sampled rows (`_quant_rows`), the diagonal of ``H`` (data-aware) and the factor from the
+        rows' diagonal-weighted energy to the whole weight's (for rough screens)."""
+        rows, _, _ = self._quant_rows()
+        cw = None if self.h is None else self.h.diagonal().float()
+        sq = rows.square() if cw is None else rows.square() * cw
+        full = self.w32.square() if cw is None else self.w32.square() * cw
+        part = float(sq.sum(dtype=F64))
+        return rows, cw, float(full.sum(dtype=F64)) / part if part > 0 else 1.0
 
     def errors(self, specs: Sequence[FormatSpec], nbytes: Sequence[int] | None = None) -> np.ndarray:
         """Relative error of every spec, in order: each format's family estimates its own specs at once
@@ -358,12 +401,17 @@ class SiteAnalysis:
         slowest part of the analysis."""
         out = np.zeros(len(specs))
         groups: dict[str, list[int]] = defaultdict(list)
+        dense_at: list[int] = []
         for i, spec in enumerate(specs):
             spec.check(self.shape)
-            if spec.precision is not None:
+            if spec.precision is not None and spec.kind == "dense":
+                dense_at.append(i)
+            elif spec.precision is not None:
                 out[i] = self.quant_error(spec)
-                continue
-            groups[spec.kind].append(i)
+            else:
+                groups[spec.kind].append(i)
+        if dense_at:
+            out[dense_at] = self.dense_quant_errors([specs[i].precision for i in dense_at])  # type: ignore[misc]
         screened = {k: w for k, w in groups.items() if nbytes is not None and family(k).screens}
         for kind, where in groups.items():
             if kind not in screened:
@@ -383,10 +431,6 @@ class SiteAnalysis:
                 if keep:
                     out[keep] = np.asarray(family(kind).errors(self, [specs[i] for i in keep]), dtype=np.float64)
         return out
-
-    def row_sample(self) -> tuple[Tensor, Tensor | None, float]:
-        """`_quant_rows`: sampled rows, column weights (diagonal of ``H``) and the energy factor to the whole."""
-        return self._quant_rows()
 
 
 def estimate_errors(

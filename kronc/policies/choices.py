@@ -96,6 +96,7 @@ DEFAULT_PRECISIONS: tuple[Precision, ...] = (
     Precision(dtype="bf16"),
     Precision(dtype="int8"),
     *(Precision(dtype="int4", group_size=g, fit="hqq") for g in (32, 64, 128)),
+    *(Precision(dtype="int4", group_size=g, symmetric=False, fit="hqq") for g in (64, 128)),
     *(Precision(dtype="int3", group_size=g, symmetric=False, fit="hqq") for g in (32, 64, 128)),
     *(Precision(dtype="int2", group_size=g, symmetric=False, fit="hqq") for g in (32, 64)),
 )
@@ -104,7 +105,12 @@ bf16 and per-row int8 are near-lossless for any trained weight; int4/int3/int2 n
 groups of 32-128 span the usual trade of scale bytes (0.125-0.5 bit per value) against range; at 3
 bits and below an asymmetric grid (an fp16 minimum per group) is used because a symmetric one spends
 a level on zero and only has 3 or 1 levels per side; the data-free clip/HQQ fit because clipping
-the range pays at 4 bits and below."""
+the range pays at 4 bits and below. int4 comes both symmetric and asymmetric (groups of 64 and 128,
+not 32, the packaged SmolLM2 grid): at the same bytes as symmetric groups of 32, asymmetric groups of
+64 are the better uniform int4 on both SmolLM2 and MiniLM (``benchmarks/results/quality_quant.md``),
+and with them kronc's 8x plan of SmolLM2 went from 54.3 to 51.9 perplexity. The GPTQ fit is not a
+default: with its int3/int2 precisions at ``gptq`` (10% damping) the same 8x plan scored 64.2 on ABC
+news; fitted to King James calibration, it transfers worse to other text."""
 
 QUANT_DENSE = DenseChoice(precisions=list(DEFAULT_PRECISIONS))
 """Dense weights at the `DEFAULT_PRECISIONS` (the plain dense choice keeps the weight as it is)."""

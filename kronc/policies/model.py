@@ -98,8 +98,8 @@ class Rule(_Model):
     bits: list[BitWidth] | None = Field(default=None, min_length=1)
     """Bit widths the stored values of the matching sites may take (``[4, 8]``: the deployment's
     kernels take int4 and int8 only); 16 is bf16/fp16, 32 fp32. None: no limit. Every format's
-    precisions are narrowed to these; a ``dense`` format that lists no precisions searches the
-    default ones (`kronc.policies.choices.DEFAULT_PRECISIONS`) within the limits. ``keep`` (the
+    precisions are narrowed to these; a ``dense`` format that lists no precisions (or only ``keep``)
+    searches the default ones (`kronc.policies.choices.DEFAULT_PRECISIONS`) within the limits. ``keep`` (the
     weight's own dtype, no kernel needed) is always allowed."""
     group_sizes: list[GroupLimit] | None = Field(default=None, min_length=1)
     """Scale groups the integer precisions of the matching sites may use: 16, 32, 64, 128 values
@@ -168,10 +168,10 @@ class Rule(_Model):
 
 
 def _narrow(choice: Choice, allows: Callable[[Precision], bool]) -> Choice | None:
-    """``choice`` with only the precisions ``allows`` (a dense choice that lists none: the default ones,
+    """``choice`` with only the precisions ``allows`` (a dense choice that lists none or only ``keep``: the default ones,
     ``keep`` included); a base-plus-correction choice also narrows its bases. None: nothing left."""
     listed: list[Any] = list(choice.precisions)
-    if choice.kind == "dense" and "precisions" not in choice.model_fields_set:
+    if choice.kind == "dense" and list(choice.precisions) == ["keep"]:  # also after a dump and reload
         listed = ["keep", *DEFAULT_PRECISIONS]
     kept = [p for p in listed if isinstance(p, str) or allows(p)]
     update: dict[str, Any] = {"precisions": kept}

@@ -83,20 +83,22 @@ def fit_clip(w: Tensor, p: Precision, ratios: tuple[float, ...] = CLIP_RATIOS) -
     return Levels(levels(wg, scale, minimum, p), scale, minimum)
 
 
-def clip_search_error(w: Tensor, p: Precision, col_weight: Tensor | None = None,
-                      ratios: tuple[float, ...] = CLIP_RATIOS) -> float:
-    """Squared error of `fit_clip` on ``w`` (``(rows, in)``), each input column weighted by ``col_weight``
-    (``(in,)``, e.g. the diagonal of the input Gram matrix), all ratios at once: the planner's cheap
-    estimate of a data-free fit (`fit_hqq` only improves on it). The groups' choice of ratio is the
-    fit's (unweighted); only the sum is weighted."""
+def clip_search_residual(w: Tensor, p: Precision, ratios: tuple[float, ...] = CLIP_RATIOS) -> Tensor:
+    """``fit_clip(w, p).values() - w`` as float32 ``(rows, in)``, all ratios at once (no levels kept): the
+    planner's cheap estimate of a data-free fit on a few rows (`fit_hqq` only improves on it).
+    Each group takes the ratio with the least squared error, the first of equals, as the fit does."""
     wg = grouped(w, p)
     shrink = torch.tensor(ratios, dtype=wg.dtype).reshape(-1, *([1] * (wg.dim() - 1)))
     scale, minimum = minmax_params(wg[None], p, shrink=shrink)
-    err = _quant_err(wg[None], scale, minimum, p)  # (ratios, rows, groups, group)
-    pick = err.sum(-1).argmin(0, keepdim=True)  # first of equals: the fit's tie rule
-    if col_weight is not None:
-        err = err * col_weight.to(err.dtype).reshape(1, 1, *wg.shape[1:])
-    return float(err.sum(-1).gather(0, pick).sum(dtype=torch.float64))
+    lo, hi = level_range(p)
+    s = torch.where(scale == 0, torch.ones_like(scale), scale)[..., None]
+    shifted = wg[None] if minimum is None else wg[None] - minimum[..., None]
+    v = torch.round(shifted / s).clamp_(lo, hi).mul_(scale[..., None])
+    if minimum is not None:
+        v.add_(minimum[..., None])
+    resid = v.sub_(wg[None])  # (ratios, rows, groups, group)
+    pick = resid.square().sum(-1).argmin(0)[None, ..., None].expand(1, *resid.shape[1:])
+    return resid.gather(0, pick)[0].reshape(wg.shape[0], -1)
 
 
 def _shrink_lp(x: Tensor, beta: float, lp: float) -> Tensor:
@@ -104,10 +106,13 @@ def _shrink_lp(x: Tensor, beta: float, lp: float) -> Tensor:
     return torch.sign(x) * torch.relu(x.abs() - x.abs().clamp_min(1e-12).pow(lp - 1) / beta)
 
 
-def fit_hqq(w: Tensor, p: Precision, iters: int = 20, lp: float = 0.7, beta: float = 10.0,
+def fit_hqq(w: Tensor, p: Precision, iters: int = 10, lp: float = 0.7, beta: float = 10.0,
             kappa: float = 1.01) -> Levels:
     """Data-free: `fit_clip`, then (asymmetric only) HQQ's half-quadratic fit of the zero point with
-    the scale fixed, keeping per group whichever of the two has the smaller squared error."""
+    the scale fixed, keeping per group whichever of the two has the smaller squared error.
+
+    10 iterations: on 1536x576 weights at int4/int3 with groups of 64 they reach all but 0.05% of the
+    error reduction that 20 reach, in half the time (the fit of every asymmetric site in `kronc.compile`)."""
     wg = grouped(w, p)
     best = fit_clip(w, p)
     if p.symmetric or best.minimum is None:  # symmetric grids have no minimum

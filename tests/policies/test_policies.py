@@ -572,10 +572,12 @@ def test_rule_bits_and_group_sizes_narrow_every_format() -> None:
     policy = Policy(budget="4x", rules=[rule])
     text = explain(policy, llama_sites()).table()
     assert "rules[0] (bits 4,8; groups 32,row)" in text and "int4g32-hqq" in text and "int4g64" not in text
+    again = Policy.model_validate(policy.model_dump(mode="json"))  # a dump and reload means the same
+    assert again.rules[0].allowed_formats() == policy.rules[0].allowed_formats()
     shipped = load_policy("int4-kernels")
     assert shipped.rules[0].bits == [4, 8]
     values = {p.describe() for f in shipped.rules[0].allowed_formats() for p in f.precisions if not isinstance(p, str)}
-    assert values == {"int8", "int4g32-hqq", "int4g64-hqq", "int4g128-hqq"}
+    assert values == {"int8", "int4g32-hqq", "int4g64-hqq", "int4g128-hqq", "int4g64a-hqq", "int4g128a-hqq"}
 
 
 @pytest.mark.parametrize("text", ["40MB", "25x", "3M params"])
