@@ -53,7 +53,7 @@ from .activations import Activations
 from .memory import Estimate, estimate, parse_memory
 from .runner import BlockView, run_block, run_tail, stream_of, unit_grads
 from .save import SaveWriter
-from .skeleton import Skeleton, build, load_unit, unit_names, unload_unit
+from .skeleton import Skeleton, build, load_unit, release_memory, unit_names, unload_unit
 
 
 @dataclass
@@ -119,7 +119,7 @@ def _compile(folder: str | Path, policy: Policy, out: str | Path, *, calibration
         batches = calibration_batches(sk.model, calibration)
     fisher = batches is not None and policy.solver.sensitivity != "none"
     n_fisher = min(policy.solver.sensitivity_batches, len(batches)) if fisher and batches else 0
-    est = _estimate(sk, units, priced, batches, n_fisher, offload_activations is not None)
+    est = _estimate(sk, units, priced, batches, n_fisher, offload_activations is not None, options)
     if dist.rank() == 0:
         log(est.describe())
     est.check(limit)  # 5. refuse to start when the estimate exceeds --max-memory
@@ -170,7 +170,7 @@ def _units(sk: Skeleton, in_scope: Sequence[Site]) -> dict[int | None, list[Site
 
 
 def _estimate(sk: Skeleton, units: dict[int | None, list[Site]], priced: dict[str, list[Any]], batches: list[Any] | None,
-              n_fisher: int, offload: bool) -> Estimate:
+              n_fisher: int, offload: bool, options: SearchOptions) -> Estimate:
     config = sk.model.config
     width = int(getattr(config, "hidden_size", 0) or 0)
     inner = int(getattr(config, "intermediate_size", 0) or 4 * width)
@@ -178,15 +178,19 @@ def _estimate(sk: Skeleton, units: dict[int | None, list[Site]], priced: dict[st
     rows = [_rows(b) for b in batches] if batches else []
     seq = max((_seq(b) for b in batches), default=0) if batches else 0
     per_batch = max(rows, default=0) * (3 * inner + 4 * width) * 4 + heads * seq * seq * 4 * (max(rows, default=0) // max(seq, 1))
+    block = max((sk.checkpoint.nbytes(unit_names(sk, i)) for i in range(sk.count)), default=0)
+    vocab = int(getattr(config, "vocab_size", 0) or 0)
+    per_batch = max(per_batch, max(rows, default=0) * vocab * 4 * (5 if n_fisher else 1))  # logits (and their gradient)
+    widest = max((s.shape[1] for sites in units.values() for s in sites), default=0)
+    analysis = options.worker_count() * 6 * 8 * widest**2 if batches else options.worker_count() * 3 * block
     stats = 0
     if batches:
         stats = max((sum(32 * s.shape[1] ** 2 for s in sites if s.kind in ("linear", "conv1d"))
                      for sites in units.values()), default=0)
-    block = max((sk.checkpoint.nbytes(unit_names(sk, i)) for i in range(sk.count)), default=0)
     return estimate(
         rest=sk.checkpoint.nbytes(unit_names(sk, None)), block=block, stats=stats, stream_rows=rows, width=width,
         sensitivity_rows=sum(rows[:n_fisher]), blocks=sk.count, offload=offload,
-        work=per_batch * (3 if n_fisher else 1), curves=sum(len(c) for c in priced.values()) * 200,
+        work=per_batch * (3 if n_fisher else 1), analysis=analysis, curves=sum(len(c) for c in priced.values()) * 200,
     )
 
 
@@ -331,5 +335,6 @@ def _pass2(sk: Skeleton, units: dict[int | None, list[Site]], plan: Plan, batche
             writer.write_unit(sk, unit)
         if unit is not None:
             sk.blocks[unit] = pristine
+            release_memory()
         if progress:
             print(f"kronc stream: wrote {'rest' if unit is None else f'block {unit}'}", flush=True)
