@@ -107,6 +107,21 @@ def test_offloaded_activations_give_the_same_model(hf_folder: Path, streamed: tu
     _same_weights(kronc.load(path), kronc.load(streamed[0]))
 
 
+def test_streamed_gpt2_matches_in_memory(tmp_path: Path) -> None:
+    """GPT-2: transposed Conv1D weights, blocks that return tuples, an LM head tied to the embedding."""
+    from kronc.tools.toy import tiny_gpt2
+
+    torch.manual_seed(0)
+    tiny_gpt2(layers=2, width=64).save_pretrained(tmp_path / "gpt2", max_shard_size="60KB")
+    cal = _calibration()[:3]
+    path = kronc.compile(str(tmp_path / "gpt2"), budget=BUDGET, calibration=cal, stream=True, out=tmp_path / "out")
+    model = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2", dtype=torch.float32).eval()
+    small = kronc.compile(model, budget=BUDGET, calibration=cal)
+    loaded = kronc.load(path)
+    assert loaded.kronc_plan == small.kronc_plan
+    _same_weights(loaded, small)
+
+
 # ----------------------------------------------------------------------------------------- bad input
 
 
