@@ -46,7 +46,7 @@ from ..planning.planner import (
     site_energy,
     white_energy,
 )
-from ..policies import Policy, resolve
+from ..policies import Policy
 from ..sites import Site
 from . import distributed as dist
 from .activations import Activations
@@ -100,8 +100,7 @@ def _compile(folder: str | Path, policy: Policy, out: str | Path, *, calibration
     seconds: dict[str, float] = {}
     limit = parse_memory(max_memory) if max_memory is not None else None
     sk = build(folder)  # 1. skeleton on meta, sites, blocks, shard headers checked
-    _, in_scope = scope(sk.captured, policy)  # 2. the policy's scope (resolved as in memory)
-    resolution = _resolution(sk, policy)
+    resolution, in_scope = scope(sk.captured, policy)  # 2. the policy's scope (resolved as in memory)
     units = _units(sk, in_scope)
     options = SearchOptions()
     spaces = {s.name: list(resolution[s.name].formats) for s in in_scope}
@@ -113,7 +112,7 @@ def _compile(folder: str | Path, policy: Policy, out: str | Path, *, calibration
     if stuck:
         raise InputError(f"site {stuck[0]} is used through F.linear: streamed compile writes module saves only; "
                          "exclude it in the policy's scope")
-    writer = SaveWriter.prepare(out, overwrite=overwrite)  # 4. --out checked before any work
+    SaveWriter.check(out, overwrite=overwrite)  # 4. --out checked before any work
     batches = None
     if calibration is not None and policy.objective == "data":
         batches = calibration_batches(sk.model, calibration)
@@ -123,6 +122,7 @@ def _compile(folder: str | Path, policy: Policy, out: str | Path, *, calibration
     if dist.rank() == 0:
         log(est.describe())
     est.check(limit)  # 5. refuse to start when the estimate exceeds --max-memory
+    writer = SaveWriter.prepare(out)
     acts = Activations(offload_activations)
     try:
         load_unit(sk, None)  # the rest (embeddings, norm, head) stays loaded: every call runs the embeddings
@@ -152,10 +152,6 @@ def _compile(folder: str | Path, policy: Policy, out: str | Path, *, calibration
         acts.close()
     seconds["total"] = time.perf_counter() - t0
     return StreamResult(plan, path, est, seconds, importance)
-
-
-def _resolution(sk: Skeleton, policy: Policy) -> Any:
-    return resolve(policy, sk.captured.sites, warn=False)
 
 
 def _units(sk: Skeleton, in_scope: Sequence[Site]) -> dict[int | None, list[Site]]:
