@@ -174,9 +174,10 @@ def _estimate(sk: Skeleton, units: dict[int | None, list[Site]], priced: dict[st
     rows = [_rows(b) for b in batches] if batches else []
     seq = max((_seq(b) for b in batches), default=0) if batches else 0
     per_batch = max(rows, default=0) * (3 * inner + 4 * width) * 4 + heads * seq * seq * 4 * (max(rows, default=0) // max(seq, 1))
+    per_batch *= 3 if n_fisher else 1  # activations kept for the backward sweep
     block = max((sk.checkpoint.nbytes(unit_names(sk, i)) for i in range(sk.count)), default=0)
     vocab = int(getattr(config, "vocab_size", 0) or 0)
-    per_batch = max(per_batch, max(rows, default=0) * vocab * 4 * (5 if n_fisher else 1))  # logits (and their gradient)
+    per_batch = max(per_batch, max(rows, default=0) * vocab * 4 * (4 if n_fisher else 1))  # logits, softmax, gradients
     widest = max((s.shape[1] for sites in units.values() for s in sites), default=0)
     analysis = options.worker_count() * 6 * 8 * widest**2 if batches else options.worker_count() * 3 * block
     stats = 0
@@ -186,7 +187,7 @@ def _estimate(sk: Skeleton, units: dict[int | None, list[Site]], priced: dict[st
     return estimate(
         rest=sk.checkpoint.nbytes(unit_names(sk, None)), block=block, stats=stats, stream_rows=rows, width=width,
         sensitivity_rows=sum(rows[:n_fisher]), blocks=sk.count, offload=offload,
-        work=per_batch * (3 if n_fisher else 1), analysis=analysis, curves=sum(len(c) for c in priced.values()) * 200,
+        work=per_batch, analysis=analysis, curves=sum(len(c) for c in priced.values()) * 200,
     )
 
 
