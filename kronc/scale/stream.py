@@ -320,9 +320,9 @@ def _pass2(sk: Skeleton, units: dict[int | None, list[Site]], plan: Plan, batche
         if unit is not None:
             load_unit(sk, unit)
         moments: Any = {}
-        if batches is not None:
+        if batches is not None:  # every rank runs the block (the next needs its outputs); moments only where it is fitted
             step = _tail_step(sk, batches, acts, 0) if unit is None else _block_step(sk, unit, batches, acts, 0)
-            moments = _moments(sk, sites, batches, step)
+            moments = _moments(sk, sites if mine else [], batches, step)
         if mine:
             decisions = [d for d in plan.decisions if sk.unit_of(d.site) == unit]
             part = Plan(decisions=decisions, budget=plan.budget, objective=plan.objective)
