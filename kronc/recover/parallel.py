@@ -81,7 +81,7 @@ def average_values(total: Tensor, values: dict[str, float]) -> tuple[float, dict
     if not active():
         return loss, values
     keys = sorted(values)
-    t = torch.tensor([loss, *(values[k] for k in keys)], dtype=torch.float64)
+    t = torch.tensor([loss, *(values[k] for k in keys)], dtype=torch.float64, device=total.device)
     torch.distributed.all_reduce(t)
     t /= dist.world()
     return float(t[0]), {k: float(v) for k, v in zip(keys, t[1:].tolist(), strict=True)}

@@ -70,7 +70,11 @@ def init_from_env() -> bool:
     NCCL when CUDA is available, else gloo. False (nothing done) for a single process or an initialised group."""
     if active() or int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "RANK" not in os.environ:
         return False
-    torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # NCCL exchanges objects through this device
+        torch.distributed.init_process_group("nccl")
+    else:
+        torch.distributed.init_process_group("gloo")
     return True
 
 

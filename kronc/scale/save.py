@@ -41,15 +41,20 @@ class SaveWriter:
     entries: list[dict[str, Any]] = field(default_factory=list)
     dtypes: set[str] = field(default_factory=set)
 
-    @classmethod
-    def prepare(cls, out: str | Path, *, overwrite: bool = False) -> SaveWriter:
-        """Check ``out`` (as `kronc.save` does) and make the hidden folder beside it (rank 0 names it)."""
+    @staticmethod
+    def check(out: str | Path, *, overwrite: bool = False) -> None:
+        """Refuse ``out`` as `kronc.save` does: a file, or a non-empty folder that is not a kronc save."""
         out = Path(out)
         if out.exists() and not out.is_dir():
             raise FileExistsError(f"{out} exists and is not a directory")
         if out.is_dir() and not overwrite and not (out / MANIFEST).is_file() and any(out.iterdir()):
             raise FileExistsError(f"{out} is a non-empty folder that is not a kronc save: choose another path "
                                   "or pass overwrite=True to replace everything in it")
+
+    @classmethod
+    def prepare(cls, out: str | Path) -> SaveWriter:
+        """Make the hidden folder beside ``out`` that the save is written into (rank 0 names and makes it)."""
+        out = Path(out)
         name = dist.broadcast(f".{out.name}.kronc-tmp-{secrets.token_hex(6)}" if dist.rank() == 0 else None)
         tmp = out.parent / str(name)
         if dist.rank() == 0:

@@ -12,6 +12,9 @@ checkpoint does not hold, such as rotary frequencies, are recomputed by the mode
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -194,6 +197,26 @@ def _init_buffers(skeleton: Skeleton, root: nn.Module, prefix: str, unit: int | 
 def unload_unit(skeleton: Skeleton, unit: int) -> None:
     """Put block ``unit`` back on the meta device (frees its weights)."""
     skeleton.blocks[unit].to("meta")
+    release_memory()
+
+
+def release_memory() -> None:
+    """Hand freed heap memory back to the system (glibc ``malloc_trim``): without it, the freed tensors of each
+    block stay in the allocator's arenas and resident memory creeps up block after block."""
+    gc.collect()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _libc() -> Any:
+    try:
+        lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return lib if hasattr(lib, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
 
 
 def rest_state(skeleton: Skeleton) -> Mapping[str, Tensor]:

@@ -47,14 +47,14 @@ from ..planning.planner import (
     site_energy,
     white_energy,
 )
-from ..policies import Policy, resolve
+from ..policies import Policy
 from ..sites import Site
 from . import distributed as dist
 from .activations import Activations
 from .memory import Estimate, estimate, parse_memory
 from .runner import BlockView, run_block, run_tail, stream_of, unit_grads
 from .save import SaveWriter
-from .skeleton import Skeleton, build, load_unit, unit_names, unload_unit
+from .skeleton import Skeleton, build, load_unit, release_memory, unit_names, unload_unit
 
 
 @dataclass
@@ -101,8 +101,7 @@ def _compile(folder: str | Path, policy: Policy, out: str | Path, *, calibration
     seconds: dict[str, float] = {}
     limit = parse_memory(max_memory) if max_memory is not None else None
     sk = build(folder)  # 1. skeleton on meta, sites, blocks, shard headers checked
-    _, in_scope = scope(sk.captured, policy)  # 2. the policy's scope (resolved as in memory)
-    resolution = _resolution(sk, policy)
+    resolution, in_scope = scope(sk.captured, policy)  # 2. the policy's scope (resolved as in memory)
     units = _units(sk, in_scope)
     options = SearchOptions()
     spaces = {s.name: list(resolution[s.name].formats) for s in in_scope}
@@ -114,16 +113,17 @@ def _compile(folder: str | Path, policy: Policy, out: str | Path, *, calibration
     if stuck:
         raise InputError(f"site {stuck[0]} is used through F.linear: streamed compile writes module saves only; "
                          "exclude it in the policy's scope")
-    writer = SaveWriter.prepare(out, overwrite=overwrite)  # 4. --out checked before any work
+    SaveWriter.check(out, overwrite=overwrite)  # 4. --out checked before any work
     batches = None
     if calibration is not None and policy.objective == "data":
         batches = calibration_batches(sk.model, calibration)
     fisher = batches is not None and policy.solver.sensitivity != "none"
     n_fisher = min(policy.solver.sensitivity_batches, len(batches)) if fisher and batches else 0
-    est = _estimate(sk, units, priced, batches, n_fisher, offload_activations is not None)
+    est = _estimate(sk, units, priced, batches, n_fisher, offload_activations is not None, options)
     if dist.rank() == 0:
         log(est.describe())
     est.check(limit)  # 5. refuse to start when the estimate exceeds --max-memory
+    writer = SaveWriter.prepare(out)
     acts = Activations(offload_activations)
     try:
         load_unit(sk, None)  # the rest (embeddings, norm, head) stays loaded: every call runs the embeddings
@@ -155,10 +155,6 @@ def _compile(folder: str | Path, policy: Policy, out: str | Path, *, calibration
     return StreamResult(plan, path, est, seconds, importance)
 
 
-def _resolution(sk: Skeleton, policy: Policy) -> Any:
-    return resolve(policy, sk.captured.sites, warn=False)
-
-
 def _units(sk: Skeleton, in_scope: Sequence[Site]) -> dict[int | None, list[Site]]:
     """In-scope sites per block (None: the rest); a tied site across units is refused."""
     units: dict[int | None, list[Site]] = {}
@@ -171,7 +167,7 @@ def _units(sk: Skeleton, in_scope: Sequence[Site]) -> dict[int | None, list[Site
 
 
 def _estimate(sk: Skeleton, units: dict[int | None, list[Site]], priced: dict[str, list[Any]], batches: list[Any] | None,
-              n_fisher: int, offload: bool) -> Estimate:
+              n_fisher: int, offload: bool, options: SearchOptions) -> Estimate:
     config = sk.model.config
     width = int(getattr(config, "hidden_size", 0) or 0)
     inner = int(getattr(config, "intermediate_size", 0) or 4 * width)
@@ -179,15 +175,20 @@ def _estimate(sk: Skeleton, units: dict[int | None, list[Site]], priced: dict[st
     rows = [_rows(b) for b in batches] if batches else []
     seq = max((_seq(b) for b in batches), default=0) if batches else 0
     per_batch = max(rows, default=0) * (3 * inner + 4 * width) * 4 + heads * seq * seq * 4 * (max(rows, default=0) // max(seq, 1))
+    per_batch *= 3 if n_fisher else 1  # activations kept for the backward sweep
+    block = max((sk.checkpoint.nbytes(unit_names(sk, i)) for i in range(sk.count)), default=0)
+    vocab = int(getattr(config, "vocab_size", 0) or 0)
+    per_batch = max(per_batch, max(rows, default=0) * vocab * 4 * (4 if n_fisher else 1))  # logits, softmax, gradients
+    widest = max((s.shape[1] for sites in units.values() for s in sites), default=0)
+    analysis = options.worker_count() * 6 * 8 * widest**2 if batches else options.worker_count() * 3 * block
     stats = 0
     if batches:
         stats = max((sum(32 * s.shape[1] ** 2 for s in sites if s.kind in ("linear", "conv1d"))
                      for sites in units.values()), default=0)
-    block = max((sk.checkpoint.nbytes(unit_names(sk, i)) for i in range(sk.count)), default=0)
     return estimate(
         rest=sk.checkpoint.nbytes(unit_names(sk, None)), block=block, stats=stats, stream_rows=rows, width=width,
         sensitivity_rows=sum(rows[:n_fisher]), blocks=sk.count, offload=offload,
-        work=per_batch * (3 if n_fisher else 1), curves=sum(len(c) for c in priced.values()) * 200,
+        work=per_batch, analysis=analysis, curves=sum(len(c) for c in priced.values()) * 200,
     )
 
 
@@ -320,9 +321,9 @@ def _pass2(sk: Skeleton, units: dict[int | None, list[Site]], plan: Plan, batche
         if unit is not None:
             load_unit(sk, unit)
         moments: Any = {}
-        if batches is not None:
+        if batches is not None:  # every rank runs the block (the next needs its outputs); moments only where it is fitted
             step = _tail_step(sk, batches, acts, 0) if unit is None else _block_step(sk, unit, batches, acts, 0)
-            moments = _moments(sk, sites, batches, step)
+            moments = _moments(sk, sites if mine else [], batches, step)
         if mine:
             decisions = [d for d in plan.decisions if sk.unit_of(d.site) == unit]
             part = Plan(decisions=decisions, budget=plan.budget, objective=plan.objective)
@@ -335,5 +336,6 @@ def _pass2(sk: Skeleton, units: dict[int | None, list[Site]], plan: Plan, batche
             writer.write_unit(sk, unit)
         if unit is not None and pristine is not None:
             sk.blocks[unit] = pristine
+            release_memory()
         if progress:
             print(f"kronc stream: wrote {'rest' if unit is None else f'block {unit}'}", flush=True)
