@@ -162,6 +162,16 @@ def test_folder_without_config(hf_folder: Path, tmp_path: Path) -> None:
         kronc.compile(str(bad), budget=BUDGET, stream=True, out=tmp_path / "out")
 
 
+def test_model_class_that_cannot_be_built_fails_before_work(hf_folder: Path, tmp_path: Path) -> None:
+    """A config naming a model type transformers cannot build: one line, before any work, nothing written."""
+    bad = _copy(hf_folder, tmp_path)
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config, "model_type": "no_such_model_type"}))
+    with pytest.raises(CheckpointError, match=r"config.json cannot be read: .*no_such_model_type") as info:
+        kronc.compile(str(bad), budget=BUDGET, stream=True, out=tmp_path / "out")
+    assert "\n" not in str(info.value) and not (tmp_path / "out").exists()
+
+
 def test_max_memory_refuses_naming_the_largest_part(hf_folder: Path, tmp_path: Path) -> None:
     with pytest.raises(InputError, match=r"exceeds the maximum 100.00 kB; the largest part is [a-z ]+ \(.*\): "):
         kronc.compile(str(hf_folder), budget=BUDGET, calibration=_calibration(), stream=True, out=tmp_path / "out",
