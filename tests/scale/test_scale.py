@@ -3,6 +3,7 @@ and the same compile split over two gloo ranks."""
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import socket
@@ -305,14 +306,21 @@ def test_data_parallel_recovery_matches_one_process(tmp_path: Path) -> None:
     assert apart.norm() / update.norm() < 5e-2, float(apart.norm() / update.norm())
 
 
-def _blockwise_case(batch_size: int, checkpoint: str | None = None, **blockwise: object) -> dict[str, torch.Tensor]:
-    """The same compressed toy Llama reconstructed block by block (2 batches, 2 epochs, the tail and 2 end-to-end
-    steps); returns the student's weights, each block's loss before training and whether it kept its weights."""
+@functools.cache
+def _blockwise_models() -> tuple[torch.nn.Module, torch.nn.Module]:
     from kronc.tools.toy import tiny_llama
 
     torch.manual_seed(0)
     teacher = tiny_llama(layers=2, width=32)
-    student = kronc.compile(teacher, budget="3x")
+    return teacher, kronc.compile(teacher, budget="3x")
+
+
+def _blockwise_case(batch_size: int, checkpoint: str | None = None, **blockwise: object) -> dict[str, torch.Tensor]:
+    """The same compressed toy Llama reconstructed block by block (2 batches, 2 epochs, the tail and 2 end-to-end
+    steps); returns the student's weights, each block's loss before training and whether it kept its weights."""
+    import copy
+
+    teacher, student = copy.deepcopy(_blockwise_models())  # compiled once per process: the test's time is spawns
     ids = torch.randint(0, 128, (4000,), generator=torch.Generator().manual_seed(2))
     result = kronc.recover(student, teacher, ids, method="blockwise", seq_len=16, batch_size=batch_size, hidden=0.0,
                            checkpoint_path=checkpoint, progress=False,
@@ -326,6 +334,7 @@ def _blockwise_case(batch_size: int, checkpoint: str | None = None, **blockwise:
 def _blockwise_main(rank: int, world: int, port: int, results: str) -> None:
     import torch.distributed as dist
 
+    torch.set_num_threads(1)  # two ranks on shared cores: more threads made this test 10x slower
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         outcomes = []
