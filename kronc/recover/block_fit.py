@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import parallel
 from .config import RecoveryConfig
 from .optim import make_optimizer, make_scheduler
 
@@ -71,13 +72,17 @@ def fit(student: nn.Module, name: str, index: int, chosen: dict[str, nn.Paramete
          tokens_of: list[int], cfg: RecoveryConfig, progress: bool, until: float | None = None) -> BlockRecord:
     """``epochs`` passes of AdamW over the cached batches (order seeded by ``seed`` and ``index``), no step
     starting after ``until`` (a `time.perf_counter` value; None: all of them); the parameters go back to
-    where they started when the mean loss ends higher (or non-finite)."""
+    where they started when the mean loss ends higher (or non-finite).
+
+    Under torch.distributed each rank's cache holds its slice of every batch: the losses are averaged over
+    the ranks (every rank keeps or reverts alike), the gradients too (every rank takes the same step), and
+    a time limit stops every rank at the same step."""
     bw = cfg.blockwise
     n = len(tokens_of)
 
     def mean_loss() -> float:
         with torch.no_grad():
-            return float(torch.stack([loss_of(j).reshape(()) for j in range(n)]).mean())
+            return parallel.mean_over_ranks(float(torch.stack([loss_of(j).reshape(()) for j in range(n)]).mean()))
 
     loss_before = mean_loss()
     chosen = {k: p for k, p in chosen.items() if p.numel()}
@@ -97,23 +102,26 @@ def fit(student: nn.Module, name: str, index: int, chosen: dict[str, nn.Paramete
     try:
         for _ in range(bw.epochs):
             for j in torch.randperm(n, generator=g).tolist():
-                if until is not None and time.perf_counter() >= until:
+                if until is not None and parallel.any_rank(time.perf_counter() >= until):
                     timed_out = True
                     break
                 optimizer.zero_grad(set_to_none=True)
                 loss = loss_of(j)
-                if not torch.isfinite(loss):
+                logged = parallel.average_values(loss, {})[0]
+                if not math.isfinite(logged):
                     finite = False
                     break
                 loss.backward()
-                used = used or sum(p.numel() for p in chosen.values() if p.grad is not None)
+                grads = [p for p in chosen.values() if p.grad is not None]  # the same on every rank (same code path)
+                used = used or sum(p.numel() for p in grads)
+                parallel.average_gradients(grads)
                 torch.nn.utils.clip_grad_norm_(list(chosen.values()), cfg.grad_clip or math.inf)
                 optimizer.step()
                 scheduler.step()
                 tokens += tokens_of[j]
                 done += 1
                 if bar is not None:
-                    bar.set_postfix({"loss": f"{float(loss.detach()):.4g}"}, refresh=False)
+                    bar.set_postfix({"loss": f"{logged:.4g}"}, refresh=False)
                     bar.update(1)
             if not finite or timed_out:
                 break

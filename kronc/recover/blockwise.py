@@ -32,6 +32,13 @@ checkpoint is written after every block; ``resume=True`` recaptures the inputs, 
 blocks' outputs and continues at the block the run was in, with the same weights as a run never
 interrupted (every block seeds its own batch order from ``seed`` and its index).
 
+Under an initialised torch.distributed process group the reconstruction is data-parallel
+(`kronc.recover.parallel`): each rank caches an equal slice of every calibration batch's rows (rows that
+do not split evenly are refused in one line before any work), propagates its own slice from block to
+block, and every block step averages the gradients and losses over the ranks, so all ranks take the
+same steps and make the same keep-or-revert decision; rank 0 alone writes the checkpoints (the others
+wait at a barrier), and a rank that raises stops the others with its error at their next exchange.
+
 This module is the driver; the cache and its capture are `kronc.recover.block_cache`, one block's
 training loop `kronc.recover.block_fit`, the checkpoints `kronc.recover.block_checkpoint`.
 """
@@ -48,6 +55,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import parallel
 from .batches import Batch, TokenWindows, make_batches
 from .block_cache import BlockCache, capture_inputs, stream_of, teacher_final_stream, with_stream
 from .block_checkpoint import load_blocks, save_blocks
@@ -102,7 +110,8 @@ def reconstruct_blocks(
     """
     cfg = make_config(config, overrides)
     check_models(student, teacher)
-    with scales_trained(student):  # quantization scales train as fp32 parameters, stored back as fp16
+    progress = progress and parallel.is_writer()  # one progress display per job
+    with scales_trained(student), parallel.shared_failures():  # scales train as fp32, stored back as fp16
         return _reconstruct(student, teacher, data, cfg, tokenizer, resume, progress)
 
 
@@ -121,7 +130,7 @@ def _reconstruct(student: nn.Module, teacher: nn.Module, data: Any, cfg: Recover
         student.eval()
         chain = find_blocks(student, teacher, probe_args, probe_kwargs)
     state = load_blocks(resume, cfg, len(chain.blocks)) if resume not in (False, None) else None
-    cache = BlockCache(None if cfg.blockwise.cache == "memory" else (cfg.blockwise.cache_dir or ""))
+    cache = BlockCache(_cache_dir(cfg))
     t0 = time.perf_counter()
     deadline = None if cfg.blockwise.max_seconds is None else t0 + cfg.blockwise.max_seconds
     try:
@@ -134,13 +143,14 @@ def _reconstruct(student: nn.Module, teacher: nn.Module, data: Any, cfg: Recover
             start, count = len(records), len(chain.blocks)
             if start < count or (start == count and cfg.blockwise.tail):
                 capture_inputs(student, teacher, chain, batches, extra, cache, cfg, progress)
+                parallel.write_then_wait(lambda: None)  # a rank whose capture failed stops the others here
                 _run_blocks(student, chain, cache, cfg, params, records, start, progress, deadline)
                 if cfg.blockwise.tail:
                     records.append(_train_tail(student, teacher, chain, cache, batches, extra, cfg, params, progress,
                                                deadline))
                     report(records[-1])
                     if cfg.checkpoint_path is not None:
-                        save_blocks(cfg, student, records)
+                        parallel.write_then_wait(lambda: save_blocks(cfg, student, records))
     finally:
         cache.close()
     block_seconds = time.perf_counter() - t0
@@ -156,6 +166,16 @@ def _rows(x: Any) -> Any:
     return x[:1] if isinstance(x, Tensor) and x.dim() >= 1 and x.shape[0] > 1 else x
 
 
+def _cache_dir(cfg: RecoveryConfig) -> str | None:
+    """None (in memory), "" (a temporary folder) or the folder; under torch.distributed one folder per rank."""
+    bw = cfg.blockwise
+    if bw.cache == "memory":
+        return None
+    if bw.cache_dir and parallel.active():
+        return str(Path(bw.cache_dir) / f"rank{parallel.dist.rank()}")
+    return bw.cache_dir or ""
+
+
 def _calibration(student: nn.Module, data: Any, cfg: RecoveryConfig, tokenizer: Any) -> list[Batch]:
     source = make_batches(data, cfg, tokenizer)
     if isinstance(source, TokenWindows):
@@ -169,7 +189,8 @@ def _calibration(student: nn.Module, data: Any, cfg: RecoveryConfig, tokenizer: 
         batches.append(b)
     if not batches:
         raise RecoveryError("the calibration data gave no batch: block-wise reconstruction needs at least one")
-    return batches
+    # under torch.distributed: this rank's slice of every batch, all checked before any work
+    return [parallel.shard(b, f"calibration batch {j}") for j, b in enumerate(batches)]
 
 
 def _run_blocks(student: nn.Module, chain: BlockChain, cache: BlockCache, cfg: RecoveryConfig,
@@ -192,7 +213,7 @@ def _run_blocks(student: nn.Module, chain: BlockChain, cache: BlockCache, cfg: R
                     outer.update(1)
             _propagate(block, cache)
             if i >= start and cfg.checkpoint_path is not None:
-                save_blocks(cfg, student, records)
+                parallel.write_then_wait(lambda: save_blocks(cfg, student, records))
     finally:
         if outer is not None:
             outer.close()

@@ -11,10 +11,17 @@ The hidden-state loss is a ratio per batch, so with it the ranks average per-sli
 different estimate of the same quantity).
 
 A batch whose rows do not split evenly over the ranks is refused in one line before training.
+
+Block-wise reconstruction (`kronc.recover.blockwise`) uses the same helpers: each rank caches its slice of
+the calibration batches, every block step averages the block's gradients (`average_gradients`) and its
+losses (`mean_over_ranks`), so the keep-or-revert decision and a time limit (`any_rank`) agree on every
+rank; `shared_failures` sends a rank's error to the others and `write_then_wait` lets rank 0 alone write.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -36,12 +43,12 @@ def check_rows(rows: int, what: str = "the batch") -> None:
                             f"that is a multiple of {dist.world()} (data-parallel recovery gives each rank an equal slice)")
 
 
-def shard(batch: Batch) -> Batch:
+def shard(batch: Batch, what: str = "the batch") -> Batch:
     """This rank's rows of ``batch`` (every tensor sliced on its first dimension)."""
     if not active():
         return batch
     rows = _rows(batch)
-    check_rows(rows)
+    check_rows(rows, what)
     n, r = rows // dist.world(), dist.rank()
 
     def cut(x: Any) -> Any:
@@ -90,3 +97,46 @@ def average_values(total: Tensor, values: dict[str, float]) -> tuple[float, dict
 def is_writer() -> bool:
     """Whether this rank writes checkpoints (rank 0, or the only process)."""
     return dist.rank() == 0
+
+
+def mean_over_ranks(value: float) -> float:
+    """``value`` averaged over the ranks (itself in one process): a loss every rank then decides on alike."""
+    if not active():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=_device())
+    torch.distributed.all_reduce(t)
+    return float(t[0] / dist.world())
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is true on some rank (a per-rank clock must not split the ranks' loops)."""
+    if not active():
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int64, device=_device())
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t[0])
+
+
+def _device() -> torch.device:
+    """Where a collective's tensor must live: this rank's GPU under NCCL, else the CPU."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def write_then_wait(write: Callable[[], Any]) -> None:
+    """Rank 0 runs ``write``; every rank then meets at a barrier (which also carries a rank's failure)."""
+    if is_writer():
+        write()
+    dist.barrier()
+
+
+@contextmanager
+def shared_failures() -> Iterator[None]:
+    """An exception raised inside is sent to the other ranks (`kronc.scale.distributed.fail`) before it
+    propagates, so they stop with its message at their next exchange instead of waiting for this rank."""
+    try:
+        yield
+    except Exception as e:
+        dist.fail(e)
+        raise
