@@ -62,6 +62,7 @@ def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
     assert not different, f"tensors differ: {different[:5]}"
 
 
+@pytest.mark.slow
 def test_streamed_compile_matches_in_memory(streamed: tuple[Path, object], in_memory: torch.nn.Module) -> None:
     path, report = streamed
     loaded = kronc.load(path)
@@ -76,6 +77,7 @@ def test_streamed_compile_matches_in_memory(streamed: tuple[Path, object], in_me
     assert report.output == "save folder"  # type: ignore[attr-defined]
 
 
+@pytest.mark.slow
 def test_streamed_sensitivity_equals_in_memory(hf_folder: Path, tmp_path: Path) -> None:
     """The backward sweep gives collect_sensitivity's numbers (the planner's importance) exactly."""
     from kronc.api import make_policy, sensitivity
@@ -92,6 +94,7 @@ def test_streamed_sensitivity_equals_in_memory(hf_folder: Path, tmp_path: Path) 
     assert "estimated peak memory" in result.estimate.describe()
 
 
+@pytest.mark.slow
 def test_streamed_without_calibration_and_offloaded(hf_folder: Path, tmp_path: Path) -> None:
     model = transformers.LlamaForCausalLM.from_pretrained(hf_folder, dtype=torch.float32).eval()
     small = kronc.compile(model, budget="6x")
@@ -102,12 +105,14 @@ def test_streamed_without_calibration_and_offloaded(hf_folder: Path, tmp_path: P
     assert list((tmp_path / "acts").iterdir()) == []  # offloaded activations are cleaned up
 
 
+@pytest.mark.slow
 def test_offloaded_activations_give_the_same_model(hf_folder: Path, streamed: tuple[Path, object], tmp_path: Path) -> None:
     path = kronc.compile(str(hf_folder), budget=BUDGET, calibration=_calibration(), stream=True, out=tmp_path / "o",
                          offload_activations=tmp_path / "acts")
     _same_weights(kronc.load(path), kronc.load(streamed[0]))
 
 
+@pytest.mark.slow
 def test_streamed_gpt2_matches_in_memory(tmp_path: Path) -> None:
     """GPT-2: transposed Conv1D weights, blocks that return tuples, an LM head tied to the embedding."""
     from kronc.tools.toy import tiny_gpt2
@@ -227,6 +232,7 @@ def _spawn(hf_folder: Path, out: Path, results: Path, sabotage: bool) -> list[st
     return [(results / f"rank{r}.txt").read_text() for r in range(2)]
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_give_the_one_process_model(hf_folder: Path, streamed: tuple[Path, object], tmp_path: Path) -> None:
     outcomes = _spawn(hf_folder, tmp_path / "two", tmp_path / "results", sabotage=False)
     assert all(o.startswith("ok") for o in outcomes), outcomes
@@ -235,6 +241,7 @@ def test_two_gloo_ranks_give_the_one_process_model(hf_folder: Path, streamed: tu
     _same_weights(two, one)
 
 
+@pytest.mark.slow
 def test_a_failing_rank_stops_the_job(hf_folder: Path, tmp_path: Path) -> None:
     outcomes = _spawn(hf_folder, tmp_path / "two", tmp_path / "results", sabotage=True)
     assert outcomes[1].startswith("CheckpointError") and "nowhere does not exist" in outcomes[1]
@@ -242,6 +249,7 @@ def test_a_failing_rank_stops_the_job(hf_folder: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "two").exists() and not list(tmp_path.glob(".two.kronc-tmp-*"))
 
 
+@pytest.mark.slow
 def test_cli_compress_stream(hf_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from kronc.tools.cli import EXIT_INPUT, EXIT_OK, main
 
@@ -298,6 +306,7 @@ def _untrained() -> dict[str, torch.Tensor]:
     return kronc.compile(tiny_llama(layers=2, width=32), budget="3x").state_dict()
 
 
+@pytest.mark.slow
 def test_data_parallel_recovery_matches_one_process(tmp_path: Path) -> None:
     """Two ranks, each on half of every batch with averaged gradients, take the one-process steps (up to the
     order of float sums, which AdamW's normalisation amplifies for near-zero gradients: compared on the
