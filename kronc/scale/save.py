@@ -10,7 +10,6 @@ renames the folder.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import shutil
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from torch import nn
 
 from ..plan import Plan
 from ..serialize import FORMAT_VERSION, MANIFEST
+from ..serialize.files import replace_dir
 from ..serialize.shards import shard_name, write_shard
 from ..state_dicts import dedupe, unshared
 from . import distributed as dist
@@ -102,7 +102,7 @@ class SaveWriter:
                 "policy": policy,
             }
             (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-            _replace_dir(self.tmp, self.out)
+            replace_dir(self.tmp, self.out)
         dist.barrier()
         return self.out
 
@@ -112,19 +112,6 @@ class SaveWriter:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def _replace_dir(new: Path, path: Path) -> None:
-    """Move the finished folder to ``path``; an earlier save there is removed only once the new one is in place."""
-    if not path.exists():
-        os.replace(new, path)
-        return
-    old = path.parent / f".{path.name}.kronc-old-{secrets.token_hex(6)}"
-    os.replace(path, old)
-    try:
-        os.replace(new, path)
-    except BaseException:
-        os.replace(old, path)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _version(package: str) -> str | None:

@@ -7,6 +7,9 @@ directory's layout and its error messages are written down once.
 from __future__ import annotations
 
 import hashlib
+import os
+import secrets
+import shutil
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
@@ -69,3 +72,18 @@ def version(package: str) -> str | None:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
         return None
+
+
+def replace_dir(new: Path, path: Path) -> None:
+    """Move the finished folder ``new`` to ``path``; an earlier ``path`` is removed only once ``new`` is there."""
+    if not path.exists():
+        os.replace(new, path)
+        return
+    old = path.parent / f".{path.name}.kronc-old-{secrets.token_hex(6)}"
+    os.replace(path, old)
+    try:
+        os.replace(new, path)
+    except BaseException:
+        os.replace(old, path)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

@@ -8,13 +8,12 @@
 * `write_shard` / `read_shards`: the weight files of a sharded kronc save. Each shard is listed in the
   manifest with its size and SHA-256 (`serialize.read_weights` reads them through `read_shards`).
 
-This module imports only `kronc.inputs` (for its error class), so `serialize` can use it without a
-cycle; the error class of `read_shards` is passed in by the caller.
+This module imports only `kronc.inputs` (for its error class) and `serialize.files`; the error class of
+`read_shards` is passed in by the caller.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from typing import Any
 from torch import Tensor
 
 from ..inputs import InputError
+from .files import sha256
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -175,12 +175,6 @@ def read_shards(folder: Path, shards: Sequence[Mapping[str, Any]], *, verify: bo
     return out
 
 
-def sha256(file: Path) -> str:
-    h = hashlib.sha256()
-    with file.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def tensor_bytes(tensors: Iterable[Tensor]) -> int:

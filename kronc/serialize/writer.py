@@ -7,7 +7,6 @@ folder with a manifest is a finished save.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import shutil
 from pathlib import Path
@@ -18,7 +17,7 @@ from torch import fx, nn
 from ..plan import Plan
 from ..state_dicts import dedupe, unshared
 from .examples import save_examples
-from .files import EXAMPLES, FORMAT_VERSION, MANIFEST, WEIGHTS, sha256, version
+from .files import EXAMPLES, FORMAT_VERSION, MANIFEST, WEIGHTS, replace_dir, sha256, version
 
 
 def save(
@@ -57,26 +56,13 @@ def save(
     tmp.mkdir()
     try:
         _write_save(model, plan, tmp, tokenizer=tokenizer, source=source, example_inputs=example_inputs)
-        _replace_dir(tmp, path)
+        replace_dir(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 
-def _replace_dir(new: Path, path: Path) -> None:
-    """Move the finished folder ``new`` to ``path``; an earlier ``path`` is removed only once ``new`` is there."""
-    if not path.exists():
-        os.replace(new, path)
-        return
-    old = path.parent / f".{path.name}.kronc-old-{secrets.token_hex(6)}"
-    os.replace(path, old)
-    try:
-        os.replace(new, path)
-    except BaseException:
-        os.replace(old, path)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_save(model: nn.Module, plan: Plan, path: Path, *, tokenizer: Any, source: str | None,
