@@ -5,12 +5,16 @@
     python benchmarks/recovery.py --budgets 10x --recovery distill,blockwise --minutes 20 --segments 4 --out blockwise
 
 For each budget of the decoder linears (q, k, v, o, gate, up, down of all 30 layers; embeddings and
-the tied LM head dense) and each method (``--methods``: ``kronc``, kronc's data-aware plan;
+the tied LM head dense) and each method (``--methods``: ``kronc``, what a user gets from
+``kronc.compile(model, budget, calibration=...)``: the default policy (every format and precision), the
+data-aware objective, input moments from every calibration window and Fisher sensitivity from the first
+2, as ``benchmarks/quality.py``'s ``kronc@<budget>`` rows;
 ``kngpt2``, every linear one Kronecker product ``A ⊗ B`` with an ``A`` of 2 or 4 values (2x or 4x
 smaller, as KnGPT2 compresses GPT-2; the solver picks per linear), initialised by the nearest-Kronecker (Van Loan-Pitsianis) fit; ``kronecker``,
 every linear the Kronecker sum with the least error at the same ratio (at 2x: 82-234 terms of
 balanced factors, 8.5-12x the dense FLOPs, too slow to train here); ``svd`` / ``asvd``, every linear low rank at the same
-ratio, plain or activation-aware; calibration: 4 windows of 512 King James tokens), then
+ratio, plain or activation-aware; calibration: the first ``--calib-windows`` windows of 512 King James
+tokens, training text the rest), then
 `kronc.recover` for ``--minutes`` of training on King James text (logit KL at T=2 plus
 intermediate-layer distillation of every decoder layer's hidden state, factors + norms + biases
 trained, AdamW at a constant ``--lr``, ``--batch`` windows of ``--seq-len`` tokens per step). The run is
@@ -26,7 +30,8 @@ splits it equally over the 30 layers and the tail), then, in the remaining segme
 distillation training quantization scales, norms and biases only (at ``--e2e-lr``). Perplexity is measured at the same
 minute marks; "tokens" of the block phase are the windows each block trained on (x epochs), the tokens
 that went through every block. Writes
-``benchmarks/results/<--out>.{md,json,png}``; ``--render`` rewrites the markdown and plot from the JSON.
+``benchmarks/results/<--out>.{md,json,png}``; ``--render`` rewrites the markdown and plot from the JSON;
+``--minutes 0`` compresses and measures the training-free perplexity only (nothing is written).
 """
 
 from __future__ import annotations
@@ -70,6 +75,7 @@ def main() -> None:
     ap.add_argument("--out", default="recovery", help="results file name under benchmarks/results/")
     ap.add_argument("--render", action="store_true", help="only rewrite the markdown and plot from the JSON")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--calib-windows", type=int, default=8, help="King James windows of 512 tokens for planning")
     ap.add_argument("--recovery", default="distill", help=f"comma-separated subset of {','.join(RECOVERY)}")
     ap.add_argument("--block-share", type=float, default=0.5, help="blockwise: share of --minutes for the block phase")
     ap.add_argument("--bw-samples", type=int, default=16, help="blockwise: calibration windows of --seq-len")
@@ -89,14 +95,18 @@ def main() -> None:
     unknown = sorted(set(recoveries) - set(RECOVERY))
     if unknown:
         ap.error(f"unknown --recovery {', '.join(unknown)}; choose from {', '.join(RECOVERY)}")
-    if "blockwise" in recoveries and (args.segments < 2 or not 0 < args.block_share < 1):
+    if args.minutes < 0 or args.calib_windows < 1:
+        ap.error("--minutes must be >= 0 and --calib-windows >= 1")
+    if "blockwise" in recoveries and args.minutes > 0 and (args.segments < 2 or not 0 < args.block_share < 1):
         ap.error("--recovery blockwise needs --segments >= 2 and 0 < --block-share < 1 (time is left for the e2e pass)")
     torch.set_num_threads(args.threads)
 
     model, tok = load_smollm2()
     text = abc_news_text()
     kjv = tok(kjv_text(max_chars=3_000_000), return_tensors="pt", add_special_tokens=False).input_ids[0]
-    calib, train = kjv[: 4 * 512], kjv[4 * 512:]
+    n_calib = args.calib_windows
+    calib = [kjv[i * 512:(i + 1) * 512][None] for i in range(n_calib)]
+    train = kjv[n_calib * 512:]
 
     def ppl(m: torch.nn.Module) -> float:
         return perplexity(m, tok, text, max_windows=args.windows, progress=False).ppl
@@ -106,7 +116,12 @@ def main() -> None:
           "tokens", flush=True)
     cap = kronc.capture(model, {"input_ids": torch.zeros(1, 8, dtype=torch.long)})
     record: dict[str, Any] = {"dense_ppl": dense, "windows": args.windows, "minutes": args.minutes,
-                              "seq_len": args.seq_len, "batch": args.batch, "lr": args.lr, "runs": []}
+                              "seq_len": args.seq_len, "batch": args.batch, "lr": args.lr, "runs": [],
+                              "planning": (f"`kronc.compile(model, budget, calibration=...)` with the default policy "
+                                           f"(every format and precision), data-aware objective; calibration: the "
+                                           f"first {n_calib} King James windows of 512 tokens (input moments from all, "
+                                           "Fisher sensitivity from the first 2); training text: the King James text "
+                                           "after them")}
     if "blockwise" in recoveries:
         first = min(max(round(args.block_share * args.segments), 1), args.segments - 1)
         record["blockwise"] = (
@@ -119,20 +134,28 @@ def main() -> None:
     runs = [(budget, method) for budget in args.budgets.split(",") for method in methods]
     for budget, method in runs:
         policy = Policy(budget=budget, objective="data")
-        if moments is None:
+        if moments is None and method != "kronc":
             res = resolve(policy, cap.sites, warn=False)
             sites = [s for s in cap.sites if res[s.name].in_scope]
-            moments = collect_input_moments(model, sites, [calib[i * 512:(i + 1) * 512][None] for i in range(4)])
+            moments = collect_input_moments(model, sites, calib)
         t = time.perf_counter()
-        plan, fit_moments = make_plan(cap, sites, policy, method, budget, moments)
-        student = kronc.apply(cap, plan, moments=fit_moments)
+        if method == "kronc":  # what a user gets: the default policy, data-aware, Fisher sensitivity
+            student, report = kronc.compile(model, budget, calibration=calib, report=True)
+            plan = report.plan
+        else:
+            assert moments is not None
+            plan, fit_moments = make_plan(cap, sites, policy, method, budget, moments)
+            student = kronc.apply(cap, plan, moments=fit_moments)
         compile_s = time.perf_counter() - t
         kinds: dict[str, int] = {}
         for d in plan.decisions:
-            kinds[d.spec.kind] = kinds.get(d.spec.kind, 0) + 1
+            label = d.values if d.spec.kind == "dense" else f"{d.spec.kind}:{d.values}"  # format and precision
+            kinds[label] = kinds.get(label, 0) + 1
         free = ppl(student)
         print(f"{budget} {method}: plan {kinds}, {plan.bytes_before / plan.bytes_after:.2f}x, compiled in {compile_s:.0f} s; "
               f"training-free ppl {free:.2f}", flush=True)
+        if args.minutes == 0:
+            continue
         for recovery in recoveries:
             trained = copy.deepcopy(student) if len(recoveries) > 1 else student
             curve = [{"seconds": 0.0, "tokens": 0, "ppl": free}]
@@ -143,7 +166,8 @@ def main() -> None:
             del trained
             record["command"] = ("python benchmarks/recovery.py " + " ".join(sys.argv[1:])).strip()
             write(record, args.out)  # after every run: a cut-short benchmark keeps what it measured
-    print(render(record))
+    if record["runs"]:
+        print(render(record))
 
 
 def train_curve(student: torch.nn.Module, model: torch.nn.Module, train: torch.Tensor, args: argparse.Namespace,
@@ -242,6 +266,7 @@ def render(record: dict[str, Any], png: str | None = None) -> str:
         f"constant, logit KL (T=2) + hidden-state distillation of every decoder layer, factors, norms and biases "
         f"trained, {record['minutes']:g} min per run on this 2-core machine (shared with other jobs while "
         "measured; evaluation time not counted). Each cell: perplexity (minutes trained, tokens seen).", "",
+        *([f"Plan (method `kronc plan`): {record['planning']}.", ""] if record.get("planning") else []),
         *([f"Block-wise runs: {record['blockwise']}", ""] if record.get("blockwise") else []),
         "| budget | method | recovery | ratio | formats | training-free | "
         + " | ".join(f"segment {i + 1}" for i in range(n)) + " | final / dense |",

@@ -211,7 +211,7 @@ def _run_blocks(student: nn.Module, chain: BlockChain, cache: BlockCache, cfg: R
                 if outer is not None:
                     outer.set_postfix({"block": block.name, "loss": f"{record.loss_after:.4g}"}, refresh=False)
                     outer.update(1)
-            _propagate(block, cache)
+            _propagate(block, cache, reuse_target=i >= start and cfg.blockwise.target != "student_inputs")
             if i >= start and cfg.checkpoint_path is not None:
                 parallel.write_then_wait(lambda: save_blocks(cfg, student, records))
     finally:
@@ -294,13 +294,19 @@ def _train_tail(student: nn.Module, teacher: nn.Module, chain: BlockChain, cache
                     deadline)
 
 
-def _propagate(block: Block, cache: BlockCache) -> None:
-    """The trained block's outputs become the next block's inputs (same masks and position embeddings)."""
+def _propagate(block: Block, cache: BlockCache, reuse_target: bool = False) -> None:
+    """The trained block's outputs become the next block's inputs (same masks and position embeddings).
+
+    ``reuse_target``: the block's target is already the dense block on the dense stream (computed by
+    `_train_block` for targets ``teacher_stream`` and ``both``), which is the next dense stream: it is
+    taken as is instead of running the teacher block again (a replayed block on resume has no target)."""
     with torch.no_grad():
         for j in range(len(cache)):
             inputs = cache.get_inputs(j)
             out = first_tensor(block.student(*inputs[0], **inputs[1])).detach()
-            if cache.teacher_streams:
+            if cache.teacher_streams and reuse_target:
+                cache.set_teacher_stream(j, cache.get_target(j))
+            elif cache.teacher_streams:
                 t_args, t_kwargs = with_stream(inputs, block.slot, cache.get_teacher_stream(j))
                 cache.set_teacher_stream(j, first_tensor(block.teacher(*t_args, **t_kwargs)).detach())
             cache.set_inputs(j, with_stream(inputs, block.slot, out))

@@ -184,6 +184,32 @@ def test_disk_cache_gives_the_same_weights_as_memory(tmp_path: Path) -> None:
     assert any((tmp_path / "cache").iterdir())
 
 
+def test_the_dense_target_becomes_the_next_teacher_stream_without_a_second_teacher_pass(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    teacher, student = compressed("llama")
+    other = copy.deepcopy(student)
+    no_tail = {**SMALL, "blockwise": {**SMALL["blockwise"], "tail": False}}
+    chain = find_blocks(student, teacher, (toy_inputs("llama"),), {})
+    calls = {b.name: 0 for b in chain.blocks}
+    hooks = [teacher.get_submodule(b.name).register_forward_hook(
+        lambda *_, name=b.name: calls.__setitem__(name, calls[name] + 1)) for b in chain.blocks]
+    try:
+        reconstruct_blocks(student, teacher, stream(), **no_tail)
+        reused = dict(calls)
+        calls.update({k: 0 for k in calls})
+        real = bw._propagate
+        monkeypatch.setattr(bw, "_propagate", lambda block, cache, reuse_target=False: real(block, cache, False))
+        reconstruct_blocks(other, teacher, stream(), **no_tail)
+    finally:
+        for h in hooks:
+            h.remove()
+    batches = 16 // 4
+    # capture runs the teacher once per batch, each block's targets twice ("both"); propagating adds none
+    assert all(reused[k] == calls[k] - batches for k in calls), (reused, calls)
+    assert all(reused[k] <= 3 * batches for k in reused), reused
+    assert same(state(other), state(student))  # the same teacher streams, so the same weights
+
+
 def test_a_block_whose_loss_rises_keeps_its_weights() -> None:
     teacher, student = compressed("llama")
     before = state(student)
