@@ -106,12 +106,17 @@ def fit(student: nn.Module, name: str, index: int, chosen: dict[str, nn.Paramete
                     timed_out = True
                     break
                 optimizer.zero_grad(set_to_none=True)
-                loss = loss_of(j)
+                error: Exception | None = None
+                try:  # this rank's part of the step; a failure reaches the other ranks before any all_reduce
+                    loss = loss_of(j)
+                    loss.backward()  # a non-finite loss is caught below, before any update
+                except Exception as e:
+                    error = e
+                parallel.agree(error)
                 logged = parallel.average_values(loss, {})[0]
                 if not math.isfinite(logged):
                     finite = False
                     break
-                loss.backward()
                 grads = [p for p in chosen.values() if p.grad is not None]  # the same on every rank (same code path)
                 used = used or sum(p.numel() for p in grads)
                 parallel.average_gradients(grads)

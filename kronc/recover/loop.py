@@ -196,16 +196,21 @@ class _Run:
     def forward_backward(self, step: int, batch: Batch, fallback: checkpoint.Snapshot) -> tuple[float, dict[str, float]]:
         """Hooks, losses, backward and clipping of one step; a non-finite loss or gradient stops the run."""
         self.optimizer.zero_grad(set_to_none=True)
-        for s in self.schemes:
-            s.before_step(step)
-        parts = self.distiller.losses(parallel.shard(batch))  # this rank's rows (all of them in one process)
-        parts.update(self.penalties(step))
-        total = weighted_total(parts, self.cfg)
+        error: Exception | None = None
+        try:  # this rank's part of the step; a failure is shared with the other ranks before any all_reduce
+            for s in self.schemes:
+                s.before_step(step)
+            parts = self.distiller.losses(parallel.shard(batch))  # this rank's rows (all of them in one process)
+            parts.update(self.penalties(step))
+            total = weighted_total(parts, self.cfg)
+            total.backward()  # a non-finite loss is caught below, before any update
+        except Exception as e:
+            error = e
+        parallel.agree(error)
         loss, values = parallel.average_values(total, {k: float(v.detach()) for k, v in parts.items()})
         bad = next((k for k, v in values.items() if not math.isfinite(v)), None)
         if bad is not None or not math.isfinite(loss):
             self.fail(step, bad or "total", values.get(bad or "", loss), fallback)
-        total.backward()
         parallel.average_gradients(self.params)
         for s in self.schemes:
             s.after_backward(step)

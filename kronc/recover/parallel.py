@@ -65,6 +65,24 @@ def _rows(batch: Batch) -> int:
     raise RecoveryError("data-parallel recovery needs batches with a tensor input to split by rows")
 
 
+def agree(error: BaseException | None) -> None:
+    """The step's outcome, exchanged once per training step before its first other collective: when a rank
+    raised, it raises its error and every other rank `RankFailed` with that error's message, instead of
+    waiting for it in the step's next ``all_reduce``. In one process: ``error`` is raised as it is."""
+    if error is not None and not active():
+        raise error
+    if not active():
+        return
+    t = torch.tensor([int(error is not None)], dtype=torch.int64, device=_device())
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    if not int(t[0]):
+        return
+    if error is not None:
+        dist.fail(error)  # the others gather the message in `barrier`
+        raise error
+    dist.barrier()  # raises RankFailed with the failing rank's message
+
+
 def average_gradients(params: list[nn.Parameter]) -> None:
     """Sum the ranks' gradients and divide by the number of ranks (equal slices: the whole batch's mean)."""
     if not active():

@@ -58,10 +58,11 @@ def _exchange(status: str, payload: Any) -> list[Any]:
 
 def fail(error: BaseException) -> None:
     """Tell the other ranks this one failed (once; errors that came from another rank are not sent back)."""
-    if not active() or isinstance(error, RankFailed):
+    if not active() or isinstance(error, RankFailed) or getattr(error, "_kronc_sent", False):
         return
     first = str(error).strip().splitlines()
     with contextlib.suppress(Exception):  # the group may be gone already; the local error is what matters
+        error._kronc_sent = True  # type: ignore[attr-defined]  # an outer handler must not send it again
         _exchange("fail", f"{type(error).__name__}: {first[0] if first else ''}")
 
 

@@ -3,6 +3,7 @@ and the same compile split over two gloo ranks."""
 
 from __future__ import annotations
 
+import datetime
 import functools
 import json
 import shutil
@@ -297,6 +298,42 @@ def _recover_main(rank: int, world: int, port: int, results: str) -> None:
         torch.save(_recovery_case(4), Path(results, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def _failing_step_main(rank: int, world: int, port: int, results: str) -> None:
+    """Rank 1 raises in the second recovery step's forward; every rank writes what it raised."""
+    import torch.distributed as dist
+
+    from kronc.recover.losses import Distiller
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    calls = [0]
+    losses = Distiller.losses
+
+    def broken(self: Distiller, batch: object) -> dict[str, torch.Tensor]:
+        calls[0] += 1
+        if rank == 1 and calls[0] == 2:
+            raise ValueError("sabotaged forward on rank 1")
+        return losses(self, batch)  # type: ignore[arg-type]
+
+    Distiller.losses = broken  # type: ignore[method-assign]
+    try:
+        _recovery_case(4)
+        Path(results, f"rank{rank}.txt").write_text("finished")
+    except Exception as e:
+        Path(results, f"rank{rank}.txt").write_text(f"{type(e).__name__}: {e}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_rank_failing_inside_a_recovery_step_stops_every_rank(tmp_path: Path) -> None:
+    """The failing rank raises its error; the other raises RankFailed with its message at the same step
+    (not a wait in the step's all_reduce until the backend's timeout)."""
+    torch.multiprocessing.spawn(_failing_step_main, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    assert (tmp_path / "rank1.txt").read_text() == "ValueError: sabotaged forward on rank 1"
+    assert (tmp_path / "rank0.txt").read_text() == "RankFailed: rank 1 of 2 failed: ValueError: sabotaged forward on rank 1"
 
 
 def _untrained() -> dict[str, torch.Tensor]:
