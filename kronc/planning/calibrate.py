@@ -188,12 +188,7 @@ def collect_input_moments(
         model.eval()
         with torch.no_grad():
             for batch in tqdm(batches, desc="kronc: calibrating", unit="batch", total=total, disable=not progress):
-                if isinstance(batch, Mapping):
-                    model(**batch)
-                elif isinstance(batch, (tuple, list)):
-                    model(*batch)
-                else:
-                    model(batch)
+                call_model(model, batch)
                 acc._last = None
                 acc.parity ^= 1
     finally:
@@ -203,7 +198,9 @@ def collect_input_moments(
     return acc.result()
 
 
-def _call(model: nn.Module, batch: Any) -> Any:
+def call_model(model: nn.Module, batch: Any) -> Any:
+    """``model`` on one calibration batch: ``model(**batch)`` for a mapping, ``model(*batch)`` for a tuple
+    or list, else ``model(batch)``."""
     if isinstance(batch, Mapping):
         return model(**batch)
     if isinstance(batch, (tuple, list)):
@@ -303,7 +300,7 @@ def collect_sensitivity(
         with torch.enable_grad():
             for batch in tqdm(batches, desc="kronc: sensitivity", unit="batch", disable=not progress):
                 outputs.clear()
-                loss = fisher_loss(_call(model, batch), batch, generator)
+                loss = fisher_loss(call_model(model, batch), batch, generator)
                 owners = [o for o in outputs for _ in outputs[o]]
                 tensors = [t for o in outputs for t in outputs[o]]
                 grads = torch.autograd.grad(loss, tensors, allow_unused=True) if tensors else ()

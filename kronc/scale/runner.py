@@ -14,12 +14,13 @@ the sites' owners exactly as it does on the whole model.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ..planning.calibrate import call_model
 from ..recover.blocks import first_tensor
 from .skeleton import Skeleton
 
@@ -43,14 +44,6 @@ class _StandIn(nn.Module):
         return self.value
 
 
-def call(model: nn.Module, batch: Any) -> Any:
-    """The model on one batch, called as kronc's calibration calls it."""
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
-
 
 def with_stream(output: Any, stream: Tensor) -> Any:
     """A block output with its stream tensor replaced (a tensor, or a tuple / list whose first item it is)."""
@@ -70,7 +63,7 @@ def run_block(skeleton: Skeleton, i: int, batch: Any, previous: Any) -> Any:
     try:
         for j in range(i):
             blocks[j] = stand_in
-        call(skeleton.model, batch)
+        call_model(skeleton.model, batch)
     except _Stop as stop:
         return stop.output
     finally:
@@ -88,7 +81,7 @@ def run_tail(skeleton: Skeleton, batch: Any, last: Any) -> Any:
     try:
         for j in range(len(real)):
             blocks[j] = stand_in
-        return call(skeleton.model, batch)
+        return call_model(skeleton.model, batch)
     finally:
         for j, m in enumerate(real):
             blocks[j] = m

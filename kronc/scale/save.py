@@ -10,7 +10,6 @@ renames the folder.
 from __future__ import annotations
 
 import json
-import secrets
 import shutil
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -21,7 +20,7 @@ from torch import nn
 
 from ..plan import Plan
 from ..serialize import FORMAT_VERSION, MANIFEST
-from ..serialize.files import replace_dir
+from ..serialize.files import check_target, replace_dir, temp_name
 from ..serialize.shards import shard_name, write_shard
 from ..state_dicts import dedupe, unshared
 from . import distributed as dist
@@ -44,18 +43,13 @@ class SaveWriter:
     @staticmethod
     def check(out: str | Path, *, overwrite: bool = False) -> None:
         """Refuse ``out`` as `kronc.save` does: a file, or a non-empty folder that is not a kronc save."""
-        out = Path(out)
-        if out.exists() and not out.is_dir():
-            raise FileExistsError(f"{out} exists and is not a directory")
-        if out.is_dir() and not overwrite and not (out / MANIFEST).is_file() and any(out.iterdir()):
-            raise FileExistsError(f"{out} is a non-empty folder that is not a kronc save: choose another path "
-                                  "or pass overwrite=True to replace everything in it")
+        check_target(Path(out), overwrite)
 
     @classmethod
     def prepare(cls, out: str | Path) -> SaveWriter:
         """Make the hidden folder beside ``out`` that the save is written into (rank 0 names and makes it)."""
         out = Path(out)
-        name = dist.broadcast(f".{out.name}.kronc-tmp-{secrets.token_hex(6)}" if dist.rank() == 0 else None)
+        name = dist.broadcast(temp_name(out) if dist.rank() == 0 else None)
         tmp = out.parent / str(name)
         if dist.rank() == 0:
             out.parent.mkdir(parents=True, exist_ok=True)

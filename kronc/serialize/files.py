@@ -87,3 +87,18 @@ def replace_dir(new: Path, path: Path) -> None:
         os.replace(old, path)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def check_target(path: Path, overwrite: bool) -> None:
+    """Refuse to save into ``path`` when it is a file, or a non-empty folder that is not a kronc save
+    (unless ``overwrite``): a save replaces the whole folder."""
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} exists and is not a directory")
+    if path.is_dir() and not overwrite and not (path / MANIFEST).is_file() and any(path.iterdir()):
+        raise FileExistsError(f"{path} is a non-empty folder that is not a kronc save: choose another path "
+                              "or pass overwrite=True to replace everything in it")
+
+
+def temp_name(path: Path) -> str:
+    """The hidden sibling folder a save of ``path`` is written into before it is renamed into place."""
+    return f".{path.name}.kronc-tmp-{secrets.token_hex(6)}"

@@ -7,7 +7,6 @@ folder with a manifest is a finished save.
 from __future__ import annotations
 
 import json
-import secrets
 import shutil
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,17 @@ from torch import fx, nn
 from ..plan import Plan
 from ..state_dicts import dedupe, unshared
 from .examples import save_examples
-from .files import EXAMPLES, FORMAT_VERSION, MANIFEST, WEIGHTS, replace_dir, sha256, version
+from .files import (
+    EXAMPLES,
+    FORMAT_VERSION,
+    MANIFEST,
+    WEIGHTS,
+    check_target,
+    replace_dir,
+    sha256,
+    temp_name,
+    version,
+)
 
 
 def save(
@@ -44,15 +53,11 @@ def save(
     if plan is None:
         raise ValueError("this model carries no kronc plan: save models returned by kronc.compile or kronc.apply")
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"{path} exists and is not a directory")
-    if path.is_dir() and not overwrite and not (path / MANIFEST).is_file() and any(path.iterdir()):
-        raise FileExistsError(f"{path} is a non-empty folder that is not a kronc save: choose another path "
-                              "or pass overwrite=True to replace everything in it")
+    check_target(path, overwrite)
     # Everything is written to a sibling folder and renamed into place, so an interruption (kill,
     # Ctrl-C, a full disk) leaves the earlier contents of `path` whole, and no stale file survives.
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.kronc-tmp-{secrets.token_hex(6)}"
+    tmp = path.parent / temp_name(path)
     tmp.mkdir()
     try:
         _write_save(model, plan, tmp, tokenizer=tokenizer, source=source, example_inputs=example_inputs)
