@@ -148,6 +148,12 @@ class RecoveryConfig(BaseModel):
     checkpoint_every: int = Field(default=50, ge=1)
     """Steps between checkpoints. Each is kept in memory (a loss turning NaN/inf puts the student back to
     the last one whose loss was finite) and, with ``checkpoint_path``, written to disk."""
+    shard: bool = False
+    """Under ``torch.distributed`` (``torchrun``), shard the student's parameters, gradients and AdamW state over
+    the ranks with FSDP2 (``fully_shard`` per block, then the whole model), so each rank holds about ``1/world``
+    of them; False: every rank holds the whole student (data-parallel). Needs a process group (one rank:
+    unsharded), takes no schemes, and applies to end-to-end distillation (block-wise: its end-to-end pass).
+    The student comes back an ordinary model, and checkpoints hold whole tensors either way."""
     checkpoint_path: str | None = None
     """File to write checkpoints to (student, optimizer, schedule, RNG, scheme states, step); also
     written when training ends, and what ``recover(..., resume=True)`` continues from."""

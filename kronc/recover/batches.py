@@ -17,6 +17,7 @@ batches.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -57,6 +58,9 @@ class BatchSource(Protocol):
 
     def next(self) -> Batch | None:
         """The next batch, or None when the data has run out."""
+
+    def peek(self) -> Batch | None:
+        """A batch like the next one (an example input), without using any up."""
 
     def state_dict(self) -> dict[str, int]: ...
 
@@ -114,6 +118,12 @@ class TokenWindows:
         inputs = windows[:, :-1].contiguous()
         return Batch((inputs,), {}, windows[:, 1:].contiguous(), None, inputs.numel())
 
+    def peek(self) -> Batch:
+        state = self.state_dict()
+        batch = self.next()
+        self.load_state_dict(state)
+        return batch
+
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "pos": self.pos}
 
@@ -129,13 +139,30 @@ class IterableBatches:
         self.reiterable = not isinstance(data, Iterator)  # a list or a DataLoader starts over; a generator does not
         self.epoch, self.consumed = 0, 0
         self._it: Iterator[Any] | None = None
+        self._once: Iterator[Any] | None = None if self.reiterable else iter(data)  # a one-shot iterator, peeks put back
 
     def _fresh(self) -> Iterator[Any]:
-        it = iter(self.data)
+        it = self._once if self._once is not None else iter(self.data)
         for _ in range(self.consumed):  # resuming: skip what the checkpointed run had used
             if next(it, _END) is _END:
                 raise RecoveryError(f"the data has fewer than the {self.consumed} batches a checkpoint says were used")
         return it
+
+    def peek(self) -> Batch | None:
+        """The next batch of a one-shot iterator (put back in front of it); a re-iterable's first batch of a fresh
+        pass (the next batch itself unless its order changes between passes)."""
+        if self._once is None:
+            state = self.state_dict()
+            batch = self.next()
+            self.load_state_dict(state)
+            return batch
+        if self._it is None:
+            self._it = self._fresh()
+        item = next(self._it, _END)
+        if item is _END:
+            return None
+        self._it = self._once = itertools.chain([item], self._it)
+        return to_batch(item, f"batch {self.consumed} of epoch {self.epoch}")
 
     def next(self) -> Batch | None:
         if self._it is None:

@@ -68,6 +68,7 @@ from .losses import kl_loss, model_output, relative_mse, takes_argument
 from .optim import trainable_parameters
 from .result import RecoveryResult
 from .scales import scales_trained
+from .sharding import check_shard
 from .tail import blocks_skipped
 
 __all__ = ["BlockRecord", "BlockwiseResult", "reconstruct_blocks"]
@@ -110,6 +111,8 @@ def reconstruct_blocks(
     """
     cfg = make_config(config, overrides)
     check_models(student, teacher)
+    if cfg.shard:
+        check_shard([])  # the end-to-end pass shards (the block phase is data-parallel): fail before the blocks
     progress = progress and parallel.is_writer()  # one progress display per job
     with scales_trained(student), parallel.shared_failures():  # scales train as fp32, stored back as fp16
         return _reconstruct(student, teacher, data, cfg, tokenizer, resume, progress)

@@ -33,7 +33,7 @@ from .config import RecoveryConfig, RecoveryError
 KIND = "kronc.recover checkpoint"
 VERSION = 2
 """2: the snapshot is stored as checksummed bytes (1 had no checksum and is refused)."""
-MAY_CHANGE_ON_RESUME = frozenset({"max_seconds", "log_every", "checkpoint_every", "checkpoint_path"})
+MAY_CHANGE_ON_RESUME = frozenset({"max_seconds", "log_every", "checkpoint_every", "checkpoint_path", "shard"})
 """Recipe fields a resumed run may change; every other field must equal the checkpoint's."""
 
 

@@ -87,16 +87,18 @@ def seeded(seed: int, device: torch.device) -> Iterator[None]:
 
 @contextmanager
 def models_restored(student: nn.Module, teacher: nn.Module) -> Iterator[None]:
-    """Put back every module's training flag and the student's ``requires_grad`` flags on exit."""
+    """Put back every module's training flag and the student's ``requires_grad`` flags on exit (by name: a
+    sharded run hands the student back with new parameter objects)."""
     modes = [(m, m.training) for model in (student, teacher) for m in model.modules()]
-    grads = [(p, p.requires_grad) for p in student.parameters()]
+    grads = {name: p.requires_grad for name, p in student.named_parameters()}
     try:
         yield
     finally:
         for m, training in modes:
             m.training = training
-        for p, flag in grads:
-            p.requires_grad_(flag)
+        for name, p in student.named_parameters():
+            if name in grads:
+                p.requires_grad_(grads[name])
 
 
 def device_of(model: nn.Module) -> torch.device:

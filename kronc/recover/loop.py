@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import checkpoint, parallel
+from . import checkpoint, parallel, sharding
 from .batches import Batch, BatchSource, TokenWindows, make_batches, to_batch
 from .config import RecoveryConfig, RecoveryError, make_config
 from .guards import check_models, check_schemes, check_windows, device_of, models_restored, seeded
@@ -49,6 +49,7 @@ def distill(
     reconstruction calls it for its short end-to-end pass."""
     scheme_list, names = check_schemes(schemes)
     check_models(student, teacher)
+    shard = cfg.shard and sharding.check_shard(scheme_list)  # FSDP2 over the ranks (False: whole student per rank)
     if cfg.kd == cfg.hidden == cfg.lm == 0:
         raise RecoveryError("every loss weight (kd, hidden, lm) is 0: nothing to train toward")
     batches = make_batches(data, cfg, tokenizer)
@@ -68,8 +69,10 @@ def distill(
             distiller.close()
             raise RecoveryError("only the hidden loss has weight, but the models give no hidden states: name hidden_modules")
         try:
-            with seeded(cfg.seed, device_of(student)), models_restored(student, teacher):
-                return _Run(student, teacher, cfg, batches, scheme_list, names, params, distiller, progress).run(snap)
+            with seeded(cfg.seed, device_of(student)), models_restored(student, teacher), \
+                    sharding.sharded_params(student, teacher, batches, params, shard) as trained:
+                return _Run(student, teacher, cfg, batches, scheme_list, names, trained, distiller, progress,
+                            shard).run(snap)
         finally:
             distiller.close()
 
@@ -112,8 +115,8 @@ class _Run:
 
     def __init__(self, student: nn.Module, teacher: nn.Module, cfg: RecoveryConfig, batches: BatchSource,
                  schemes: list[Any], names: list[str], params: dict[str, nn.Parameter], distiller: Distiller,
-                 progress: bool) -> None:
-        self.student, self.teacher, self.cfg, self.batches = student, teacher, cfg, batches
+                 progress: bool, sharded: bool = False) -> None:
+        self.student, self.teacher, self.cfg, self.batches, self.sharded = student, teacher, cfg, batches, sharded
         self.schemes, self.names, self.distiller, self.show = schemes, names, distiller, progress
         self.device = device_of(student)
         self.on_disk: int | None = None  # step of the checkpoint in checkpoint_path
@@ -133,13 +136,21 @@ class _Run:
                                         [r.__dict__ for r in history], seconds, tokens)
 
     def save(self, snap: checkpoint.Snapshot) -> str | None:
-        if self.cfg.checkpoint_path is None or not parallel.is_writer():
+        path = self.cfg.checkpoint_path
+        if path is None or not (self.sharded or parallel.is_writer()):
             return None
         self.on_disk = snap.step
-        return str(checkpoint.save(snap, self.cfg.checkpoint_path, self.cfg, self.names))
+        if not self.sharded:
+            return str(checkpoint.save(snap, path, self.cfg, self.names))
+        whole = sharding.whole_snapshot(snap)  # every rank gathers; rank 0 writes, and its failure reaches the others
+        with parallel.shared_failures():
+            parallel.write_then_wait(lambda: checkpoint.save(whole, path, self.cfg, self.names))
+        return path if parallel.is_writer() else None
 
     def run(self, resumed: checkpoint.Snapshot | None) -> RecoveryResult:
         cfg = self.cfg
+        if resumed is not None and self.sharded:
+            resumed = sharding.local_snapshot(resumed, self.student, self.optimizer)  # this rank's shards of the file's
         if resumed is not None:
             checkpoint.restore_all(resumed, self.student, self.optimizer, self.scheduler, self.schemes, self.batches)
         start = resumed.step if resumed else 0
@@ -211,10 +222,11 @@ class _Run:
         bad = next((k for k, v in values.items() if not math.isfinite(v)), None)
         if bad is not None or not math.isfinite(loss):
             self.fail(step, bad or "total", values.get(bad or "", loss), fallback)
-        parallel.average_gradients(self.params)
+        if not self.sharded:  # FSDP2 averaged the gradients in its reduce-scatter
+            parallel.average_gradients(self.params)
         for s in self.schemes:
             s.after_backward(step)
-        norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip or math.inf))
+        norm = float(sharding.full_tensor(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip or math.inf)))
         if not math.isfinite(norm):
             self.fail(step, "gradients", norm, fallback)
         return loss, values
