@@ -94,15 +94,33 @@ def _units(student: nn.Module, teacher: nn.Module, probe: Batch) -> list[nn.Modu
     return blocks if all(id(b) in own for b in blocks) else []
 
 
-def _placement_by_dtype(student: nn.Module, mesh: Any) -> tuple[Any, list[Any]]:
+_extra: tuple[Any, list[Any]] = (None, [])
+"""The default process group the extra meshes were made under, and the meshes (made once, then reused: torch
+caches sharding decisions by mesh, so a destroyed group would be looked up again)."""
+
+
+def _extra_mesh(i: int, device_type: str) -> Any:
+    """The ``i``-th extra mesh over every rank, on a process group of its own (made when first needed; every
+    rank asks for them in the same order, as creating a group is a collective)."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    global _extra
+    world = torch.distributed.group.WORLD
+    if _extra[0] is not world:
+        _extra = (world, [])
+    made = _extra[1]
+    while len(made) <= i:
+        made.append(DeviceMesh.from_group(torch.distributed.new_group(list(range(dist.world()))), device_type))
+    return made[i]
+
+
+def _placement_by_dtype(student: nn.Module, mesh: Any) -> Any:
     """FSDP2's ``shard_placement_fn`` that puts each dtype's parameters on a mesh of its own.
 
     One FSDP2 group gathers and reduces its trained parameters in one flat buffer, so they must share a dtype;
     a compressed block mixes them (bf16 factors, fp32 quantization scales and norms). FSDP2 groups a unit's
     parameters by process group, so one process group over the same ranks per dtype (the commonest keeps
-    ``mesh``) gives each unit one group per dtype. Every rank creates the groups in the same order; the caller
-    destroys the new ones (returned second) when done."""
-    from torch.distributed.device_mesh import DeviceMesh
+    ``mesh``) gives each unit one group per dtype."""
     from torch.distributed.fsdp._fully_shard._fsdp_common import FSDPMeshInfo, ShardPlacementResult
     from torch.distributed.tensor import Shard
 
@@ -110,16 +128,13 @@ def _placement_by_dtype(student: nn.Module, mesh: Any) -> tuple[Any, list[Any]]:
     for p in student.parameters():
         counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
     order = sorted(counts, key=lambda d: (-counts[d], str(d)))
-    meshes, groups = {order[0]: mesh}, []
-    for d in order[1:]:
-        groups.append(torch.distributed.new_group(list(range(dist.world()))))
-        meshes[d] = DeviceMesh.from_group(groups[-1], mesh.device_type)
+    meshes = {order[0]: mesh, **{d: _extra_mesh(i, mesh.device_type) for i, d in enumerate(order[1:])}}
     infos = {d: FSDPMeshInfo(m, shard_mesh_dim=0) for d, m in meshes.items()}
 
     def place(p: nn.Parameter) -> Any:
         return ShardPlacementResult(Shard(0), infos[p.dtype])
 
-    return place, groups
+    return place
 
 
 @contextmanager
@@ -135,7 +150,7 @@ def sharded(student: nn.Module, teacher: nn.Module, probe: Batch) -> Iterator[No
              for m in student.modules()}
     device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
     mesh = init_device_mesh(device, (dist.world(),))
-    place, groups = _placement_by_dtype(student, mesh)
+    place = _placement_by_dtype(student, mesh)
     try:
         for unit in units:
             fully_shard(unit, mesh=mesh, shard_placement_fn=place)
@@ -143,8 +158,6 @@ def sharded(student: nn.Module, teacher: nn.Module, probe: Batch) -> Iterator[No
         yield
     finally:
         _unshard(student, saved)
-        for group in groups:
-            torch.distributed.destroy_process_group(group)
 
 
 def full_tensor(t: Any) -> Any:
