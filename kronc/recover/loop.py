@@ -216,6 +216,8 @@ class _Run:
             total = weighted_total(parts, self.cfg)
             total.backward()  # a non-finite loss is caught below, before any update
         except Exception as e:
+            if self.sharded:  # the other ranks wait inside FSDP2's gathers, not at `agree`: stop this process now
+                raise
             error = e
         parallel.agree(error)
         loss, values = parallel.average_values(total, {k: float(v.detach()) for k, v in parts.items()})

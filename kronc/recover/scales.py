@@ -11,6 +11,7 @@ method's end-to-end pass) reuse the outer call's parameters; only the outer call
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -25,6 +26,10 @@ def scales_trained(model: nn.Module) -> Iterator[None]:
     added = [q for q in model.modules() if isinstance(q, QuantizedTensor) and q.train_scales()]
     try:
         yield
-    finally:
+    except BaseException:
         for q in added:
-            q.commit_scales()
+            with contextlib.suppress(Exception):  # a student a failed sharded run left sharded: report the failure
+                q.commit_scales()
+        raise
+    for q in added:
+        q.commit_scales()

@@ -151,13 +151,24 @@ def sharded(student: nn.Module, teacher: nn.Module, probe: Batch) -> Iterator[No
     device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
     mesh = init_device_mesh(device, (dist.world(),))
     place = _placement_by_dtype(student, mesh)
+    for unit in units:
+        fully_shard(unit, mesh=mesh, shard_placement_fn=place)
+    fully_shard(student, mesh=mesh, shard_placement_fn=place)
     try:
-        for unit in units:
-            fully_shard(unit, mesh=mesh, shard_placement_fn=place)
-        fully_shard(student, mesh=mesh, shard_placement_fn=place)
         yield
-    finally:
-        _unshard(student, saved)
+    except BaseException as e:
+        if _every_rank(e):
+            _unshard(student, saved)
+        raise
+    _unshard(student, saved)
+
+
+def _every_rank(error: BaseException) -> bool:
+    """Whether every rank raises at the same point (so all of them can gather the student whole): a loss or
+    gradient that turned NaN/inf (decided on values averaged over the ranks), or a failure the ranks exchanged
+    (`kronc.scale.distributed.fail`: the failing rank's own error and the others' `RankFailed`)."""
+    return (isinstance(error, dist.RankFailed) or bool(getattr(error, "_kronc_sent", False))
+            or (isinstance(error, RecoveryError) and error.step is not None))
 
 
 def full_tensor(t: Any) -> Any:
