@@ -263,3 +263,38 @@ def test_a_rank_failing_inside_a_sharded_step_stops_the_job(tmp_path: Path) -> N
     torch.multiprocessing.spawn(_failing_forward_main, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     assert (tmp_path / "rank1.txt").read_text() == "ValueError: sabotaged forward on rank 1"
     assert "Connection closed by peer" in (tmp_path / "rank0.txt").read_text()
+
+
+def test_cli_recover_shard_needs_torchrun(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from kronc.tools.cli import EXIT_INPUT, main
+
+    text = tmp_path / "text.txt"
+    text.write_text("In the beginning God created the heaven and the earth. " * 50)
+    assert main(["compress", "toy:llama", "--budget", "3x", "--out", str(tmp_path / "a"), "--recover-shard"]) == EXIT_INPUT
+    assert "need --recover-text" in capsys.readouterr().err
+    assert main(["compress", "toy:llama", "--budget", "3x", "--out", str(tmp_path / "b"), "--recover-text", str(text),
+                 "--recover-shard"]) == EXIT_INPUT
+    assert "shards the student over torchrun's ranks" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.slow
+def test_cli_recover_shard_under_torchrun(tmp_path: Path) -> None:
+    """``torchrun --nproc_per_node 2 -m kronc compress ... --recover-shard``: both ranks compress, recover sharded,
+    rank 0 alone prints and saves an ordinary kronc model."""
+    import os
+    import subprocess
+    import sys
+
+    text = tmp_path / "text.txt"
+    text.write_text("In the beginning God created the heaven and the earth. " * 400)
+    out = tmp_path / "small"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(kronc.__file__).parent.parent)}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(_free_port()), "-m", "kronc", "compress", "toy:llama", "--budget", "3x", "--recover-text",
+                          str(text), "--recover-steps", "2", "--recover-shard", "--out", str(out), "-q"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.count("recovered on text.txt: 2 steps (steps)") == 1, run.stdout[-2000:]
+    small = kronc.load(out)
+    assert small(torch.randint(0, 64, (1, 8))).logits.isfinite().all()

@@ -95,6 +95,9 @@ def recover_args(p: argparse.ArgumentParser) -> None:
                    help="recovery time budget in seconds (overrides the recipe's)")
     p.add_argument("--recover-method", choices=("distill", "blockwise"),
                    help="end-to-end distillation or block-wise reconstruction (overrides the recipe's method)")
+    p.add_argument("--recover-shard", action="store_true",
+                   help="under torchrun: shard the student's parameters, gradients and optimizer state over the ranks "
+                        "with FSDP2 during recovery (the recipe's shard: true); each rank compresses, rank 0 saves")
 
 
 def positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:

@@ -57,19 +57,36 @@ def run(args: argparse.Namespace) -> int:
         return _run_streamed(args, out, policy, budget)
     if args.max_memory or args.offload_activations:
         raise UsageError("--max-memory and --offload-activations apply to --stream only")
-    if (args.recover_steps or args.recover_seconds or args.recover_method) and not args.recover_text:
-        raise UsageError("--recover-steps, --recover-seconds and --recover-method need --recover-text FILE (the text to "
-                         "distil on)")
+    if (args.recover_steps or args.recover_seconds or args.recover_method or args.recover_shard) and not args.recover_text:
+        raise UsageError("--recover-steps, --recover-seconds, --recover-method and --recover-shard need --recover-text "
+                         "FILE (the text to distil on)")
+    joined = scale_dist.init_from_env() if args.recover_text else False  # under torchrun: the ranks recover together
+    try:
+        return _compress(args, out, policy, budget)
+    finally:
+        if joined:
+            torch.distributed.destroy_process_group()
+
+
+def _compress(args: argparse.Namespace, out: Path, policy: Any, budget: str | None) -> int:
+    """In memory: every rank compresses the same model (deterministic); they recover together; rank 0 saves."""
+    recipe = _recovery_recipe(args, policy)
+    if recipe is not None and recipe.shard and not scale_dist.active():
+        raise UsageError("--recover-shard (or the recipe's shard: true) shards the student over torchrun's ranks",
+                         "launch with torchrun --nproc_per_node N -m kronc compress ...")
     resolved = resolve_spec(args.model, for_compression=True)
     calibration = calibration_batches(args, resolved)
     if calibration is not None:
         policy = data_aware(policy, budget)
-    recovery = _recovery_data(args, resolved, _recovery_recipe(args, policy))  # read and checked before compressing
+    recovery = _recovery_data(args, resolved, recipe)  # read and checked before compressing
     t = time.perf_counter()
     small, report = kronc.compile(resolved.model, budget, policy=policy, example_inputs=resolved.example_inputs,
-                                  calibration=calibration, output=args.output, progress=not args.quiet, report=True)
+                                  calibration=calibration, output=args.output, report=True,
+                                  progress=not args.quiet and scale_dist.rank() == 0)
     seconds = time.perf_counter() - t
     recovered = _recover(args, resolved, small, *recovery) if recovery is not None else None
+    if scale_dist.rank() != 0:
+        return EXIT_OK
     source = resolved.spec if resolved.kind in ("toy", "factory", "builtin") else None
     kronc.save(small, out, tokenizer=resolved.tokenizer, source=source, example_inputs=resolved.example_inputs)
     plan = report.plan
@@ -154,7 +171,7 @@ def _recovery_recipe(args: argparse.Namespace, policy: Any) -> Any:
         return None
     recipe = (policy.recovery if policy is not None else None) or RecoveryConfig()
     update = {k: v for k, v in (("steps", args.recover_steps), ("max_seconds", args.recover_seconds),
-                                ("method", args.recover_method)) if v is not None}
+                                ("method", args.recover_method), ("shard", args.recover_shard or None)) if v is not None}
     return RecoveryConfig.model_validate({**recipe.model_dump(), **update})
 
 
@@ -187,7 +204,7 @@ def _recovery_text(name: str, recipe: Any) -> str:
 
 def _recover(args: argparse.Namespace, resolved: Any, small: Any, ids: Any, recipe: Any) -> str:
     """Run `kronc.recover` on the compressed model (trained in place); returns the line to print."""
-    result = recover(small, resolved.model, ids, recipe, progress=not args.quiet)
+    result = recover(small, resolved.model, ids, recipe, progress=not args.quiet and scale_dist.rank() == 0)
     source = "kjv" if args.recover_text == "kjv" else Path(args.recover_text).name
     if not result.history:  # block-wise without an end-to-end pass
         return f"recovered on {source}: {result}"
