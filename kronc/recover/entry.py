@@ -43,6 +43,10 @@ def recover(
     ``method="blockwise"`` (in ``config``) reconstructs one block at a time instead and returns a
     `kronc.recover.blockwise.BlockwiseResult` (see that module).
 
+    Under ``torch.distributed`` (``torchrun``) the ranks split every batch's rows; ``shard=True`` also shards
+    the student's parameters, gradients and optimizer state over them with FSDP2
+    (`kronc.recover.sharding`), and hands the student back whole on every rank.
+
     Raises `RecoveryError` before training for unusable data, mismatched models or nothing to train,
     and during training when a loss part turns NaN/inf: the student is then put back to the last
     checkpoint whose loss was finite, and the error names the step and the part.

@@ -221,19 +221,29 @@ def local_bytes(module: nn.Module) -> int:
 def sharded_params(student: nn.Module, teacher: nn.Module, batches: BatchSource, params: dict[str, nn.Parameter],
                    shard: bool) -> Iterator[dict[str, nn.Parameter]]:
     """The trained parameters by name: ``params`` as they are, or (``shard``) the student's sharded ones while
-    `sharded` holds it, with ``requires_grad`` set to the selection first (FSDP2 copies the flags)."""
+    `sharded` holds it, with ``requires_grad`` set to the selection first (FSDP2 copies the flags). Sharding
+    empties ``params``: holding the whole parameters would keep their memory after FSDP2 replaced them."""
     if not shard:
         yield params
         return
-    chosen = {id(p) for p in params.values()}
-    for p in student.parameters():
-        p.requires_grad_(id(p) in chosen)
+    names = _select(student, params)
     probe = batches.peek()
     if probe is None:
         raise RecoveryError("the data yielded no batches")
     with sharded(student, teacher, probe.to(device_of(student))):
         named = dict(student.named_parameters())
-        yield {name: named[name] for name in params}
+        yield {name: named[name] for name in names}
+
+
+def _select(student: nn.Module, params: dict[str, nn.Parameter]) -> list[str]:
+    """Set ``requires_grad`` to the selection, empty ``params`` and return the selected names (in a function of
+    its own: a loop variable left in the caller's frame would hold a whole parameter)."""
+    chosen = {id(p) for p in params.values()}
+    for p in student.parameters():
+        p.requires_grad_(id(p) in chosen)
+    names = list(params)
+    params.clear()
+    return names
 
 
 def whole_snapshot(snap: Snapshot) -> Snapshot:
