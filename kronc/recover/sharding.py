@@ -193,9 +193,9 @@ def _unshard(student: nn.Module, saved: dict[nn.Module, _Saved]) -> None:
     except ImportError:  # a torch without the registry: nothing to forget
         _module_state_mapping = {}  # type: ignore[assignment]
     for m, before in saved.items():
-        for name, p in list(m._parameters.items()):
-            if p is not None and id(p) in whole:
-                m._parameters[name] = whole[id(p)]
+        for name, shard in list(m._parameters.items()):
+            if shard is not None and id(shard) in whole:
+                m._parameters[name] = whole[id(shard)]
         for h, ids in before.hooks.items():
             hooks = getattr(m, h)
             for k in [k for k in hooks if k not in ids]:
