@@ -83,6 +83,14 @@ def _state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return sum(t.numel() * t.element_size() for t in local if t.dim())
 
 
+def _blockwise(shard: bool) -> dict[str, torch.Tensor]:
+    """Block-wise reconstruction (data-parallel blocks) whose end-to-end pass is sharded or not."""
+    teacher, student = copy.deepcopy(_models())
+    kronc.recover(student, teacher, _batches(), method="blockwise", hidden=0.0, progress=False, shard=shard,
+                  blockwise={"samples": 4, "epochs": 1, "lr": 1e-3, "e2e_steps": 2})
+    return _weights(student)
+
+
 def _outcome(fn: Any) -> str:
     try:
         fn()
@@ -135,7 +143,8 @@ def _shard_main(rank: int, world: int, port: int, results: str) -> None:
             "part": _case(True, iter(_batches()[:2]), checkpoint_path=str(part)),
             "resumed": _case(True, iter(_batches()), checkpoint_path=str(part), resume=True),
             "nan": _nan_at_third_step(),
-            "again": _case(True),  # the student handed back can be sharded again (and the groups were freed)
+            "again": _case(True),  # the student handed back can be sharded again
+            "blockwise": [_blockwise(True), _blockwise(False)],
         }
         torch.save(out, Path(results, f"rank{rank}.pt"))
     finally:
@@ -155,7 +164,8 @@ def _apart(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], start: dict[s
 def test_sharded_recovery_matches_data_parallel_and_one_process(tmp_path: Path) -> None:
     """FSDP2 over two ranks: each rank holds half of every parameter and of AdamW's state; the trained student
     equals the data-parallel run's and one process's up to float summation order; it comes back an ordinary
-    model; the checkpoint holds whole tensors and resumes to the same weights; a NaN puts it back whole."""
+    model; the checkpoint holds whole tensors and resumes to the same weights; a NaN puts it back whole; block-wise
+    reconstruction's end-to-end pass shards."""
     torch.multiprocessing.spawn(_shard_main, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     r0 = ranks[0]
@@ -189,7 +199,6 @@ def test_sharded_recovery_matches_data_parallel_and_one_process(tmp_path: Path) 
                                                                                                     replicated_state)
 
     from kronc.recover.checkpoint import _read
-
     from kronc.recover.scales import scales_trained
 
     saved = _read(tmp_path / "sharded.ckpt")["student"]
@@ -207,6 +216,9 @@ def test_sharded_recovery_matches_data_parallel_and_one_process(tmp_path: Path) 
     assert (nan["step"], nan["restored"]) == (2, 0)
     assert all(torch.equal(nan["weights"][k], start[k]) for k in start)  # the starting state, gathered whole
     assert all(torch.equal(r0["again"]["weights"][k], sharded["weights"][k]) for k in start)
+    blockwise_sharded, blockwise = r0["blockwise"]
+    assert all(torch.equal(blockwise_sharded[k], blockwise[k]) for k in start)  # its end-to-end pass, sharded
+    assert any(not torch.equal(blockwise[k], start[k]) for k in start)
 
 
 def test_shard_without_a_process_group_is_refused() -> None:
