@@ -17,8 +17,14 @@ On exit the student is made ordinary again on every rank (`_unshard`): every par
 (``DTensor.full_tensor``) into a plain ``nn.Parameter``, and what ``fully_shard`` added to each module
 (its class, its hooks, its attributes, torch's registry entry) is removed, so the student saves, loads,
 copies and can be sharded again like the model that came in. Gathering is a collective: every rank must
-reach the exit together, which the loop guarantees by exchanging failures (`parallel.agree`,
-`parallel.shared_failures`) before it raises.
+reach the exit together. They do after a normal end, a NaN (decided on averaged losses) and a failure the
+ranks exchanged (`parallel.shared_failures` around rank 0's checkpoint write); a rank that raises inside a
+step's forward or backward cannot reach the others (they wait inside FSDP2's gathers), so it raises at once
+and leaves its student sharded, and the others stop when its connection closes.
+
+Two names come from torch's private modules, both part of the documented ``fully_shard`` behaviour:
+``ShardPlacementResult``/``FSDPMeshInfo`` (the per-parameter mesh of ``shard_placement_fn``, see
+`_placement_by_dtype`) and the composable-API registry that `_unshard` clears.
 
 Not sharded: the teacher (it runs without gradients or optimizer state; it must fit each rank), the
 training schemes (they read whole parameters and gradients between steps, where FSDP2 holds only a
