@@ -56,6 +56,7 @@ from ..formats.doped import row_balanced_order
 from ..reference.kronecker import rearrange
 from ..values import Precision, clip_search_residual, encode
 from ..values.fits import CLIP_RATIOS
+from ..values.rotation import rotate, unrotate
 from .families.base import family
 from .whiten import column_scale, damped, whitener
 
@@ -357,16 +358,21 @@ class SiteAnalysis:
         Relative rounding error varies little between rows, so ~32k sampled values estimate it to a few
         percent (``tests/test_precision.py``) for a fraction of the cost of fitting each precision. A
         ``gptq`` precision is estimated by its data-free fit (an upper bound of what it reaches), an
-        ``hqq`` one by its clip search (HQQ's zero-point step only lowers the error further)."""
+        ``hqq`` one by its clip search (HQQ's zero-point step only lowers the error further); a rotated
+        one by the same search on the rotated rows, its residual rotated back."""
         return self.dense_quant_errors([p])[0]
 
     def dense_quant_errors(self, precisions: Sequence[Precision]) -> list[float]:
         """`dense_quant_error` of each precision, the quadratic forms of all of them in one float32 product."""
         rows, top, scale = self._quant_rows()
         resid = []
+        rotated: Tensor | None = None
         for p in precisions:
             if p.is_float:
                 resid.append(encode(rows, p).codes.float() - rows)
+            elif p.rotate:  # the residual of W R, rotated back: e Rᵀ (R orthogonal, so e_i H e_iᵀ stays exact)
+                rotated = rotate(rows) if rotated is None else rotated
+                resid.append(unrotate(clip_search_residual(rotated, p, ratios=(1.0,) if p.fit == "rtn" else CLIP_RATIOS)))
             else:
                 resid.append(clip_search_residual(rows, p, ratios=(1.0,) if p.fit == "rtn" else CLIP_RATIOS))
         e = torch.stack(resid)  # (precisions, rows, in)
