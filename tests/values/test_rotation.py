@@ -166,6 +166,25 @@ def test_planner_estimate_of_a_rotated_precision_tracks_its_fit() -> None:
             assert real <= est * 1.001 + 1e-9 and est < 1.1 * real, (spec.describe(), moments is None, est, real)
 
 
+@pytest.mark.parametrize("rotate", [False, True])
+def test_planner_gptq_estimate_is_the_fit_in_sample_and_held_out_with_folds(rotate: bool) -> None:
+    """A gptq precision is estimated by GPTQ on the sampled rows (all rows at this size): in sample it is
+    the fitted error (up to the estimate's extra 1% damping); with two folds of few tokens each, the
+    held-out estimate is larger (GPTQ fits its calibration tokens)."""
+    w = torch.randn(48, 192, generator=gen(13))
+    xa, xb = (torch.randn(96, 192, generator=gen(s)) @ torch.randn(192, 192, generator=gen(s + 1)) for s in (14, 16))
+    ha, hb = xa.T @ xa / 96, xb.T @ xb / 96
+    h = (ha + hb) / 2
+    spec = DenseSpec(precision=Precision(dtype="int3", group_size=32, symmetric=False, fit="gptq", rotate=rotate))
+    an = SiteAnalysis(w, h, damping=0.01)
+    est = float(an.errors([spec])[0])
+    e = (Dense.fit(w, spec, h).to_dense().detach() - w).double()
+    real = float(((e @ an.h) * e).sum() / an.total) ** 0.5
+    assert abs(est - real) < 0.05 * real, (est, real)
+    held = float(SiteAnalysis(w, h, damping=0.01, folds=(ha, hb)).errors([spec])[0])
+    assert held > 1.05 * est, (held, est)
+
+
 def test_rule_rotation_limit_allows_or_forbids() -> None:
     rotated = Precision(dtype="int3", group_size=64, symmetric=False, fit="hqq", rotate=True)
     plain = rotated.model_copy(update={"rotate": False})
