@@ -402,15 +402,15 @@ class SiteAnalysis:
         key = bool(p.rotate)
         if key not in self._gptq:
             hs = [damped(f, self.damping) for f in self.folds] if self.folds is not None else [self.h]
-            hs = [rotate_gram(h.to(F64)) if p.rotate else h.to(F64) for h in hs]
-            self._gptq[key] = (rotate(rows) if p.rotate else rows, [(h, gptq_hinv(h)) for h in hs])
-        base, hs = self._gptq[key]
-        pairs = [(0, 1), (1, 0)] if len(hs) == 2 else [(0, 0)]
+            grams = [rotate_gram(h.to(F64)) if p.rotate else h.to(F64) for h in hs]
+            self._gptq[key] = (rotate(rows) if p.rotate else rows, [(h, gptq_hinv(h)) for h in grams])
+        base, fitted = self._gptq[key]
+        pairs = [(0, 1), (1, 0)] if len(fitted) == 2 else [(0, 0)]
         out = torch.zeros(rows.shape[0], dtype=F64)
         for fit_i, eval_i in pairs:
-            h_fit, hinv = hs[fit_i]
+            h_fit, hinv = fitted[fit_i]
             e = fit_gptq(base, p, h_fit, hinv=hinv).values().reshape(base.shape).to(F64) - base.to(F64)
-            out += ((e @ hs[eval_i][0]) * e).sum(-1)
+            out += ((e @ fitted[eval_i][0]) * e).sum(-1)
         return out / len(pairs)
 
     def row_sample(self) -> tuple[Tensor, Tensor | None, float]:
