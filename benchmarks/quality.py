@@ -69,6 +69,7 @@ from kronc.tools.data import abc_news_text, kjv_text, lee_documents, pang_lee_se
 from kronc.tools.evaluate import perplexity, probe_accuracy, similarity_pearson
 from kronc.tools.zoo import load_minilm, load_smollm2
 from kronc.values import Precision, PrecisionError, decode, encode, encode_levels, fit_gptq, fit_joint
+from kronc.values.rotation import rotate, rotate_gram
 
 RESULTS = Path(__file__).parent / "results"
 METHODS = ("kronc", "svd", "asvd", "kronecker", "doped-kron", "blocksparse", "wanda", "magnitude")
@@ -210,8 +211,9 @@ class Bench:
                     dense = decode(jf.base) + (left @ right).reshape(w.shape)
                     stored += jf.base.nbytes() + half.nbytes(tuple(left.shape)) + half.nbytes(tuple(right.shape))
                 else:
-                    if q.damp is not None:
-                        e = encode_levels(fit_gptq(w, q.precision, h, damp=q.damp), q.precision, tuple(w.shape))
+                    if q.damp is not None:  # encode's fit at another damping (rotated as encode does)
+                        wf, hf = (rotate(w), None if h is None else rotate_gram(h.double())) if q.precision.rotate else (w, h)
+                        e = encode_levels(fit_gptq(wf, q.precision, hf, damp=q.damp), q.precision, tuple(w.shape))
                     else:
                         e = encode(w, q.precision, h)
                     dense = decode(e)
@@ -280,7 +282,7 @@ QUANT_DEFAULT = (
 )
 """The standard set, most informative first (results are written after each); g128 does not divide
 SmolLM2's width 576, so those run on MiniLM only."""
-_QUANT_RE = re.compile(r"^(bf16|fp16|int8|int4|int3|int2)(?:g(\d+))?(a)?(?:-(rtn|hqq|gptq))?(?:@([0-9.]+))?(?:\+r(\d+))?$")
+_QUANT_RE = re.compile(r"^(bf16|fp16|int8|int4|int3|int2)(?:g(\d+))?(a)?(?:-(rtn|hqq|gptq))?(-rot)?(?:@([0-9.]+))?(?:\+r(\d+))?$")
 
 
 @dataclass(frozen=True)
@@ -297,15 +299,18 @@ class QuantConfig:
     @classmethod
     def parse(cls, text: str) -> QuantConfig:
         """``bf16``, ``int8``, ``int4g32`` (symmetric), ``int4g32a`` (asymmetric), ``-hqq``/``-gptq`` for the fit,
-        ``@0.1`` after ``-gptq`` for its damping, ``+r16`` for a rank-16 joint correction."""
+        ``-rot`` for a rotated precision (``Precision.rotate``), ``@0.1`` after ``-gptq`` for its damping,
+        ``+r16`` for a rank-16 joint correction."""
         m = _QUANT_RE.match(text.strip())
         if not m:
             raise ValueError(f"--quant entry {text!r}: expected e.g. bf16, int8, int4g32, int3g64a-gptq, int3g64a+r16")
-        dtype, group, asym, fit, damp, rank = m.groups()
+        dtype, group, asym, fit, rot, damp, rank = m.groups()
         if damp is not None and fit != "gptq":
             raise ValueError(f"--quant entry {text!r}: a damping (@...) applies to -gptq only")
+        if rot and (rank or dtype in ("bf16", "fp16")):
+            raise ValueError(f"--quant entry {text!r}: -rot applies to a plain integer precision (no +r, no float cast)")
         precision = Precision(dtype=dtype, group_size=int(group) if group else None, symmetric=not asym,
-                              fit=fit or "rtn")
+                              fit=fit or "rtn", rotate=bool(rot))
         return cls(text.strip(), precision, int(rank or 0), None if damp is None else float(damp))
 
     @property

@@ -78,6 +78,9 @@ class FormatSpec(BaseModel, ABC):
         "scales per group); None keeps the weight's dtype."))
     identity: ClassVar[bool] = False
     """True for the spec that leaves a weight as it is (dense): nothing to fit or swap."""
+    rotates: ClassVar[bool] = False
+    """Whether its precision may be rotated (``Precision.rotate``): only the dense weight's, whose module
+    rotates its input; factors of the other formats are quantized as they are."""
 
     # Capabilities code outside the format asks about (recovery schemes), instead of switching on spec classes.
 
@@ -122,6 +125,9 @@ class FormatSpec(BaseModel, ABC):
         """`FormatError` naming the field and the allowed values when a stored tensor cannot take the precision."""
         if self.precision is None or self.precision.is_float:
             return
+        if self.precision.rotate and not self.rotates:
+            raise FormatError(f"{self.kind} precision {self.precision.describe()}: rotate=true applies to the dense format's "
+                              f"weight only; use rotate=false for the values of a {self.kind} format")
         for name, (s, lay) in self.stored_values(shape).items():
             try:
                 self.precision.check_shape(storage_shape(s, lay))

@@ -3,12 +3,14 @@
 ``DenseSpec()`` (precision None) leaves a site alone. With a precision the weight is stored cast
 (bf16/fp16) or quantized (int8 with one scale per row, int4/int3/int2 with per-group scales) and
 applied by ``kronc::quant_linear`` on the packed codes (`kronc.values.QuantizedTensor.linear`), which
-picks aten's packed int8/int4 CPU kernels where they fit.
+picks aten's packed int8/int4 CPU kernels where they fit. An integer precision may be rotated
+(``rotate``: the codes are those of ``W R``, and the input is rotated before the op); the dense weight
+is the only stored tensor that takes a rotation.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +25,7 @@ class DenseSpec(_Spec):
     """Keep the weight dense (at ``precision``; None keeps it as it is)."""
 
     kind: Literal["dense"] = "dense"
+    rotates: ClassVar[bool] = True
 
     @property
     def identity(self) -> bool:  # type: ignore[override]

@@ -34,6 +34,8 @@ class QuantLowRankSpec(FormatSpec):
     def _integer(cls, p: Precision) -> Precision:
         if p.is_float:
             raise ValueError(f"base must be an integer precision (int8/int4/int3/int2), got {p.dtype}")
+        if p.rotate:
+            raise ValueError(f"base {p.describe()}: rotate=true applies to the dense format's weight only; use rotate=false")
         return p
 
     def stored_values(self, shape: Shape) -> dict[str, tuple[tuple[int, ...], Layout]]:

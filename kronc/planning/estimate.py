@@ -25,7 +25,8 @@ The error of a candidate is relative: ``||W - W'|| / ||W||`` in the weight metri
   fit's clip search, all clip ratios at once, on ~32k sampled values of whole rows scaled by their
   share of the energy, exact per row with the full ``H``: `SiteAnalysis.dense_quant_error`; the
   diagonal of ``H`` alone misjudges layers with a massive-activation channel). A ``gptq`` precision
-  is estimated by its data-free fit's error, an upper bound of what the error-compensating fit reaches.
+  is the GPTQ fit of the sampled rows (rows are independent in GPTQ), held out across the two halves
+  of the calibration data when their moments are given; weight metric only: its data-free fit's error.
 * **quantized factors** (any other format at a precision): the exact error of the quantized fit,
   recomputed (fit, rebuild, measure); only searched when a policy asks for it.
 
@@ -55,7 +56,8 @@ from ..formats.base import check_matrix
 from ..formats.doped import row_balanced_order
 from ..reference.kronecker import rearrange
 from ..values import Precision, clip_search_residual, encode
-from ..values.fits import CLIP_RATIOS
+from ..values.fits import CLIP_RATIOS, fit_gptq, gptq_hinv
+from ..values.rotation import rotate, rotate_gram, unrotate
 from .families.base import family
 from .whiten import column_scale, damped, whitener
 
@@ -184,6 +186,7 @@ class SiteAnalysis:
         self.grams: dict[tuple[int, int], Tensor] = {}  # block shape -> block Gram (data-aware)
         self.damping = damping
         self.folds = folds if moments is not None else None
+        self._gptq: dict[bool, tuple[Tensor, list[tuple[Tensor, Tensor]]]] = {}  # rotated? -> (rows, [(H, hinv)])
 
     # ---------------------------------------------------------------- decompositions
     def _decompose(self, matrix: Tensor, vectors: bool, upto: int) -> tuple[Tensor, Tensor | None, bool]:
@@ -356,17 +359,25 @@ class SiteAnalysis:
         ``layers.11.mlp.down_proj`` among them, and ranks symmetric and asymmetric grids wrongly there).
         Relative rounding error varies little between rows, so ~32k sampled values estimate it to a few
         percent (``tests/test_precision.py``) for a fraction of the cost of fitting each precision. A
-        ``gptq`` precision is estimated by its data-free fit (an upper bound of what it reaches), an
-        ``hqq`` one by its clip search (HQQ's zero-point step only lowers the error further)."""
+        ``gptq`` precision is GPTQ run on the sampled rows (`_gptq_per_row`, held out when there are
+        folds; weight metric: its data-free fit, an upper bound), an ``hqq`` one by its clip search (HQQ's zero-point step only lowers the error further); a rotated
+        one by the same search on the rotated rows, its residual rotated back."""
         return self.dense_quant_errors([p])[0]
 
     def dense_quant_errors(self, precisions: Sequence[Precision]) -> list[float]:
         """`dense_quant_error` of each precision, the quadratic forms of all of them in one float32 product."""
         rows, top, scale = self._quant_rows()
         resid = []
-        for p in precisions:
-            if p.is_float:
+        rotated: Tensor | None = None
+        gptq = {i: p for i, p in enumerate(precisions) if p.fit == "gptq" and not p.is_float and self.h is not None}
+        for i, p in enumerate(precisions):
+            if i in gptq:
+                resid.append(torch.zeros_like(rows))  # measured apart (`_gptq_per_row`)
+            elif p.is_float:
                 resid.append(encode(rows, p).codes.float() - rows)
+            elif p.rotate:  # the residual of W R, rotated back: e Rᵀ (R orthogonal, so e_i H e_iᵀ stays exact)
+                rotated = rotate(rows) if rotated is None else rotated
+                resid.append(unrotate(clip_search_residual(rotated, p, ratios=(1.0,) if p.fit == "rtn" else CLIP_RATIOS)))
             else:
                 resid.append(clip_search_residual(rows, p, ratios=(1.0,) if p.fit == "rtn" else CLIP_RATIOS))
         e = torch.stack(resid)  # (precisions, rows, in)
@@ -376,8 +387,31 @@ class SiteAnalysis:
             if self.h32 is None:
                 self.h32 = self.h.float()
             per_row = ((e.reshape(-1, e.shape[-1]) @ self.h32).reshape(e.shape) * e).sum(-1, dtype=F64)
+        for i, p in gptq.items():
+            per_row[i] = self._gptq_per_row(rows, p)
         err2 = per_row[:, :top].sum(-1) + per_row[:, top:].sum(-1) * scale
         return [self.rel(float(x)) for x in err2]
+
+    def _gptq_per_row(self, rows: Tensor, p: Precision) -> Tensor:
+        """Squared output error per sampled row of the GPTQ fit, run on those rows (GPTQ treats rows
+        independently). With ``folds`` it is held out: fitted with one half's ``H``, measured with the
+        other's, averaged over both ways (GPTQ fits its calibration tokens closely, and in-sample errors
+        flatter it); without, in sample with the full ``H``. Rotated precisions fit ``W R`` with ``Rᵀ H R``;
+        the error is the same in either basis."""
+        assert self.h is not None
+        key = bool(p.rotate)
+        if key not in self._gptq:
+            hs = [damped(f, self.damping) for f in self.folds] if self.folds is not None else [self.h]
+            grams = [rotate_gram(h.to(F64)) if p.rotate else h.to(F64) for h in hs]
+            self._gptq[key] = (rotate(rows) if p.rotate else rows, [(h, gptq_hinv(h)) for h in grams])
+        base, fitted = self._gptq[key]
+        pairs = [(0, 1), (1, 0)] if len(fitted) == 2 else [(0, 0)]
+        out = torch.zeros(rows.shape[0], dtype=F64)
+        for fit_i, eval_i in pairs:
+            h_fit, hinv = fitted[fit_i]
+            e = fit_gptq(base, p, h_fit, hinv=hinv).values().reshape(base.shape).to(F64) - base.to(F64)
+            out += ((e @ fitted[eval_i][0]) * e).sum(-1)
+        return out / len(pairs)
 
     def row_sample(self) -> tuple[Tensor, Tensor | None, float]:
         """Sampled rows (`_quant_rows`), the diagonal of ``H`` (data-aware) and the factor from the

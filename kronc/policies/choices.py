@@ -99,6 +99,7 @@ DEFAULT_PRECISIONS: tuple[Precision, ...] = (
     *(Precision(dtype="int4", group_size=g, symmetric=False, fit="hqq") for g in (64, 128)),
     *(Precision(dtype="int3", group_size=g, symmetric=False, fit="hqq") for g in (32, 64, 128)),
     *(Precision(dtype="int2", group_size=g, symmetric=False, fit="hqq") for g in (32, 64)),
+    *(Precision(dtype="int3", group_size=g, symmetric=False, fit="gptq", rotate=True) for g in (32, 64, 128)),
 )
 """Precisions the default policy searches for dense weights. Generic grounds, not one model's grid:
 bf16 and per-row int8 are near-lossless for any trained weight; int4/int3/int2 need group scales, and
@@ -110,7 +111,14 @@ not 32, the packaged SmolLM2 grid): at the same bytes as symmetric groups of 32,
 64 are the better uniform int4 on both SmolLM2 and MiniLM (``benchmarks/results/quality_quant.md``),
 and with them kronc's 8x plan of SmolLM2 went from 54.3 to 51.9 perplexity. The GPTQ fit is not a
 default: with its int3/int2 precisions at ``gptq`` (10% damping) the same 8x plan scored 64.2 on ABC
-news; fitted to King James calibration, it transfers worse to other text."""
+news; fitted to King James calibration, it transfers worse to other text. Rotated (``rotate``, the
+dense weight stored as ``W R``), GPTQ does transfer: uniform int3g64a-gptq at 10% damping on SmolLM2
+scored 66.2 on ABC news (2.0x dense) against 268 unrotated and 187 for the rotated data-free fit, and
+17.0 against 38.8 on held-out King James (``benchmarks/results/rotation.md``); on MiniLM rotation tied
+or helped at 3 bits and lowered the calibration output error. So int3 comes rotated with GPTQ as well
+(the planner estimates it by its data-free clip search, an upper bound; without calibration data the
+fit falls back to the data-free one). Rotated int2 and int4 are not defaults: at int2 rotation lowered
+the output error but made perplexity worse on both models, at int4 it was a wash."""
 
 QUANT_DENSE = DenseChoice(precisions=list(DEFAULT_PRECISIONS))
 """Dense weights at the `DEFAULT_PRECISIONS` (the plain dense choice keeps the weight as it is)."""

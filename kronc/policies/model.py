@@ -105,6 +105,11 @@ class Rule(_Model):
     """Scale groups the integer precisions of the matching sites may use: 16, 32, 64, 128 values
     along the input, or ``row`` (one scale per row, as int8 takes). None: no limit. Applied like
     ``bits``."""
+    rotation: bool | None = None
+    """Rotated integer precisions (``rotate: true``: the dense weight stored as ``W R``, the input
+    rotated at run time by a fixed Hadamard transform): false forbids them (kernels that cannot rotate
+    their input), true allows only them among the integer precisions. None: no limit. Applied like
+    ``bits``."""
 
     @field_validator("match", mode="before")
     @classmethod
@@ -133,19 +138,28 @@ class Rule(_Model):
             parts.append("bits " + ",".join(map(str, self.bits)))
         if self.group_sizes is not None:
             parts.append("groups " + ",".join(map(str, self.group_sizes)))
+        if self.rotation is not None:
+            parts.append("rotated only" if self.rotation else "no rotation")
         return "; ".join(parts)
 
     def allows(self, p: Precision) -> bool:
-        """Whether precision ``p`` is within the rule's ``bits`` and ``group_sizes``."""
+        """Whether precision ``p`` is within the rule's ``bits``, ``group_sizes`` and ``rotation``."""
         if self.bits is not None and p.bits not in self.bits:
+            return False
+        if self.rotation is not None and not p.is_float and p.rotate != self.rotation:
             return False
         if self.group_sizes is not None and not p.is_float:
             return (p.group_size or "row") in self.group_sizes
         return True
 
+    @property
+    def limited(self) -> bool:
+        """Whether the rule sets any precision limit."""
+        return self.bits is not None or self.group_sizes is not None or self.rotation is not None
+
     def allowed_formats(self) -> list[Choice]:
         """`formats` narrowed to the rule's limits (formats left with no precision dropped)."""
-        if self.bits is None and self.group_sizes is None:
+        if not self.limited:
             return list(self.formats)
         out = []
         for choice in self.formats:
@@ -157,12 +171,14 @@ class Rule(_Model):
     @model_validator(mode="after")
     def _limits_leave_something(self) -> Rule:
         quantized = [p for c in self.allowed_formats() for p in [*c.precisions, *getattr(c, "bases", [])] if not isinstance(p, str)]
-        if (self.bits is not None or self.group_sizes is not None) and not quantized:
+        if self.limited and not quantized:
             kinds = ", ".join(c.kind for c in self.formats)
             raise ValueError(
                 (f"rule {self.name!r}: " if self.name else "")
-                + f"bits {self.bits} and group_sizes {self.group_sizes} leave none of the formats ({kinds}) a precision besides 'keep'; "
-                f"allowed bits: {list(BIT_WIDTHS)}, group_sizes: {list(GROUP_LIMITS)}"
+                + f"bits {self.bits} and group_sizes {self.group_sizes}"
+                + ("" if self.rotation is None else f" (rotation {str(self.rotation).lower()})")
+                + f" leave none of the formats ({kinds}) a precision besides 'keep'; "
+                f"allowed bits: {list(BIT_WIDTHS)}, group_sizes: {list(GROUP_LIMITS)}, rotation: true, false or null"
             )
         return self
 

@@ -5,7 +5,9 @@ fp16 scales, optional fp16 minima, the original shape). `QuantizedTensor` is the
 format stores any of its tensors through: its buffers are exactly the stored bytes (``nbytes()`` is
 read off them and equals ``Precision.nbytes(shape)``), ``dequantize()`` gives the float tensor, and
 ``linear(x, bias)`` runs ``kronc::quant_linear`` on the packed weight. Float precisions go through
-the same interface as a cast.
+the same interface as a cast. A rotated precision (``rotate``) stores the levels of ``W R``:
+`encode` rotates the tensor (and a GPTQ Gram matrix, ``Rᵀ H R``) before fitting, `decode`
+un-rotates, and ``linear`` rotates ``x`` before the op, so every path sees the same ``W'``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from ..reference.pack import pack, unpack
 from .fits import Levels, fit_levels
 from .grid import level_range
 from .precision import Precision
+from .rotation import rotate, rotate_gram, unrotate
 
 FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -54,7 +57,11 @@ def encode(w: Tensor, p: Precision, h: Tensor | None = None) -> Encoded:
     p.check_shape(shape)
     if p.is_float:
         return Encoded(p, shape, w.detach().to(FLOAT_DTYPES[p.dtype]).clone())
-    return encode_levels(fit_levels(w.detach(), p, h), p, shape)
+    w = w.detach()
+    if p.rotate:
+        w = rotate(w.float())
+        h = None if h is None else rotate_gram(h.double())
+    return encode_levels(fit_levels(w, p, h), p, shape)
 
 
 def decode_parts(codes: Tensor, scales: Tensor | None, minima: Tensor | None, p: Precision,
@@ -69,7 +76,8 @@ def decode_parts(codes: Tensor, scales: Tensor | None, minima: Tensor | None, p:
     w = q.float() * scales.float()[..., None]
     if minima is not None:
         w = w + minima.float()[..., None]
-    return w.reshape(shape).to(dtype)
+    w = w.reshape(shape)
+    return (unrotate(w) if p.rotate else w).to(dtype)
 
 
 def decode(e: Encoded, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -168,6 +176,8 @@ class QuantizedTensor(nn.Module):
             return nn.functional.linear(x, self.codes.to(x.dtype), bias)
         if self.trains_scales and torch.is_grad_enabled():  # the packed op has no gradient for the scales
             return nn.functional.linear(x, self.dequantize(x.dtype), bias)
+        if self.precision.rotate:  # (x R) Q(W R)ᵀ = x Wᵀ
+            x = rotate(x)
         return quant_linear(x, self.codes, self.scales, self.minima, bias, self.precision.bits)
 
     def _apply(self, fn, recurse: bool = True):

@@ -136,22 +136,30 @@ def fit_hqq(w: Tensor, p: Precision, iters: int = 10, lp: float = 0.7, beta: flo
     return Levels(levels(wg, best.scale, minimum, p), best.scale, minimum)
 
 
-def fit_gptq(w: Tensor, p: Precision, h: Tensor, damp: float = GPTQ_DAMPING, block: int = 128) -> Levels:
+def gptq_hinv(h: Tensor, damp: float = GPTQ_DAMPING) -> Tensor:
+    """The upper Cholesky factor of the inverse of ``h`` damped by ``damp`` times its mean diagonal (dead
+    inputs set to 1), float64: what `fit_gptq` propagates errors with (one per ``h``, shared by precisions)."""
+    H = h.double().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    H += damp * torch.diag(H).mean() * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+
+
+def fit_gptq(w: Tensor, p: Precision, h: Tensor, damp: float = GPTQ_DAMPING, block: int = 128,
+             hinv: Tensor | None = None) -> Levels:
     """GPTQ: quantize column by column, spreading each column's error over the columns not yet
     quantized through the Cholesky factor of the damped inverse Gram matrix ``h = X^T X`` ``(in, in)``;
     lazy updates per block of columns; group scales are computed from the updated columns as each
-    group is reached (blocks are whole groups, so those columns are current)."""
+    group is reached (blocks are whole groups, so those columns are current). ``hinv``: `gptq_hinv`
+    of ``h`` at ``damp`` when already computed."""
     rows, inn = p.check_shape(tuple(w.shape))
     if tuple(h.shape) != (inn, inn):
         raise PrecisionError(f"fit='gptq': H must be ({inn}, {inn}) for last dimension {inn}, got {tuple(h.shape)}")
     g = p.group_size or inn
     block = g * max(1, block // g) if p.group_size else block
     W = w.reshape(rows, inn).double().clone()
-    H = h.double().clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    H += damp * torch.diag(H).mean() * torch.eye(inn, dtype=H.dtype, device=H.device)
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    hinv = gptq_hinv(h, damp) if hinv is None else hinv
     q = torch.zeros(rows, inn, dtype=torch.int32, device=w.device)
     n_groups = inn // g
     scale = torch.zeros(rows, n_groups, device=w.device)

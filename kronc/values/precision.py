@@ -6,6 +6,12 @@ integers with scales: int8 with one scale per row (or per group), int4/int3/int2
 optionally a minimum, per group of ``group_size`` values along the last (input) dimension. Scales
 and minima are fp16. A tensor of any shape ``(..., in)`` is treated as ``prod(...)`` rows of ``in``
 values, so ``nbytes`` is exact for factors and 1-D value lists alike.
+
+An integer precision may also be *rotated* (``rotate``): the values stored are those of ``W R``, ``R``
+a fixed randomized Hadamard transform along the input dimension (`kronc.values.rotation`), which
+spreads outliers so groups quantize better; decoding un-rotates, and a linear layer rotates its input
+instead (``y = (x R) Q(W R)ᵀ``). The transform is derived from the input dimension and a fixed seed,
+so it costs no stored bytes.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, SerializerFunctionWrapHandler, model_serializer, model_validator
 
 ValueDtype = Literal["fp32", "bf16", "fp16", "int8", "int4", "int3", "int2"]
 Fit = Literal["rtn", "hqq", "gptq"]
@@ -45,12 +51,19 @@ class Precision(BaseModel):
     """How integer values are chosen: round to nearest; ``hqq`` (data-free: searched clipping range,
     plus HQQ's half-quadratic zero-point fit when asymmetric); ``gptq`` (error-compensating rounding
     that needs the calibration Gram matrix ``H = X^T X``). Ignored for float dtypes."""
+    rotate: bool = False
+    """Integer dtypes only: store ``W R`` (``R`` the fixed randomized Hadamard rotation of the input
+    dimension, `kronc.values.rotation`) and rotate the layer's input at run time. Same bytes; it
+    spreads outlier values over a Hadamard block, which helps most at 3 and 2 bits (measured in
+    ``benchmarks/results/rotation.md``). Only the dense format's weight takes it."""
 
     @model_validator(mode="after")
     def _check(self) -> Precision:
         if self.is_float:
             if self.group_size is not None:
                 raise ValueError(f"group_size must be None for float dtype {self.dtype!r}, got {self.group_size}")
+            if self.rotate:
+                raise ValueError(f"rotate applies to integer dtypes (int8/int4/int3/int2), not to the float cast {self.dtype!r}")
             return self
         if self.group_size is None and self.dtype != "int8":
             raise ValueError(
@@ -59,6 +72,14 @@ class Precision(BaseModel):
         if self.group_size is not None and self.group_size not in GROUP_SIZES:
             raise ValueError(f"group_size must be one of {list(GROUP_SIZES)} or None, got {self.group_size}")
         return self
+
+    @model_serializer(mode="wrap")
+    def _drop_default_rotate(self, handler: SerializerFunctionWrapHandler) -> dict:
+        """Policies, plans and saved models written before rotation existed stay byte-identical."""
+        out = handler(self)
+        if isinstance(out, dict) and out.get("rotate", True) is False:
+            out.pop("rotate")
+        return out
 
     @property
     def is_float(self) -> bool:
@@ -70,11 +91,13 @@ class Precision(BaseModel):
         return 8 * FLOAT_BYTES[self.dtype] if self.is_float else INT_BITS[self.dtype]
 
     def describe(self) -> str:
-        """Short name: ``fp32``, ``bf16``, ``int8``, ``int4g32``, ``int4g32a`` (asymmetric), ``int3g64-gptq``."""
+        """Short name: ``fp32``, ``bf16``, ``int8``, ``int4g32``, ``int4g32a`` (asymmetric), ``int3g64-gptq``,
+        ``int3g64a-hqq-rot`` (rotated)."""
         if self.is_float:
             return self.dtype
         name = self.dtype + (f"g{self.group_size}" if self.group_size else "") + ("" if self.symmetric else "a")
-        return name if self.fit == "rtn" else f"{name}-{self.fit}"
+        name = name if self.fit == "rtn" else f"{name}-{self.fit}"
+        return name + "-rot" if self.rotate else name
 
     def check_shape(self, shape: tuple[int, ...] | list[int]) -> tuple[int, int]:
         """``(rows, in)`` of a tensor of this shape, or a `PrecisionError` saying why it cannot be stored."""

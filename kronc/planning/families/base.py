@@ -16,7 +16,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
 from ...formats import Factorized, FormatError, FormatSpec, Shape, fit, format_module
@@ -42,6 +42,21 @@ class Choice(BaseModel):
     weight's dtype; e.g. ``{dtype: int4, group_size: 32}``). A precision a tensor of the site cannot
     take (a group size that does not divide) is skipped for that site; a site left with nothing is an
     error naming the site."""
+
+    @model_validator(mode="after")
+    def _rotation_where_taken(self) -> Choice:
+        """A rotated precision (``rotate: true``) only for a format whose spec takes one (the dense weight)."""
+        listed = [*self.precisions, *getattr(self, "bases", [])]
+        rotated = [p.describe() for p in listed if isinstance(p, Precision) and p.rotate]
+        if rotated:
+            try:
+                takes = format_module(self.kind).spec_type.rotates
+            except FormatError:
+                takes = False
+            if not takes:
+                raise ValueError(f"format {self.kind!r}: precision {rotated[0]} has rotate=true, which only the dense "
+                                 "format's weight takes; use rotate=false here")
+        return self
 
     def precision_note(self) -> str:
         """``""`` or `` @ keep,int8,int4g32``: the precisions part of `describe`."""
