@@ -56,7 +56,7 @@ from ..formats.base import check_matrix
 from ..formats.doped import row_balanced_order
 from ..reference.kronecker import rearrange
 from ..values import Precision, clip_search_residual, encode
-from ..values.fits import CLIP_RATIOS, fit_gptq, gptq_hinv
+from ..values.fits import CLIP_RATIOS, gptq_hinv, gptq_residuals
 from ..values.rotation import rotate, rotate_gram, unrotate
 from .families.base import family
 from .whiten import column_scale, damped, whitener
@@ -387,30 +387,32 @@ class SiteAnalysis:
             if self.h32 is None:
                 self.h32 = self.h.float()
             per_row = ((e.reshape(-1, e.shape[-1]) @ self.h32).reshape(e.shape) * e).sum(-1, dtype=F64)
-        for i, p in gptq.items():
-            per_row[i] = self._gptq_per_row(rows, p)
+        for kind in {(p.rotate, p.dtype, p.symmetric) for p in gptq.values()}:
+            at = [i for i, p in gptq.items() if (p.rotate, p.dtype, p.symmetric) == kind]
+            per_row[at] = self._gptq_per_row(rows, [gptq[i] for i in at])
         err2 = per_row[:, :top].sum(-1) + per_row[:, top:].sum(-1) * scale
         return [self.rel(float(x)) for x in err2]
 
-    def _gptq_per_row(self, rows: Tensor, p: Precision) -> Tensor:
-        """Squared output error per sampled row of the GPTQ fit, run on those rows (GPTQ treats rows
-        independently). With ``folds`` it is held out: fitted with one half's ``H``, measured with the
-        other's, averaged over both ways (GPTQ fits its calibration tokens closely, and in-sample errors
-        flatter it); without, in sample with the full ``H``. Rotated precisions fit ``W R`` with ``Rᵀ H R``;
-        the error is the same in either basis."""
+    def _gptq_per_row(self, rows: Tensor, ps: list[Precision]) -> Tensor:
+        """Squared output error per sampled row ``(len(ps), rows)`` of the GPTQ fit of each precision
+        (one bit width, symmetry and rotation), run on those rows (GPTQ treats rows independently), all
+        in one batched column loop (`gptq_residuals`). With ``folds`` it is held out: fitted with one
+        half's ``H``, measured with the other's, averaged over both ways (GPTQ fits its calibration
+        tokens closely, and in-sample errors flatter it); without, in sample with the full ``H``.
+        Rotated precisions fit ``W R`` with ``Rᵀ H R``; the error is the same in either basis."""
         assert self.h is not None
-        key = bool(p.rotate)
+        key = bool(ps[0].rotate)
         if key not in self._gptq:
             hs = [damped(f, self.damping) for f in self.folds] if self.folds is not None else [self.h]
-            grams = [rotate_gram(h.to(F64)) if p.rotate else h.to(F64) for h in hs]
-            self._gptq[key] = (rotate(rows) if p.rotate else rows, [(h, gptq_hinv(h)) for h in grams])
+            grams = [rotate_gram(h.to(F64)) if key else h.to(F64) for h in hs]
+            self._gptq[key] = (rotate(rows) if key else rows, [(h, gptq_hinv(h)) for h in grams])
         base, fitted = self._gptq[key]
         pairs = [(0, 1), (1, 0)] if len(fitted) == 2 else [(0, 0)]
-        out = torch.zeros(rows.shape[0], dtype=F64)
-        for fit_i, eval_i in pairs:
-            h_fit, hinv = fitted[fit_i]
-            e = fit_gptq(base, p, h_fit, hinv=hinv).values().reshape(base.shape).to(F64) - base.to(F64)
-            out += ((e @ fitted[eval_i][0]) * e).sum(-1)
+        e = gptq_residuals(base, [(p, fitted[fit_i][1]) for p in ps for fit_i, _ in pairs])
+        e = e.reshape(len(ps), len(pairs), *base.shape)
+        out = torch.zeros(len(ps), rows.shape[0], dtype=F64)
+        for k, (_, eval_i) in enumerate(pairs):
+            out += ((e[:, k] @ fitted[eval_i][0]) * e[:, k]).sum(-1)
         return out / len(pairs)
 
     def row_sample(self) -> tuple[Tensor, Tensor | None, float]:

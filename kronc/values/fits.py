@@ -198,3 +198,53 @@ def fit_levels(w: Tensor, p: Precision, h: Tensor | None = None) -> Levels:
     if h is None:
         raise PrecisionError(f"precision {p.describe()}: fit='gptq' needs the calibration Gram matrix H = X^T X")
     return fit_gptq(w, p, h)
+
+
+def gptq_residuals(w: Tensor, members: list[tuple[Precision, Tensor]], block: int = 128) -> Tensor:
+    """``fit_gptq(w, p, hinv=hinv).values() - w`` for every ``(p, hinv)`` member at once, float64
+    ``(members, rows, in)``: one column loop for all of them instead of one per member (the loop's
+    per-column Python work, not its arithmetic, is what GPTQ costs on the few rows the planner samples).
+
+    Members share ``w`` and the bit width and symmetry of their precisions; group sizes and ``hinv``
+    (a `gptq_hinv`, e.g. one per calibration fold) may differ. Same steps as `fit_gptq` per member,
+    batched, so equal to it up to the summation order of the block updates."""
+    if not members:
+        return torch.zeros(0, *w.shape, dtype=torch.float64)
+    p0 = members[0][0]
+    if any(p.dtype != p0.dtype or p.symmetric != p0.symmetric or p.is_float for p, _ in members):
+        raise PrecisionError("gptq_residuals: members must share one integer dtype and symmetry")
+    rows, inn = p0.check_shape(tuple(w.shape))
+    for p, _ in members:
+        p.check_shape(tuple(w.shape))
+    gs = [p.group_size or inn for p, _ in members]
+    unit = max((p.group_size for p, _ in members if p.group_size), default=1)
+    block = unit * max(1, block // unit)  # whole groups of every member (group sizes divide 128)
+    n = len(members)
+    base = w.reshape(rows, inn).double()
+    W = base.expand(n, rows, inn).clone()
+    hinv = torch.stack([h.double() for _, h in members])  # (n, in, in)
+    decoded = torch.zeros(n, rows, inn, dtype=torch.float64)
+    scale = torch.zeros(n, rows)
+    minimum = None if p0.symmetric else torch.zeros(n, rows)
+    for b, (p, _) in enumerate(members):
+        if p.group_size is None:  # one scale per row, from the whole row as fit_gptq does
+            scale[b], mn = minmax_params(W[b].float(), p)
+            if minimum is not None and mn is not None:
+                minimum[b] = mn
+    for i1 in range(0, inn, block):
+        i2 = min(i1 + block, inn)
+        W1, err1, h1 = W[:, :, i1:i2].clone(), torch.zeros(n, rows, i2 - i1, dtype=W.dtype), hinv[:, i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            c = i1 + i
+            for b, (p, _) in enumerate(members):
+                if p.group_size is not None and c % gs[b] == 0:
+                    scale[b], mn = minmax_params(W1[b, :, i:i + gs[b]].float(), p)
+                    if minimum is not None and mn is not None:
+                        minimum[b] = mn
+            v = values(levels(W1[:, :, i:i + 1].float(), scale, minimum, p0), scale, minimum)[..., 0].double()
+            decoded[:, :, c] = v
+            err = (W1[:, :, i] - v) / h1[:, i, i][:, None]
+            W1[:, :, i:] -= err[:, :, None] * h1[:, i, i:][:, None, :]
+            err1[:, :, i] = err
+        W[:, :, i2:] -= torch.bmm(err1, hinv[:, i1:i2, i2:])
+    return decoded - base
