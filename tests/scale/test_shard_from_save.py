@@ -24,8 +24,10 @@ STEPS = 3
 RUN = {"steps": STEPS, "lr": 1e-3, "hidden": 0.0, "progress": False, "shard": True, "batch_size": 4, "seq_len": 16}
 
 
-def _ids() -> torch.Tensor:
-    return torch.randint(0, 128, (2000,), generator=torch.Generator().manual_seed(2))
+def _ids() -> list[torch.Tensor]:
+    """`STEPS` batches of 4 rows (2 per rank)."""
+    g = torch.Generator().manual_seed(2)
+    return [torch.randint(0, 128, (4, 16), generator=g) for _ in range(STEPS)]
 
 
 def _teacher(folder: Path) -> torch.nn.Module:
@@ -87,6 +89,10 @@ def _main(rank: int, world: int, port: int, hf: str, small: str, results: str) -
         whole = kronc.load(small)
         out["whole_losses"] = kronc.recover(whole, teacher, _ids(), **RUN).series("loss")
         out["whole"] = _weights(whole)
+        # stopped after 2 steps (a one-shot iterator runs out), then resumed from its checkpoint
+        out["part"] = _from_save(Path(small), teacher, res / "part", iter(_ids()[:2]), checkpoint_path=str(res / "c.ckpt"))
+        out["resumed"] = _from_save(Path(small), teacher, res / "resumed", iter(_ids()), checkpoint_path=str(res / "c.ckpt"),
+                                    resume=True)
         torch.save(out, res / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -102,7 +108,8 @@ def _outcome(fn: Any) -> str:
 
 @pytest.mark.slow
 def test_recovery_from_a_save_folder_matches_the_whole_student_run(saved: tuple[Path, Path], tmp_path: Path) -> None:
-    """Two gloo ranks: the save written block by block equals the whole-student sharded run's student bit for bit;
+    """Two gloo ranks: the save written block by block equals the whole-student sharded run's student bit for bit,
+    and so does a run stopped after 2 steps and resumed from its checkpoint;
     right after the fill each rank holds half the parameter bytes (the two ranks' shards add up to the whole) plus
     the buffers whole, and nothing stays on meta; bad input fails in one line before training."""
     hf, small = saved
@@ -135,6 +142,9 @@ def test_recovery_from_a_save_folder_matches_the_whole_student_run(saved: tuple[
     assert set(got) == set(r0["whole"])
     assert all(torch.equal(got[k], r0["whole"][k]) for k in got)  # bit-identical to the whole-student sharded run
     assert any(not torch.equal(got[k], start[k]) for k in got)  # and training moved it
+    assert (r0["part"]["steps"], r0["resumed"]["steps"]) == (2, STEPS)
+    resumed = _weights(kronc.load(tmp_path / "resumed"))
+    assert all(torch.equal(resumed[k], got[k]) for k in got)  # a run and its resume: the same save, bit for bit
     manifest = json.loads((tmp_path / "streamed" / "kronc.json").read_text())
     assert len(manifest["weights"]["shards"]) == 3  # one per block, one for the rest, as the streamed compile writes
 
