@@ -113,6 +113,17 @@ def main() -> None:
     else:
         _reset_peak()  # from here on: loading the student (whole, or only this rank's shards) counts
         student = kronc.load(args.save) if args.mode != "from_save" else args.save
+    loaded = {"peak_rss_loaded": _vm("VmHWM")}  # the student whole on this rank (from_save: replaced after the fill)
+    if args.mode == "from_save":
+        from kronc.recover import from_save
+
+        fill = from_save.fill
+
+        def fill_spy(model: Any, saved: Any) -> None:
+            fill(model, saved)
+            loaded["peak_rss_loaded"] = _vm("VmHWM")  # built on meta, sharded, this rank's shards read
+
+        from_save.fill = fill_spy  # type: ignore[assignment]
     held: list[tuple[int, int]] = []
     make = loop.make_optimizer
 
@@ -135,7 +146,7 @@ def main() -> None:
                            progress=False, shard=args.mode != "replicated", out=args.out)
     row = {"rank": dist.rank(), "rss_before": start, "peak_rss": _vm("VmHWM"), "seconds": time.perf_counter() - t0,
            "student_params_and_buffers": whole, "held_params": held[-1][0], "held_adamw": held[-1][1],
-           "loss": [round(r.loss, 6) for r in result.history]}
+           "loss": [round(r.loss, 6) for r in result.history], **loaded}
     rows = dist.gather_list(row)
     if dist.rank() == 0:
         print(json.dumps({"model": args.model, "mode": args.mode, "save": args.save, "world": dist.world(), "threads": args.threads,

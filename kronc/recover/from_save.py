@@ -89,8 +89,8 @@ def open_saved(student: nn.Module | str | Path, out: str | Path | None, *, shard
         student = load(student, device="meta")
     folder = getattr(student, "kronc_folder", None)
     if folder is None or not all(t.is_meta for t in (*student.parameters(), *student.buffers())):
-        raise RecoveryError("the student is partly on the meta device: pass a save folder, or a model loaded with "
-                            "kronc.load(folder, device='meta')")
+        raise RecoveryError("the student has tensors on the meta device but was not loaded with kronc.load(folder, "
+                            "device='meta'): pass its save folder, or a model loaded that way")
     manifest = read_manifest(folder)
     if Path(out).resolve() == Path(folder).resolve():
         raise RecoveryError(f"out={str(out)!r} is the folder the student is read from: write to another folder")

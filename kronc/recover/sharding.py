@@ -26,6 +26,10 @@ Two names come from torch's private modules, both part of the documented ``fully
 ``ShardPlacementResult``/``FSDPMeshInfo`` (the per-parameter mesh of ``shard_placement_fn``, see
 `_placement_by_dtype`) and the composable-API registry that `_unshard` clears.
 
+A student given as a save folder (`kronc.recover.from_save`) arrives on the meta device: `sharded` shards it the
+same way, then allocates it and has each rank read only its shards from the files, and on exit writes it as a
+sharded save unit by unit instead of gathering it whole.
+
 Not sharded: the teacher (it runs without gradients or optimizer state; it must fit each rank), the
 training schemes (they read whole parameters and gradients between steps, where FSDP2 holds only a
 shard: refused), and block-wise reconstruction's block phase (one block's gradients and AdamW state are
