@@ -100,38 +100,43 @@ def open_saved(student: nn.Module | str | Path, out: str | Path | None, *, shard
 def fill(student: nn.Module, saved: SavedStudent) -> None:
     """Fill the sharded, just allocated ``student``: this rank's rows of every parameter, buffers whole, read from the
     save's files; the rest as the module docstring says."""
-    from torch.distributed.tensor import DTensor
 
     aliases = _stored_names(student, saved)
     done: set[int] = set()
-    with _files() as open_file:
-        for owner_name, owner in student.named_modules():
-            prefix = f"{owner_name}." if owner_name else ""
-            skip = owner._non_persistent_buffers_set
-            recompute = [a for a, b in owner._buffers.items() if b is not None and a in skip]
-            if recompute:
-                recompute_buffers(student, owner, owner_name, recompute, device=_device_of(owner))
+    for owner_name, owner in student.named_modules():
+        skip = owner._non_persistent_buffers_set
+        recompute = [a for a, b in owner._buffers.items() if b is not None and a in skip]
+        if recompute:
+            recompute_buffers(student, owner, owner_name, recompute, device=_device_of(owner))
+        with _files() as open_file:  # closed after each module: the mapped pages it read leave resident memory
             for kind in ("_parameters", "_buffers"):
                 for attr, t in getattr(owner, kind).items():
-                    if t is None or id(t) in done or attr in skip:
-                        continue
-                    done.add(id(t))
-                    local = t.to_local() if isinstance(t, DTensor) else t
-                    key = aliases.get(id(t))
-                    with torch.no_grad():
-                        if key is None:
-                            if attr not in START:
-                                raise KroncFileError(f"{saved.folder}: no file holds {prefix}{attr}")
-                            local.fill_(START[attr])
-                            continue
-                        file, shape, _ = saved.layout[key]
-                        stored = open_file(file).get_slice(key)
-                        if isinstance(t, DTensor):
-                            start, rows = _my_rows(shape[0], local.shape[0], key)
-                            if rows:
-                                local.copy_(stored[start:start + rows])
-                        else:
-                            local.copy_(stored[:] if shape else open_file(file).get_tensor(key))
+                    if t is not None and id(t) not in done and attr not in skip:
+                        done.add(id(t))
+                        _fill_tensor(t, attr, aliases.get(id(t)), f"{owner_name}.{attr}".lstrip("."), saved, open_file)
+
+
+@torch.no_grad()
+def _fill_tensor(t: Tensor, attr: str, key: str | None, name: str, saved: SavedStudent, open_file: Any) -> None:
+    """Fill one tensor: this rank's rows of a sharded parameter, a plain tensor whole, a trained-scale parameter with
+    its starting value (stored under ``key``; None: not stored)."""
+    from torch.distributed.tensor import DTensor
+
+    local = t.to_local() if isinstance(t, DTensor) else t
+    if key is None:
+        if attr not in START:
+            raise KroncFileError(f"{saved.folder}: no file holds {name}")
+        local.fill_(START[attr])
+        return
+    file, shape, _ = saved.layout[key]
+    if not shape:
+        local.copy_(open_file(file).get_tensor(key))
+    elif isinstance(t, DTensor):
+        start, rows = _my_rows(shape[0], local.shape[0], key)
+        if rows:
+            local.copy_(open_file(file).get_slice(key)[start:start + rows])
+    else:
+        local.copy_(open_file(file).get_slice(key)[:])
 
 
 def _stored_names(student: nn.Module, saved: SavedStudent) -> dict[int, str]:

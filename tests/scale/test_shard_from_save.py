@@ -93,9 +93,28 @@ def _main(rank: int, world: int, port: int, hf: str, small: str, results: str) -
         out["part"] = _from_save(Path(small), teacher, res / "part", iter(_ids()[:2]), checkpoint_path=str(res / "c.ckpt"))
         out["resumed"] = _from_save(Path(small), teacher, res / "resumed", iter(_ids()), checkpoint_path=str(res / "c.ckpt"),
                                     resume=True)
+        out["nan"] = _nan_at_second_step(small, teacher, res / "nan")
         torch.save(out, res / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def _nan_at_second_step(small: str, teacher: torch.nn.Module, out: Path) -> str:
+    """A from-save run whose second step's loss is NaN (a patched distiller): what it raised."""
+    from kronc.recover.losses import Distiller
+
+    calls, losses = [0], Distiller.losses
+
+    def poisoned(self: Distiller, batch: Any) -> dict[str, torch.Tensor]:
+        calls[0] += 1
+        parts = losses(self, batch)
+        return {k: v * float("nan") for k, v in parts.items()} if calls[0] == 2 else parts
+
+    Distiller.losses = poisoned  # type: ignore[method-assign]
+    try:
+        return _outcome(lambda: kronc.recover(small, teacher, _ids(), out=out, **RUN))
+    finally:
+        Distiller.losses = losses  # type: ignore[method-assign]
 
 
 def _outcome(fn: Any) -> str:
@@ -132,6 +151,9 @@ def test_recovery_from_a_save_folder_matches_the_whole_student_run(saved: tuple[
         assert refused[3].startswith("RecoveryError: a student given as a save folder"), refused[3]
         assert all("\n" not in line for line in refused)
     assert not (tmp_path / "x").exists() and (tmp_path / "taken" / "notes.txt").read_text() == "mine"
+    for r in ranks:  # a NaN stops both ranks together; nothing is written
+        assert r["nan"].startswith("RecoveryError: the kd loss became nan at step 1"), r["nan"]
+    assert not (tmp_path / "nan").exists() and not list(tmp_path.glob(".nan.kronc-tmp-*"))
 
     streamed, r0 = ranks[0]["streamed"], ranks[0]
     assert streamed["saved"] == str(tmp_path / "streamed") and streamed["steps"] == STEPS
