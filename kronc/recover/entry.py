@@ -12,6 +12,7 @@ from torch import nn
 from . import from_save
 from .blockwise import reconstruct_blocks
 from .config import RecoveryConfig, RecoveryError, make_config
+from .guards import check_models
 from .loop import distill
 from .result import RecoveryResult
 
@@ -63,7 +64,9 @@ def recover(
                        saved=saved)
     if out is not None:
         raise RecoveryError("out= is for a student given as a save folder; save a built student with kronc.save")
-    assert isinstance(student, nn.Module)
+    if not isinstance(student, nn.Module):
+        check_models(student, teacher)  # the usual one-line error for a student that is not a model
+        raise AssertionError("unreachable")
     if cfg.method == "blockwise":
         if schemes:
             raise RecoveryError("method='blockwise' takes no schemes: run them in a method='distill' call afterwards")
