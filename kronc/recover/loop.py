@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from . import checkpoint, parallel, sharding
 from .batches import Batch, BatchSource, TokenWindows, make_batches, to_batch
 from .config import RecoveryConfig, RecoveryError, make_config
+from .from_save import SavedStudent
 from .guards import check_models, check_schemes, check_windows, device_of, models_restored, seeded
 from .losses import Distiller, weighted_total
 from .optim import make_optimizer, make_scheduler, trainable_parameters
@@ -44,9 +45,11 @@ def distill(
     schemes: Sequence[Any] = (),
     resume: bool | str | Path = False,
     progress: bool = True,
+    saved: SavedStudent | None = None,
 ) -> RecoveryResult:
     """End-to-end knowledge distillation (``method="distill"``), as `kronc.recover` documents; block-wise
-    reconstruction calls it for its short end-to-end pass."""
+    reconstruction calls it for its short end-to-end pass. ``saved``: the meta-device ``student`` is filled from
+    its save folder and written to a new one (`kronc.recover.from_save`)."""
     scheme_list, names = check_schemes(schemes)
     check_models(student, teacher)
     shard = cfg.shard and sharding.check_shard(scheme_list)  # FSDP2 over the ranks (False: whole student per rank)
@@ -70,9 +73,12 @@ def distill(
             raise RecoveryError("only the hidden loss has weight, but the models give no hidden states: name hidden_modules")
         try:
             with seeded(cfg.seed, device_of(student)), models_restored(student, teacher), \
-                    sharding.sharded_params(student, teacher, batches, params, shard) as trained:
-                return _Run(student, teacher, cfg, batches, scheme_list, names, trained, distiller, progress,
-                            shard).run(snap)
+                    sharding.sharded_params(student, teacher, batches, params, shard, saved) as trained:
+                result = _Run(student, teacher, cfg, batches, scheme_list, names, trained, distiller, progress,
+                              shard).run(snap)
+            if saved is not None:
+                result.saved = str(saved.out)
+            return result
         finally:
             distiller.close()
 

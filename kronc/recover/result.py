@@ -46,6 +46,8 @@ class RecoveryResult:
     """The step this call continued from, when it resumed a checkpoint."""
     checkpoint: str | None = None
     """The checkpoint file written at the end, if any."""
+    saved: str | None = None
+    """The save folder the recovered student was written to (a student recovered from its save folder), else None."""
 
     @property
     def final_loss(self) -> float | None:

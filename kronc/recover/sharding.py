@@ -26,6 +26,10 @@ Two names come from torch's private modules, both part of the documented ``fully
 ``ShardPlacementResult``/``FSDPMeshInfo`` (the per-parameter mesh of ``shard_placement_fn``, see
 `_placement_by_dtype`) and the composable-API registry that `_unshard` clears.
 
+A student given as a save folder (`kronc.recover.from_save`) arrives on the meta device: `sharded` shards it the
+same way, then allocates it and has each rank read only its shards from the files, and on exit writes it as a
+sharded save unit by unit instead of gathering it whole.
+
 Not sharded: the teacher (it runs without gradients or optimizer state; it must fit each rank), the
 training schemes (they read whole parameters and gradients between steps, where FSDP2 holds only a
 shard: refused), and block-wise reconstruction's block phase (one block's gradients and AdamW state are
@@ -43,10 +47,12 @@ import torch
 from torch import Tensor, nn
 
 from ..scale import distributed as dist
+from . import from_save
 from .batches import Batch, BatchSource
 from .blocks import find_blocks
 from .checkpoint import Snapshot
 from .config import RecoveryError
+from .from_save import SavedStudent
 from .guards import device_of
 
 _HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
@@ -144,14 +150,16 @@ def _placement_by_dtype(student: nn.Module, mesh: Any) -> Any:
 
 
 @contextmanager
-def sharded(student: nn.Module, teacher: nn.Module, probe: Batch) -> Iterator[None]:
+def sharded(student: nn.Module, teacher: nn.Module, probe: Batch, folder: SavedStudent | None = None) -> Iterator[None]:
     """``student`` sharded over every rank by FSDP2 inside the block, an ordinary module again after it.
 
+    With ``folder``, ``student`` is on the meta device: sharded first, then allocated and filled rank by rank from
+    its save folder, and written to ``folder.out`` on exit instead of being gathered (`kronc.recover.from_save`).
     Set ``requires_grad`` before entering: FSDP2 copies each parameter's flag into its shards."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    units = _units(student, teacher, probe)
+    units = _units(student, teacher if folder is None else student, probe)  # on meta: the student's own forward
     saved = {m: _Saved(type(m), set(m.__dict__), {h: set(getattr(m, h)) for h in _HOOK_DICTS})
              for m in student.modules()}
     device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
@@ -160,6 +168,12 @@ def sharded(student: nn.Module, teacher: nn.Module, probe: Batch) -> Iterator[No
     for unit in units:
         fully_shard(unit, mesh=mesh, shard_placement_fn=place)
     fully_shard(student, mesh=mesh, shard_placement_fn=place)
+    if folder is not None:
+        student.to_empty(device=device)
+        from_save.fill(student, folder)
+        yield  # a failure leaves nothing to put back: the student is written on success only
+        from_save.write(student, units, folder)
+        return
     try:
         yield
     except BaseException as e:
@@ -225,7 +239,7 @@ def local_bytes(module: nn.Module) -> int:
 
 @contextmanager
 def sharded_params(student: nn.Module, teacher: nn.Module, batches: BatchSource, params: dict[str, nn.Parameter],
-                   shard: bool) -> Iterator[dict[str, nn.Parameter]]:
+                   shard: bool, folder: SavedStudent | None = None) -> Iterator[dict[str, nn.Parameter]]:
     """The trained parameters by name: ``params`` as they are, or (``shard``) the student's sharded ones while
     `sharded` holds it, with ``requires_grad`` set to the selection first (FSDP2 copies the flags). Sharding
     empties ``params``: holding the whole parameters would keep their memory after FSDP2 replaced them."""
@@ -236,7 +250,7 @@ def sharded_params(student: nn.Module, teacher: nn.Module, batches: BatchSource,
     probe = batches.peek()
     if probe is None:
         raise RecoveryError("the data yielded no batches")
-    with sharded(student, teacher, probe.to(device_of(student))):
+    with sharded(student, teacher, probe.to(device_of(student)), folder):
         named = dict(student.named_parameters())
         yield {name: named[name] for name in names}
 

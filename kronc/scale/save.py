@@ -16,7 +16,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from ..plan import Plan
 from ..serialize import FORMAT_VERSION, MANIFEST
@@ -63,37 +63,42 @@ class SaveWriter:
             state = {k: v for k, v in sk.model.state_dict().items() if sk.unit_of(k) is None}
         else:
             state = sk.blocks[unit].state_dict(prefix=sk.block_prefix(unit))
-        tensors = unshared(dedupe(state))
         index = sk.count if unit is None else unit
-        entry = write_shard(self.tmp, shard_name(index, sk.count + 1), tensors, {"kronc_format_version": str(FORMAT_VERSION)})
+        self.write_tensors(index, sk.count + 1, unshared(dedupe(state)))
+
+    def write_tensors(self, index: int, total: int, tensors: dict[str, Tensor]) -> None:
+        """Write ``tensors`` (whole, untied, contiguous) as shard ``index`` of ``total``; keep its manifest entry."""
+        entry = write_shard(self.tmp, shard_name(index, total), tensors, {"kronc_format_version": str(FORMAT_VERSION)})
         self.entries.append(entry)
         self.dtypes |= {str(t.dtype).removeprefix("torch.") for t in tensors.values() if t.is_floating_point()}
 
     def finish(self, model: nn.Module, plan: Plan, policy: Any, source: Path) -> Path:
         """Gather every rank's shards, write config, tokenizer and manifest (rank 0), rename into place."""
+        fields = {"model_class": f"{type(model).__module__}.{type(model).__qualname__}", "huggingface": True,
+                  "output": "module", "source": str(source), "example_inputs": None, "plan": plan.model_dump(mode="json"),
+                  "policy": policy}
+        return self.publish(fields, source, getattr(model, "config", None))
+
+    def publish(self, fields: dict[str, Any], copy_from: Path, config: Any = None, copied: tuple[str, ...] = COPIED) -> Path:
+        """Gather every rank's shard entries; rank 0 writes ``config`` (when given), the ``copied`` files of
+        ``copy_from`` and the manifest (``fields`` plus the format version, versions, dtype and the shard list),
+        then renames the folder into place."""
         entries = sorted((e for part in dist.gather_list(self.entries) for e in part), key=lambda e: e["file"])
         dtypes = sorted(set().union(*dist.gather_list(sorted(self.dtypes))))
         dist.barrier()  # every shard is on disk before the manifest names it
         if dist.rank() == 0:
-            config = getattr(model, "config", None)
             if config is not None and hasattr(config, "to_json_file"):
                 config.to_json_file(str(self.tmp / "config.json"))
-            for name in COPIED:
-                if (source / name).is_file():
-                    shutil.copyfile(source / name, self.tmp / name)
+            for name in copied:
+                if (copy_from / name).is_file():
+                    shutil.copyfile(copy_from / name, self.tmp / name)
             manifest = {
                 "format_version": FORMAT_VERSION,
                 "versions": {name: _version(name) for name in ("kronc", "torch", "transformers", "safetensors")},
-                "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
-                "huggingface": True,
-                "output": "module",
-                "source": str(source),
+                **fields,
                 "dtype": dtypes[0] if len(dtypes) == 1 else None,
                 "weights": {"shards": entries, "bytes": sum(e["bytes"] for e in entries),
                             "tensors": sum(len(e["names"]) for e in entries)},
-                "example_inputs": None,
-                "plan": plan.model_dump(mode="json"),
-                "policy": policy,
             }
             (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
             replace_dir(self.tmp, self.out)

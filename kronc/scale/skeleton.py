@@ -176,22 +176,28 @@ def load_unit(skeleton: Skeleton, unit: int | None) -> int:
 def _init_buffers(skeleton: Skeleton, root: nn.Module, prefix: str, unit: int | None) -> None:
     """Buffers still on meta (non-persistent, e.g. rotary frequencies) recomputed by the model's ``_init_weights``,
     only on modules without parameters of their own (so no stored weight is re-initialised)."""
-    init = getattr(skeleton.model, "_init_weights", None)
     for owner_name, owner in root.named_modules():
         if unit is None and skeleton.unit_of(prefix + owner_name + ".") is not None:
             continue
         meta = [a for a, b in owner._buffers.items() if b is not None and b.is_meta]
         if not meta:
             continue
-        if init is None or any(True for _ in owner.parameters(recurse=False)):
-            raise CheckpointError(f"{prefix}{owner_name}: buffers {', '.join(meta)} are not stored and kronc cannot "
-                                  "recompute them")
-        owner.to_empty(device="cpu", recurse=False)
-        with torch.no_grad():
-            init(owner)
+        recompute_buffers(skeleton.model, owner, prefix + owner_name, meta)
         still = [a for a, b in owner._buffers.items() if b is not None and b.is_meta]
         if still:
             raise CheckpointError(f"{prefix}{owner_name}: buffers {', '.join(still)} stay uninitialised")
+
+
+def recompute_buffers(model: nn.Module, owner: nn.Module, name: str, buffers: list[str], device: str = "cpu") -> None:
+    """``owner``'s ``buffers`` that no checkpoint stores (rotary frequencies) allocated on ``device`` and recomputed by
+    the model's own ``_init_weights``; refused (`CheckpointError`) on a module with parameters of its own, whose
+    stored weights the init would overwrite."""
+    init = getattr(model, "_init_weights", None)
+    if init is None or any(True for _ in owner.parameters(recurse=False)):
+        raise CheckpointError(f"{name}: buffers {', '.join(buffers)} are not stored and kronc cannot recompute them")
+    owner.to_empty(device=device, recurse=False)
+    with torch.no_grad():
+        init(owner)
 
 
 def unload_unit(skeleton: Skeleton, unit: int) -> None:

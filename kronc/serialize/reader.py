@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ..formats import SparseIndex
@@ -33,7 +34,7 @@ from .files import (
     version,
 )
 from .rebuild import base_model, rebuild_graph, rebuild_modules
-from .shards import read_shards
+from .shards import check_shard_file, read_shards
 
 
 def load(
@@ -42,6 +43,7 @@ def load(
     *,
     example_inputs: Any = None,
     verify: bool = True,
+    device: str | torch.device | None = None,
 ) -> nn.Module:
     """Rebuild a model saved with `save`, without recompressing it.
 
@@ -54,6 +56,12 @@ def load(
     else ``example_inputs``, else Hugging Face dummy inputs). ``verify=False`` skips the SHA-256
     check of the weights file.
 
+    ``device="meta"`` rebuilds the compressed structure (every compressed module, its parameters and buffers
+    with their stored shapes and dtypes) on the meta device without reading a weight: the shards' sizes,
+    checksums (``verify``) and headers are checked, and the model records its folder as ``kronc_folder``, so
+    sharded recovery (`kronc.recover` with ``shard=True``) can shard it first and fill each rank's part from
+    the files. Module saves only (a graph save is re-captured from real inputs).
+
     Raises `KroncFileError` when the directory is missing, corrupted, truncated, from another file
     format version, or does not match the architecture.
     """
@@ -63,6 +71,10 @@ def load(
         plan = Plan.model_validate(manifest["plan"])
     except Exception as e:
         raise KroncFileError(f"{path / MANIFEST}: the plan is invalid: {first_line(e)}") from e
+    if device is not None and torch.device(device).type == "meta":
+        return _load_meta(path, manifest, plan, model, verify)
+    if device is not None and torch.device(device).type != "cpu":
+        raise KroncFileError(f"device must be 'cpu' or 'meta' (move the loaded model with .to()), got {device!r}")
     state = read_weights(path, manifest, verify=verify)
     base = base_model(path, manifest, model)
     dtype = dtype_named(manifest.get("dtype"))
@@ -92,6 +104,92 @@ def load(
     compressed.kronc_policy = manifest.get("policy")  # type: ignore[assignment]
     compressed.kronc_source = manifest.get("source")  # type: ignore[assignment]
     return compressed
+
+
+def _load_meta(path: Path, manifest: Mapping[str, Any], plan: Plan, model: ModelArg, verify: bool) -> nn.Module:
+    """`load` with ``device="meta"``: the rebuilt structure, checked against the stored headers, no storage."""
+    if manifest["output"] != "module":
+        raise KroncFileError(f"{path}: device='meta' loads module saves only; this one holds a {manifest['output']!r} "
+                             "(load it whole)")
+    layout = stored_layout(path, manifest, verify=verify)
+    with torch.device("meta"):
+        base = base_model(path, manifest, model).to("meta")
+        dtype = dtype_named(manifest.get("dtype"))
+        if dtype is not None and any(p.is_floating_point() and p.dtype != dtype for p in base.parameters()):
+            base = base.to(dtype)
+        compressed = rebuild_modules(base, plan)
+    tensors = dict(compressed.state_dict(keep_vars=True))
+    groups: dict[int, list[str]] = {}  # meta tensors have no storage to compare: ties are found by identity
+    for name, t in tensors.items():
+        groups.setdefault(id(t), []).append(name)
+    missing = [g[0] for g in groups.values() if not any(n in layout for n in g)]
+    unexpected = [k for k in layout if k not in tensors]
+    mismatched = [f"{k} ({layout[k][1]} {layout[k][2]} stored, {list(tensors[k].shape)} {_name(tensors[k].dtype)} "
+                  "expected)" for k in layout
+                  if k in tensors and (layout[k][1] != list(tensors[k].shape) or layout[k][2] != _name(tensors[k].dtype))]
+    if missing or unexpected or mismatched:
+        raise KroncFileError(
+            f"{path} does not match the model rebuilt from its plan ({manifest['model_class']}): "
+            + "; ".join(f"{what} {few(keys)}" for what, keys in (("missing", missing), ("unexpected", unexpected),
+                                                                 ("wrong shape or dtype", mismatched)) if keys))
+    compressed.eval()
+    compressed.kronc_plan = plan  # type: ignore[assignment]
+    compressed.kronc_policy = manifest.get("policy")  # type: ignore[assignment]
+    compressed.kronc_source = manifest.get("source")  # type: ignore[assignment]
+    compressed.kronc_folder = str(path)  # type: ignore[assignment]
+    return compressed
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def stored_layout(path: Path, manifest: Mapping[str, Any], *, verify: bool = True) -> dict[str, tuple[Path, list[int], str]]:
+    """Every stored tensor's file, shape and dtype name (``"bfloat16"``), from the safetensors headers after the
+    size and (``verify``) checksum checks of every file; no tensor data is loaded."""
+    from safetensors import SafetensorError, safe_open
+
+    shards = (manifest.get("weights") or {}).get("shards")
+    if isinstance(shards, list):
+        files = [check_shard_file(path, entry, verify=verify, error=KroncFileError) for entry in shards]
+    else:
+        files = [_check_single(path, manifest, verify)]
+    layout: dict[str, tuple[Path, list[int], str]] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    if key in layout:
+                        raise KroncFileError(f"{file} holds {key}, which another shard holds too")
+                    info = f.get_slice(key)
+                    kind = str(info.get_dtype())
+                    layout[key] = (file, [int(n) for n in info.get_shape()], _DTYPES.get(kind, kind.lower()))
+        except (SafetensorError, OSError) as e:
+            raise KroncFileError(f"{file} is corrupted or truncated: {first_line(e)}") from e
+    return layout
+
+
+_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+           "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+"""safetensors' dtype names -> torch's."""
+
+
+def _check_single(path: Path, manifest: Mapping[str, Any], verify: bool) -> Path:
+    """The single weights file of an unsharded save, checked for size and (``verify``) checksum."""
+    file = path / WEIGHTS
+    if not file.is_file():
+        raise KroncFileError(f"{path}: {WEIGHTS} is missing")
+    expected = manifest.get("weights") or {}
+    size = file.stat().st_size
+    if isinstance(expected.get("bytes"), int) and size != expected["bytes"]:
+        what = "truncated" if size < expected["bytes"] else "corrupted"
+        raise KroncFileError(f"{file} is {what}: {size} bytes, the manifest says {expected['bytes']}")
+    if verify and not isinstance(expected.get("sha256"), str):
+        raise KroncFileError(f"{path / MANIFEST} has no SHA-256 checksum for {WEIGHTS}: it was altered or not written "
+                             "by kronc.save (load it with verify=False to skip the check)")
+    if verify and sha256(file) != expected["sha256"]:
+        raise KroncFileError(f"{file} is corrupted: its SHA-256 does not match the manifest")
+    return file
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
@@ -132,19 +230,7 @@ def read_weights(path: str | Path, manifest: Mapping[str, Any] | None = None, *,
     shards = (manifest.get("weights") or {}).get("shards")
     if isinstance(shards, list):  # a sharded save (streamed compile): one file per block
         return read_shards(path, shards, verify=verify, error=KroncFileError)
-    file = path / WEIGHTS
-    if not file.is_file():
-        raise KroncFileError(f"{path}: {WEIGHTS} is missing")
-    expected = manifest.get("weights") or {}
-    size = file.stat().st_size
-    if isinstance(expected.get("bytes"), int) and size != expected["bytes"]:
-        what = "truncated" if size < expected["bytes"] else "corrupted"
-        raise KroncFileError(f"{file} is {what}: {size} bytes, the manifest says {expected['bytes']}")
-    if verify and not isinstance(expected.get("sha256"), str):
-        raise KroncFileError(f"{path / MANIFEST} has no SHA-256 checksum for {WEIGHTS}: it was altered or not written "
-                             "by kronc.save (load it with verify=False to skip the check)")
-    if verify and sha256(file) != expected["sha256"]:
-        raise KroncFileError(f"{file} is corrupted: its SHA-256 does not match the manifest")
+    file = _check_single(path, manifest, verify)
     try:
         return load_file(str(file))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:

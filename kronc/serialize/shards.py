@@ -145,6 +145,23 @@ def write_shard(folder: Path, name: str, tensors: Mapping[str, Tensor], metadata
     return {"file": name, "bytes": path.stat().st_size, "sha256": sha256(path), "names": sorted(tensors)}
 
 
+def check_shard_file(folder: Path, entry: Mapping[str, Any], *, verify: bool, error: type[Exception]) -> Path:
+    """The path of one listed shard after checking that it exists, its size and (``verify``) its SHA-256, without
+    loading it (the file is hashed in 1 MiB blocks); ``error`` in one line for a missing, truncated or corrupted shard."""
+    file = folder / str(entry.get("file"))
+    if not file.is_file():
+        raise error(f"{file} is missing (the manifest lists it as a weight shard)")
+    size = file.stat().st_size
+    if isinstance(entry.get("bytes"), int) and size != entry["bytes"]:
+        what = "truncated" if size < entry["bytes"] else "corrupted"
+        raise error(f"{file} is {what}: {size} bytes, the manifest says {entry['bytes']}")
+    if verify and not isinstance(entry.get("sha256"), str):
+        raise error(f"the manifest has no SHA-256 checksum for {file.name} (load with verify=False to skip the check)")
+    if verify and sha256(file) != entry["sha256"]:
+        raise error(f"{file} is corrupted: its SHA-256 does not match the manifest")
+    return file
+
+
 def read_shards(folder: Path, shards: Sequence[Mapping[str, Any]], *, verify: bool, error: type[Exception]) -> dict[str, Tensor]:
     """Every tensor of the listed shards, each checked for size and (``verify``) checksum; ``error`` is raised
     in one line for a missing, truncated or corrupted shard, or a tensor stored in two shards."""
@@ -153,17 +170,7 @@ def read_shards(folder: Path, shards: Sequence[Mapping[str, Any]], *, verify: bo
 
     out: dict[str, Tensor] = {}
     for entry in shards:
-        file = folder / str(entry.get("file"))
-        if not file.is_file():
-            raise error(f"{file} is missing (the manifest lists it as a weight shard)")
-        size = file.stat().st_size
-        if isinstance(entry.get("bytes"), int) and size != entry["bytes"]:
-            what = "truncated" if size < entry["bytes"] else "corrupted"
-            raise error(f"{file} is {what}: {size} bytes, the manifest says {entry['bytes']}")
-        if verify and not isinstance(entry.get("sha256"), str):
-            raise error(f"the manifest has no SHA-256 checksum for {file.name} (load with verify=False to skip the check)")
-        if verify and sha256(file) != entry["sha256"]:
-            raise error(f"{file} is corrupted: its SHA-256 does not match the manifest")
+        file = check_shard_file(folder, entry, verify=verify, error=error)
         try:
             part = load_file(str(file))
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
@@ -181,4 +188,4 @@ def tensor_bytes(tensors: Iterable[Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-__all__ = ["Checkpoint", "CheckpointError", "read_shards", "shard_name", "write_shard"]
+__all__ = ["Checkpoint", "CheckpointError", "check_shard_file", "read_shards", "shard_name", "write_shard"]

@@ -295,7 +295,8 @@ __all__ = [
 ]
 
 
-def load(path: str | Path, model: ModelArg = None, *, example_inputs: Any = None, verify: bool = True) -> nn.Module:
+def load(path: str | Path, model: ModelArg = None, *, example_inputs: Any = None, verify: bool = True,
+         device: str | torch.device | None = None) -> nn.Module:
     """`kronc.load`: `kronc.serialize.load` that also knows kronc's own model names.
 
     A model saved with ``source="toy:NAME"`` or a built-in name (`kronc.tools.zoo.BUILTIN_MODELS`) is
@@ -305,7 +306,7 @@ def load(path: str | Path, model: ModelArg = None, *, example_inputs: Any = None
         name = model if model is not None else read_manifest(path).get("source") if not _is_hf(path) else None
         if isinstance(name, str) and (name.startswith(TOY_PREFIX) or name in BUILTIN_MODELS):
             model = build_architecture(name)
-    return load_compressed(path, model, example_inputs=example_inputs, verify=verify)
+    return load_compressed(path, model, example_inputs=example_inputs, verify=verify, device=device)
 
 
 def _is_hf(path: str | Path) -> bool:
