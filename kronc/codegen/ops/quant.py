@@ -41,6 +41,10 @@ PACKED_DTYPES = (torch.bfloat16,)
 PACKED_MAX_TOKENS = 256
 """Above this many tokens, dequantize-then-GEMM beats the packed kernels (the crossover measured in
 ``benchmarks/results/design_measurements.md``)."""
+DECODE_MAX_TOKENS = 8
+"""float32/float16 activations of at most this many tokens (decode: one token per sequence) run the packed
+kernels on a bfloat16 copy of ``x`` (output cast back): at one token that is 10-100x faster than
+dequantizing the weight on every call. Larger inputs (prefill, perplexity) keep ``x``'s precision."""
 
 
 def dequantize(codes: Tensor, scales: Tensor, minima: Tensor | None, bits: int, inn: int,
@@ -70,8 +74,11 @@ def packed_path(x: Tensor, scales: Tensor, minima: Tensor | None, bits: int) -> 
 def cpu_path(x: Tensor, scales: Tensor, minima: Tensor | None, bits: int, tokens: int) -> str:
     """Which CPU implementation runs: ``int8pack``, ``int4pack`` or ``dequant`` (see module docstring)."""
     packed = packed_path(x, scales, minima, bits)
-    fast = x.dtype in PACKED_DTYPES and tokens <= PACKED_MAX_TOKENS
-    return packed if packed is not None and fast else "dequant"
+    if packed is None:
+        return "dequant"
+    if x.dtype in PACKED_DTYPES:
+        return packed if tokens <= PACKED_MAX_TOKENS else "dequant"
+    return packed if tokens <= DECODE_MAX_TOKENS else "dequant"
 
 
 _int4_cache: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -110,10 +117,12 @@ def quant_linear_cpu(x: Tensor, codes: Tensor, scales: Tensor, minima: Tensor | 
         raise fail("quant_linear", f"path {path!r} cannot run {bits}-bit weights with {scales.shape[1]} groups, "
                                    f"{scales.shape[0]} outputs and {x.dtype} input")
     if path == "int8pack":
-        y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), codes, scales[:, 0].to(x.dtype))
+        xb = x2.to(torch.bfloat16).contiguous()
+        y = torch.ops.aten._weight_int8pack_mm(xb, codes, scales[:, 0].to(torch.bfloat16)).to(x.dtype)
     elif path == "int4pack":
-        packed, sz = _int4_operands(codes, scales, minima, inn, x.dtype)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), packed, group, sz)
+        packed, sz = _int4_operands(codes, scales, minima, inn, torch.bfloat16)
+        xb = x2.to(torch.bfloat16).contiguous()
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, group, sz).to(x.dtype)
     else:
         y = F.linear(x2, dequantize(codes, scales, minima, bits, inn, x.dtype))
     if bias is not None:
