@@ -63,20 +63,22 @@ def test_op_matches_dequantized_linear(p: Precision, dtype: torch.dtype, with_bi
 def test_decode_sized_float_inputs(p: Precision, dtype: torch.dtype, tokens: int) -> None:
     """Decode-sized float32/float16 inputs: the packed kernels on bf16 where they fit (bf16 tolerance, output in x's
     dtype), x's own precision elsewhere."""
-    qt = weight(p, out=48 if p.bits != 4 else 64)
+    qt = weight(p, out=64)
     x = torch.randn(tokens, 128, generator=gen(12)).to(dtype)
-    bias = torch.randn(qt.shape[0], generator=gen(13)).to(dtype)
+    bias = torch.randn(64, generator=gen(13)).to(dtype)
     path = cpu_path(x, qt.scales, qt.minima, p.bits, tokens)
     assert path == ("int8pack" if p.bits == 8 and p.group_size is None and p.symmetric else
-                    "int4pack" if p.bits == 4 and p.group_size in (32, 64, 128) else "dequant")
+                    "int4pack" if p.bits <= 4 and p.group_size in (32, 64, 128) else "dequant")
     close(qt.linear(x, bias), reference(x, qt, bias), dtype, TOL[torch.bfloat16] if path != "dequant" else None)
 
 
 @pytest.mark.parametrize(
     ("p", "path"),
     [(Precision(dtype="int8"), "int8pack"), (Precision(dtype="int4", group_size=32), "int4pack"),
-     (Precision(dtype="int4", group_size=128, symmetric=False), "int4pack")],
-    ids=["int8pack", "int4pack-sym", "int4pack-asym"],
+     (Precision(dtype="int4", group_size=128, symmetric=False), "int4pack"),
+     (Precision(dtype="int3", group_size=64), "int4pack"), (Precision(dtype="int3", group_size=32, symmetric=False), "int4pack"),
+     (Precision(dtype="int2", group_size=128, symmetric=False), "int4pack")],
+    ids=["int8pack", "int4pack-sym", "int4pack-asym", "int3-sym", "int3-asym", "int2-asym"],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_packed_kernels_match(p: Precision, path: str, dtype: torch.dtype) -> None:
@@ -96,10 +98,16 @@ def test_path_rule() -> None:
     assert cpu_path(xf, q4.scales, q4.minima, 4, 1) == "int4pack"  # fp32 decode: packed kernel on bf16 x
     assert cpu_path(xf, q8.scales, q8.minima, 8, DECODE_MAX_TOKENS) == "int8pack"
     assert cpu_path(xf, q4.scales, q4.minima, 4, DECODE_MAX_TOKENS + 1) == "dequant"  # fp32 prefill keeps fp32
+    assert cpu_path(xf.clone().requires_grad_(), q4.scales, q4.minima, 4, 1) == "dequant"  # trained through: fp32
     odd = weight(Precision(dtype="int4", group_size=32), out=40)  # out not a multiple of 16
     assert cpu_path(xb, odd.scales, odd.minima, 4, 1) == "dequant"
     g16 = weight(Precision(dtype="int4", group_size=16))  # group the kernel does not take
     assert cpu_path(xb, g16.scales, g16.minima, 4, 1) == "dequant"
+    q3, q2 = weight(Precision(dtype="int3", group_size=64, symmetric=False)), weight(Precision(dtype="int2", group_size=32))
+    assert cpu_path(xf, q3.scales, q3.minima, 3, 1) == "int4pack"  # 3 and 2 bits: levels of the int4 kernel
+    assert cpu_path(xb, q2.scales, q2.minima, 2, 1) == "int4pack"
+    g8 = weight(Precision(dtype="int8", group_size=64))  # grouped int8: no kernel
+    assert cpu_path(xb, g8.scales, g8.minima, 8, 1) == "dequant"
 
 
 def test_int4_layout_cache_follows_in_place_updates() -> None:
@@ -127,7 +135,7 @@ def test_bad_inputs_name_the_op() -> None:
     with pytest.raises(OpInputError, match="not divisible into the 4 scale groups"):
         ops.quant_linear(torch.randn(2, 130), qt.codes, qt.scales, None, None, 4)
     with pytest.raises(OpInputError, match="path 'int4pack' cannot run"):
-        q3 = weight(Precision(dtype="int3", group_size=32))
+        q3 = weight(Precision(dtype="int3", group_size=16))
         quant_linear_cpu(x, q3.codes, q3.scales, None, None, 3, "int4pack")
 
 
