@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..codegen.ops.quant import quant_linear
+from ..codegen.ops.quant import quant_linear_any
 from ..reference.pack import pack, unpack
 from .fits import Levels, fit_levels
 from .grid import level_range
@@ -168,7 +168,7 @@ class QuantizedTensor(nn.Module):
             return nn.functional.linear(x, self.codes.to(x.dtype), bias)
         if self.trains_scales and torch.is_grad_enabled():  # the packed op has no gradient for the scales
             return nn.functional.linear(x, self.dequantize(x.dtype), bias)
-        return quant_linear(x, self.codes, self.scales, self.minima, bias, self.precision.bits)
+        return quant_linear_any(x, self.codes, self.scales, self.minima, bias, self.precision.bits)
 
     def _apply(self, fn, recurse: bool = True):
         """Device moves apply; dtype casts (``.half()``, ``.to(torch.float64)``) do not: the stored

@@ -180,3 +180,20 @@ def test_export_keeps_the_op() -> None:
     assert targets.count(torch.ops.kronc.quant_linear.default) == 2
     x5 = torch.randn(5, 128, generator=gen(11))
     assert torch.equal(ep.module()(x5), m(x5))
+
+
+def test_eager_calls_skip_the_op_dispatch_only_when_nothing_traces(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`quant_linear_any` runs the CPU implementation directly for plain eager calls (same result as the op)
+    and the op itself when the call needs a gradient."""
+    from kronc.codegen.ops import quant
+
+    qt = weight(Precision(dtype="int4", group_size=32), out=32)
+    x = torch.randn(1, 128, generator=gen(14))
+    with torch.no_grad():
+        via_op = torch.ops.kronc.quant_linear(x, qt.codes, qt.scales, None, None, 4)
+    calls: list[int] = []
+    real = quant.quant_linear
+    monkeypatch.setattr(quant, "quant_linear", lambda *a: calls.append(1) or real(*a))
+    assert torch.equal(qt.linear(x), via_op) and not calls
+    qt.linear(x.requires_grad_())
+    assert calls == [1]

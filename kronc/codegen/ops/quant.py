@@ -171,6 +171,20 @@ def quant_linear(x: Tensor, codes: Tensor, scales: Tensor, minima: Tensor | None
     return _run_cpu(x, codes, scales, minima, bias, bits, None).contiguous()
 
 
+def quant_linear_any(x: Tensor, codes: Tensor, scales: Tensor, minima: Tensor | None, bias: Tensor | None,
+                     bits: int) -> Tensor:
+    """`quant_linear`, or its CPU implementation called directly when nothing traces or differentiates the call.
+
+    Why: at one token the custom op's dispatch (autograd wrapper, redispatch, dynamo guard) costs several
+    times the int4 kernel itself, and an eager decode step makes one call per linear. Traced calls
+    (torch.compile, export, dispatch modes), calls needing gradients and non-CPU or Triton-mode calls
+    keep the op, so graphs still show ``kronc::quant_linear``.
+    """
+    if x.device.type != "cpu" or x.requires_grad or kernel_mode() == "triton" or is_traced(x):
+        return quant_linear(x, codes, scales, minima, bias, bits)
+    return quant_linear_cpu(x, codes, scales, minima, bias, bits)
+
+
 @quant_linear.register_fake
 def _(x: Tensor, codes: Tensor, scales: Tensor, minima: Tensor | None, bias: Tensor | None,
       bits: int) -> Tensor:
