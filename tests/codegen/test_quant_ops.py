@@ -183,8 +183,8 @@ def test_export_keeps_the_op() -> None:
 
 
 def test_eager_calls_skip_the_op_dispatch_only_when_nothing_traces(monkeypatch: pytest.MonkeyPatch) -> None:
-    """`quant_linear_any` runs the CPU implementation directly for plain eager calls (same result as the op)
-    and the op itself when the call needs a gradient."""
+    """`quant_linear_any` runs the CPU implementation directly for eager calls with gradients off (same result
+    as the op) and the op itself when gradients are on."""
     from kronc.codegen.ops import quant
 
     qt = weight(Precision(dtype="int4", group_size=32), out=32)
@@ -194,6 +194,24 @@ def test_eager_calls_skip_the_op_dispatch_only_when_nothing_traces(monkeypatch: 
     calls: list[int] = []
     real = quant.quant_linear
     monkeypatch.setattr(quant, "quant_linear", lambda *a: calls.append(1) or real(*a))
-    assert torch.equal(qt.linear(x), via_op) and not calls
-    qt.linear(x.requires_grad_())
+    with torch.no_grad():
+        assert torch.equal(qt.linear(x), via_op) and not calls
+    qt.linear(x)
     assert calls == [1]
+
+
+def test_compiled_inference_uses_the_lean_op_and_matches_eager() -> None:
+    """Under torch.compile with gradients off, a decode-sized call is ``kronc::quant_linear_infer`` (same result
+    as eager); with gradients on, the graph keeps ``kronc::quant_linear``."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    qt = weight(Precision(dtype="int3", group_size=64, symmetric=False), out=64)
+    x = torch.randn(1, 1, 128, generator=gen(15))
+    targets = []
+    for grad in (False, True):
+        counter = CompileCounterWithBackend("aot_eager")
+        with torch.set_grad_enabled(grad):
+            y = torch.compile(qt.linear, backend=counter, fullgraph=True)(x)
+            assert torch.equal(y, qt.linear(x))
+        targets.append({str(n.target).removesuffix(".default") for g in counter.graphs for n in g.graph.nodes if n.op == "call_function"})
+    assert targets == [{"kronc.quant_linear_infer"}, {"kronc.quant_linear"}]

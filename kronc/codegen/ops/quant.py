@@ -173,16 +173,35 @@ def quant_linear(x: Tensor, codes: Tensor, scales: Tensor, minima: Tensor | None
 
 def quant_linear_any(x: Tensor, codes: Tensor, scales: Tensor, minima: Tensor | None, bias: Tensor | None,
                      bits: int) -> Tensor:
-    """`quant_linear`, or its CPU implementation called directly when nothing traces or differentiates the call.
+    """`quant_linear`, or a leaner route to the same CPU implementation for inference calls.
 
-    Why: at one token the custom op's dispatch (autograd wrapper, redispatch, dynamo guard) costs several
-    times the int4 kernel itself, and an eager decode step makes one call per linear. Traced calls
-    (torch.compile, export, dispatch modes), calls needing gradients and non-CPU or Triton-mode calls
-    keep the op, so graphs still show ``kronc::quant_linear``.
+    Why: at one token the custom op's dispatch (autograd wrapper, redispatch, aliasing check, dynamo
+    guard) costs several times the int4 kernel itself, and a decode step makes one call per linear.
+    On CPU with gradients off: an eager call runs the implementation directly, and a call traced by
+    ``torch.compile`` becomes ``kronc::quant_linear_infer`` (the same implementation registered
+    without the custom-op and autograd layers; dynamo guards on grad mode, so that graph only runs
+    with gradients off). Everything else (export, dispatch modes, gradients, CUDA, Triton mode) keeps
+    ``kronc::quant_linear``.
     """
-    if x.device.type != "cpu" or x.requires_grad or kernel_mode() == "triton" or is_traced(x):
-        return quant_linear(x, codes, scales, minima, bias, bits)
-    return quant_linear_cpu(x, codes, scales, minima, bias, bits)
+    if x.device.type == "cpu" and kernel_mode() != "triton" and not (x.requires_grad or torch.is_grad_enabled()):
+        if torch.compiler.is_compiling():
+            if not torch.compiler.is_exporting():
+                return torch.ops.kronc.quant_linear_infer(x, codes, scales, minima, bias, bits)
+        elif not is_traced(x):
+            return quant_linear_cpu(x, codes, scales, minima, bias, bits)
+    return quant_linear(x, codes, scales, minima, bias, bits)
+
+
+_lib = torch.library.Library("kronc", "FRAGMENT")
+_lib.define("quant_linear_infer(Tensor x, Tensor codes, Tensor scales, Tensor? minima, Tensor? bias, int bits) -> Tensor")
+
+
+def _infer_cpu(x: Tensor, codes: Tensor, scales: Tensor, minima: Tensor | None, bias: Tensor | None,
+               bits: int) -> Tensor:
+    return quant_linear_cpu(x, codes, scales, minima, bias, bits).contiguous()
+
+
+_lib.impl("quant_linear_infer", _infer_cpu, "CPU")
 
 
 @quant_linear.register_fake
@@ -190,6 +209,9 @@ def _(x: Tensor, codes: Tensor, scales: Tensor, minima: Tensor | None, bias: Ten
       bits: int) -> Tensor:
     out, _ = check_quant("quant_linear", x, codes, scales, minima, bias, bits)
     return x.new_empty((*x.shape[:-1], out))
+
+
+torch.library.register_fake("kronc::quant_linear_infer", _, lib=_lib)
 
 
 def _setup(ctx: OpCtx, inputs: tuple, output: Tensor) -> None:
