@@ -61,15 +61,18 @@ def test_op_matches_dequantized_linear(p: Precision, dtype: torch.dtype, with_bi
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("tokens", [1, DECODE_MAX_TOKENS])
 def test_decode_sized_float_inputs(p: Precision, dtype: torch.dtype, tokens: int) -> None:
-    """Decode-sized float32/float16 inputs: the packed kernels on bf16 where they fit (bf16 tolerance, output in x's
-    dtype), x's own precision elsewhere."""
+    """Decode-sized float32/float16 inputs with gradients off: the packed kernels on bf16 where they fit (bf16
+    tolerance, output in x's dtype), x's own precision elsewhere."""
     qt = weight(p, out=64)
     x = torch.randn(tokens, 128, generator=gen(12)).to(dtype)
     bias = torch.randn(64, generator=gen(13)).to(dtype)
-    path = cpu_path(x, qt.scales, qt.minima, p.bits, tokens)
+    path = cpu_path(x, qt.scales, qt.minima, p.bits, tokens, inference=True)
+    with torch.no_grad():
+        y = qt.linear(x, bias)
+    close(qt.linear(x, bias), reference(x, qt, bias), dtype)  # gradients on: x's precision
     assert path == ("int8pack" if p.bits == 8 and p.group_size is None and p.symmetric else
                     "int4pack" if p.bits <= 4 and p.group_size in (32, 64, 128) else "dequant")
-    close(qt.linear(x, bias), reference(x, qt, bias), dtype, TOL[torch.bfloat16] if path != "dequant" else None)
+    close(y, reference(x, qt, bias), dtype, TOL[torch.bfloat16] if path != "dequant" else None)
 
 
 @pytest.mark.parametrize(
@@ -95,16 +98,16 @@ def test_path_rule() -> None:
     assert cpu_path(xb, q8.scales, q8.minima, 8, 1) == "int8pack"
     assert cpu_path(xb, q4.scales, q4.minima, 4, 256) == "int4pack"
     assert cpu_path(xb, q4.scales, q4.minima, 4, 512) == "dequant"  # prefill: dequantize-then-GEMM wins
-    assert cpu_path(xf, q4.scales, q4.minima, 4, 1) == "int4pack"  # fp32 decode: packed kernel on bf16 x
-    assert cpu_path(xf, q8.scales, q8.minima, 8, DECODE_MAX_TOKENS) == "int8pack"
-    assert cpu_path(xf, q4.scales, q4.minima, 4, DECODE_MAX_TOKENS + 1) == "dequant"  # fp32 prefill keeps fp32
-    assert cpu_path(xf.clone().requires_grad_(), q4.scales, q4.minima, 4, 1) == "dequant"  # trained through: fp32
+    assert cpu_path(xf, q4.scales, q4.minima, 4, 1, inference=True) == "int4pack"  # fp32 decode: kernel on bf16 x
+    assert cpu_path(xf, q8.scales, q8.minima, 8, DECODE_MAX_TOKENS, inference=True) == "int8pack"
+    assert cpu_path(xf, q4.scales, q4.minima, 4, DECODE_MAX_TOKENS + 1, inference=True) == "dequant"  # prefill: fp32
+    assert cpu_path(xf, q4.scales, q4.minima, 4, 1) == "dequant"  # gradients on (the op itself): fp32
     odd = weight(Precision(dtype="int4", group_size=32), out=40)  # out not a multiple of 16
     assert cpu_path(xb, odd.scales, odd.minima, 4, 1) == "dequant"
     g16 = weight(Precision(dtype="int4", group_size=16))  # group the kernel does not take
     assert cpu_path(xb, g16.scales, g16.minima, 4, 1) == "dequant"
     q3, q2 = weight(Precision(dtype="int3", group_size=64, symmetric=False)), weight(Precision(dtype="int2", group_size=32))
-    assert cpu_path(xf, q3.scales, q3.minima, 3, 1) == "int4pack"  # 3 and 2 bits: levels of the int4 kernel
+    assert cpu_path(xf, q3.scales, q3.minima, 3, 1, inference=True) == "int4pack"  # 3 and 2 bits: levels of the int4 kernel
     assert cpu_path(xb, q2.scales, q2.minima, 2, 1) == "int4pack"
     g8 = weight(Precision(dtype="int8", group_size=64))  # grouped int8: no kernel
     assert cpu_path(xb, g8.scales, g8.minima, 8, 1) == "dequant"
@@ -184,13 +187,13 @@ def test_export_keeps_the_op() -> None:
 
 def test_eager_calls_skip_the_op_dispatch_only_when_nothing_traces(monkeypatch: pytest.MonkeyPatch) -> None:
     """`quant_linear_any` runs the CPU implementation directly for eager calls with gradients off (same result
-    as the op) and the op itself when gradients are on."""
+    as the compiled graphs' ``kronc::quant_linear_infer``) and the op itself when gradients are on."""
     from kronc.codegen.ops import quant
 
     qt = weight(Precision(dtype="int4", group_size=32), out=32)
     x = torch.randn(1, 128, generator=gen(14))
     with torch.no_grad():
-        via_op = torch.ops.kronc.quant_linear(x, qt.codes, qt.scales, None, None, 4)
+        via_op = torch.ops.kronc.quant_linear_infer(x, qt.codes, qt.scales, None, None, 4)
     calls: list[int] = []
     real = quant.quant_linear
     monkeypatch.setattr(quant, "quant_linear", lambda *a: calls.append(1) or real(*a))

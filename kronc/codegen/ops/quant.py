@@ -20,9 +20,10 @@ machine (AVX512 with bf16, torch 2.13, SmolLM2 shapes):
 Rule: the packed kernels always compute in **bfloat16** (a float32/float16 ``x`` is cast, the output
 cast back; their own float32 paths are scalar and slower than dequantize-then-GEMM). They run for
 bf16 ``x`` of at most `PACKED_MAX_TOKENS` tokens (above that dequantize-then-GEMM wins) and for
-float32/float16 ``x`` of at most `DECODE_MAX_TOKENS` tokens that needs no gradient (decode, where
-dequantizing every weight on every call costs 10-100x the matmul); larger float32 inputs, and those
-being trained through, keep their precision. Timings:
+float32/float16 ``x`` of at most `DECODE_MAX_TOKENS` tokens in inference calls (gradients off, as
+``generate`` runs, through `quant_linear_any`: decode, where dequantizing every weight on every call
+costs 10-100x the matmul); larger float32 inputs, and calls with gradients on (``kronc::quant_linear``
+itself), keep their precision. Timings:
 ``benchmarks/results/design_measurements.md`` ("int4 packed kernels", "decode").
 
 The op is a plain ``torch.library.custom_op`` (not ``triton_op``) so its cache lives outside any
@@ -50,8 +51,8 @@ PACKED_MAX_TOKENS = 256
 """Above this many tokens, dequantize-then-GEMM beats the packed kernels (the crossover measured in
 ``benchmarks/results/design_measurements.md``)."""
 DECODE_MAX_TOKENS = 8
-"""float32/float16 activations of at most this many tokens (decode: one token per sequence), not requiring
-grad, run the packed kernels on a bfloat16 copy of ``x`` (output cast back): at one token that is 10-100x faster than
+"""float32/float16 activations of at most this many tokens (decode: one token per sequence), with gradients
+off, run the packed kernels on a bfloat16 copy of ``x`` (output cast back): at one token that is 10-100x faster than
 dequantizing the weight on every call. Larger inputs (prefill, perplexity) keep ``x``'s precision."""
 
 
@@ -79,14 +80,17 @@ def packed_path(x: Tensor, scales: Tensor, minima: Tensor | None, bits: int) -> 
     return None
 
 
-def cpu_path(x: Tensor, scales: Tensor, minima: Tensor | None, bits: int, tokens: int) -> str:
-    """Which CPU implementation runs: ``int8pack``, ``int4pack`` or ``dequant`` (see module docstring)."""
+def cpu_path(x: Tensor, scales: Tensor, minima: Tensor | None, bits: int, tokens: int, inference: bool = False) -> str:
+    """Which CPU implementation runs: ``int8pack``, ``int4pack`` or ``dequant`` (see module docstring).
+
+    ``inference``: the call was made with gradients off (`quant_linear_any` decides, outside the op: inside
+    it, grad mode depends on whether an input requires grad)."""
     packed = packed_path(x, scales, minima, bits)
     if packed is None:
         return "dequant"
     if x.dtype in PACKED_DTYPES:
         return packed if tokens <= PACKED_MAX_TOKENS else "dequant"
-    return packed if tokens <= DECODE_MAX_TOKENS and not x.requires_grad else "dequant"
+    return packed if tokens <= DECODE_MAX_TOKENS and inference else "dequant"
 
 
 _cache: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -124,23 +128,23 @@ def _operands(codes: Tensor, scales: Tensor, minima: Tensor | None, bits: int, i
 
 
 def quant_linear_cpu(x: Tensor, codes: Tensor, scales: Tensor, minima: Tensor | None,
-                     bias: Tensor | None, bits: int, path: str | None = None) -> Tensor:
+                     bias: Tensor | None, bits: int, path: str | None = None, inference: bool = False) -> Tensor:
     """The torch implementation; ``path`` forces one of `cpu_path`'s choices (benchmarks, tests)."""
     check_quant("quant_linear", x, codes, scales, minima, bias, bits)
     if path is not None and path != "dequant" and packed_path(x, scales, minima, bits) != path:
         raise fail("quant_linear", f"path {path!r} cannot run {bits}-bit weights with {scales.shape[1]} groups, "
                                    f"{scales.shape[0]} outputs and {x.dtype} input")
-    return _run_cpu(x, codes, scales, minima, bias, bits, path)
+    return _run_cpu(x, codes, scales, minima, bias, bits, path, inference)
 
 
 def _run_cpu(x: Tensor, codes: Tensor, scales: Tensor, minima: Tensor | None, bias: Tensor | None, bits: int,
-             path: str | None) -> Tensor:
+             path: str | None, inference: bool = False) -> Tensor:
     """`quant_linear_cpu` after the checks (the op checks once; at one token the Python around the kernel is
     a large part of a call)."""
     out, groups = scales.shape
     inn = x.shape[-1]
     x2 = x.reshape(-1, inn)
-    path = path or cpu_path(x, scales, minima, bits, x2.shape[0])
+    path = path or cpu_path(x, scales, minima, bits, x2.shape[0], inference)
     if path == "dequant":
         y = F.linear(x2, dequantize(codes, scales, minima, bits, inn, x.dtype))
     else:
@@ -188,7 +192,7 @@ def quant_linear_any(x: Tensor, codes: Tensor, scales: Tensor, minima: Tensor | 
             if not torch.compiler.is_exporting():
                 return torch.ops.kronc.quant_linear_infer(x, codes, scales, minima, bias, bits)
         elif not is_traced(x):
-            return quant_linear_cpu(x, codes, scales, minima, bias, bits)
+            return quant_linear_cpu(x, codes, scales, minima, bias, bits, inference=True)
     return quant_linear(x, codes, scales, minima, bias, bits)
 
 
@@ -198,7 +202,7 @@ _lib.define("quant_linear_infer(Tensor x, Tensor codes, Tensor scales, Tensor? m
 
 def _infer_cpu(x: Tensor, codes: Tensor, scales: Tensor, minima: Tensor | None, bias: Tensor | None,
                bits: int) -> Tensor:
-    return quant_linear_cpu(x, codes, scales, minima, bias, bits).contiguous()
+    return quant_linear_cpu(x, codes, scales, minima, bias, bits, inference=True).contiguous()
 
 
 _lib.impl("quant_linear_infer", _infer_cpu, "CPU")
