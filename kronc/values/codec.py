@@ -168,6 +168,7 @@ class QuantizedTensor(nn.Module):
             return nn.functional.linear(x, self.codes.to(x.dtype), bias)
         if self.trains_scales and torch.is_grad_enabled():  # the packed op has no gradient for the scales
             return nn.functional.linear(x, self.dequantize(x.dtype), bias)
+        assert self.scales is not None  # integer precisions always store scales
         return quant_linear_any(x, self.codes, self.scales, self.minima, bias, self.precision.bits)
 
     def _apply(self, fn, recurse: bool = True):
