@@ -31,8 +31,9 @@ embedding and the tied LM head stay dense and outside the budget):
   and slower than the dense GEMM they replace, so this plan is smaller but not faster here;
 * ``int8``: every decoder linear at int8, one scale per row (budget fixed at 3.9x);
   ``int4``: the shipped ``int4-kernels`` policy (int8 or int4 per site). ``kronc::quant_linear``
-  runs aten's packed kernels (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``) only for
-  bfloat16 activations (``--dtype bf16``); with float32 activations it dequantizes and runs a GEMM.
+  runs aten's packed kernels (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``, the latter also
+  for int3/int2) on bfloat16 activations: those of a bf16 model up to 256 tokens, those of a float32
+  model at decode sizes (cast to bf16); float32 prefill dequantizes and runs a GEMM.
 
 ``--dense-bf16`` adds the dense model cast to bfloat16 as a second baseline (speedups stay against the
 first row, the model in ``--dtype``; the decode summary gives both). Quantized linears run aten's packed
