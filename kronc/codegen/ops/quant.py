@@ -182,16 +182,16 @@ def quant_linear_any(x: Tensor, codes: Tensor, scales: Tensor, minima: Tensor | 
     Why: at one token the custom op's dispatch (autograd wrapper, redispatch, aliasing check, dynamo
     guard) costs several times the int4 kernel itself, and a decode step makes one call per linear.
     On CPU with gradients off: an eager call runs the implementation directly, and a call traced by
-    ``torch.compile`` becomes ``kronc::quant_linear_infer`` (the same implementation registered
-    without the custom-op and autograd layers; dynamo guards on grad mode, so that graph only runs
-    with gradients off). Everything else (export, dispatch modes, gradients, CUDA, Triton mode) keeps
-    ``kronc::quant_linear``.
+    ``torch.compile`` or ``torch.export`` becomes ``kronc::quant_linear_infer`` (the same
+    implementation registered without the custom-op and autograd layers, so it has no gradient;
+    dynamo guards on grad mode, so a compiled graph with it only runs with gradients off). Both take
+    the decode path of `cpu_path` (``inference``), so eager, compiled and exported inference agree.
+    Everything else (gradients on, dispatch modes, CUDA, Triton mode) keeps ``kronc::quant_linear``.
     """
     if x.device.type == "cpu" and kernel_mode() != "triton" and not (x.requires_grad or torch.is_grad_enabled()):
-        if torch.compiler.is_compiling():
-            if not torch.compiler.is_exporting():
-                return torch.ops.kronc.quant_linear_infer(x, codes, scales, minima, bias, bits)
-        elif not is_traced(x):
+        if torch.compiler.is_compiling():  # torch.compile and torch.export
+            return torch.ops.kronc.quant_linear_infer(x, codes, scales, minima, bias, bits)
+        if not is_traced(x):
             return quant_linear_cpu(x, codes, scales, minima, bias, bits, inference=True)
     return quant_linear(x, codes, scales, minima, bias, bits)
 
