@@ -31,8 +31,15 @@ embedding and the tied LM head stay dense and outside the budget):
   and slower than the dense GEMM they replace, so this plan is smaller but not faster here;
 * ``int8``: every decoder linear at int8, one scale per row (budget fixed at 3.9x);
   ``int4``: the shipped ``int4-kernels`` policy (int8 or int4 per site). ``kronc::quant_linear``
-  runs aten's packed kernels (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``) only for
-  bfloat16 activations (``--dtype bf16``); with float32 activations it dequantizes and runs a GEMM.
+  runs aten's packed kernels (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``, the latter also
+  for int3/int2) on bfloat16 activations: those of a bf16 model up to 256 tokens, those of a float32
+  model at decode sizes (cast to bf16); float32 prefill dequantizes and runs a GEMM.
+
+``--dense-bf16`` adds the dense model cast to bfloat16 as a second baseline (speedups stay against the
+first row, the model in ``--dtype``; the decode summary gives both). Quantized linears run aten's packed
+kernels on bf16 activations at decode sizes whatever the model's dtype (`kronc.codegen.ops.quant`), while
+512-token perplexity windows of a float32 model dequantize in float32; so the perplexity is also measured
+with every quantized linear on the packed kernels ("ppl decode path") to show what decoding computes.
 
 With ``--calib-windows N > 0`` plans are data-aware (input statistics from N windows of the King
 James text, calibration only). Measurements repeat ``--reps`` times, interleaved across models so
@@ -82,10 +89,15 @@ POLICIES: dict[str, dict[str, Any]] = {
     "int8": {"budget": {"fp32": "3.9x", "bf16": "1.95x"}, "rules": [{"match": "*", "bits": [8], "group_sizes": ["row"], "formats": [{"kind": "dense"}]}],
              "default_formats": [{"kind": "dense"}]},
     "int4": {"shipped": "int4-kernels"},
+    "kernels": {"rules": [{"match": "*", "bits": [4, 8], "group_sizes": [32, 64, 128, "row"],
+                           "formats": [{"kind": "dense"}, {"kind": "lowrank"}]}],
+                "default_formats": [{"kind": "dense"}]},
 }
 """``int8``: every decoder linear at int8 with one scale per row (3.99x of fp32, 2x of bf16: its budget is
 fixed per model dtype); ``int4``: the shipped ``int4-kernels`` policy (int8 or int4 per site, groups of
-32-128) at the budget (ratios are against the model's own dtype: int4 is at most ~3.8x of bf16)."""
+32-128) at the budget (ratios are against the model's own dtype: int4 is at most ~3.8x of bf16); ``kernels``: the
+same int8/int4 limits with low rank allowed too (int4 alone stops at ~7.5x of fp32, so an 8x budget needs some
+low-rank sites)."""
 
 
 def policy_for(name: str, budget: str, objective: str, dtype: str = "fp32") -> Policy:
@@ -208,6 +220,10 @@ class Variant:
 
 def build_variants(args: argparse.Namespace, model: nn.Module, tokenizer: Any) -> list[Variant]:
     variants = [Variant("dense", model)]
+    if args.dense_bf16 and args.dtype != "bf16":
+        import copy
+
+        variants.append(Variant("dense bf16", copy.deepcopy(model).to(torch.bfloat16)))
     calibration = None
     if args.calib_windows:
         from kronc.tools.data import kjv_text
@@ -224,6 +240,19 @@ def build_variants(args: argparse.Namespace, model: nn.Module, tokenizer: Any) -
             print(f"  {dict(report.seconds)}  formats {dict(kinds)}", flush=True)
             variants.append(Variant(f"{name} {label}", small.eval(), report.plan, dict(report.seconds)))
     return variants
+
+
+@contextlib.contextmanager
+def packed_kernels_everywhere() -> Any:
+    """Quantized linears take the packed bf16 kernels at any token count (what decode runs), for a perplexity check."""
+    from kronc.codegen.ops import quant
+
+    saved = quant.DECODE_MAX_TOKENS, quant.PACKED_MAX_TOKENS
+    quant.DECODE_MAX_TOKENS = quant.PACKED_MAX_TOKENS = 1 << 30
+    try:
+        yield
+    finally:
+        quant.DECODE_MAX_TOKENS, quant.PACKED_MAX_TOKENS = saved
 
 
 # ------------------------------------------------------------------------------------------------ timing
@@ -272,6 +301,10 @@ def warm_up(v: Variant, mode: str, prefill_ids: Tensor, prompt: Tensor) -> float
 # ------------------------------------------------------------------------------------------------ report
 
 
+def _load(avg: Any) -> str:
+    return "-" if not avg else "/".join(f"{x:.1f}" for x in avg)
+
+
 def _median(xs: list[float] | None) -> float | None:
     return statistics.median(xs) if xs else None
 
@@ -300,6 +333,7 @@ def summarize(variants: list[Variant], modes: list[str]) -> list[dict[str, Any]]
             row["plan ratio"] = v.plan.ratio
             row["scope MB before"], row["scope MB after"] = v.plan.bytes_before / 1e6, v.plan.bytes_after / 1e6
             row["formats"] = dict(Counter(d.spec.kind for d in v.plan.decisions))
+            row["precisions"] = dict(Counter(d.spec.describe() for d in v.plan.decisions))
             row["kronc.compile s"] = v.stages
         row["linear flops x"] = linear_flops(v)
         rows.append(row)
@@ -324,7 +358,9 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, command: str,
         f"Command: `{command}`",
         "",
         f"Machine: {env['cpu']}, {env['cores']} cores (shared with other work), torch {env['torch']}, "
-        f"{args.threads} torch thread(s), model in {getattr(args, 'dtype', 'fp32')}. Medians of {args.reps} interleaved repetitions. Prefill: "
+        f"{args.threads} torch thread(s), model in {getattr(args, 'dtype', 'fp32')}, load average (1/5/15 min) "
+        f"{_load(env.get('load average before'))} before and {_load(env.get('load average'))} after the timings. "
+        f"Medians of {args.reps} interleaved repetitions. Prefill: "
         f"{args.prefill} tokens, batch 1. Decode: greedy generate with KV cache from a {args.prompt}-token "
         f"prompt, {args.new_tokens} new tokens. Speedups and ratios are against the dense model in the same run. "
         f"Perplexity: ABC news, {args.ppl_windows} windows of 512 tokens. "
@@ -336,9 +372,16 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, command: str,
     for mode in args.modes:
         head += [f"{mode} prefill s (speedup)", f"{mode} decode tok/s (speedup)"]
     head += ["weights MB (x)", "peak MB (x)", "disk MB (x)", "ppl"]
+    if any(r.get("ppl decode path") for r in rows):
+        head.append("ppl decode path")
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         formats = ", ".join(f"{k} {n}" for k, n in sorted(r.get("formats", {}).items())) or "dense"
+        if any("@int" in k for k in r.get("precisions", {})):  # quantized plans: bits per site
+            short = Counter[str]()
+            for k, n in r["precisions"].items():
+                short[k.removeprefix("dense@").split("-")[0].split("(")[0]] += n
+            formats = ", ".join(f"{k} {n}" for k, n in short.most_common())
         cells = [r["variant"], formats, _fmt(r.get("linear flops x"), ".2f") + "x"]
         for mode in args.modes:
             cells.append(f"{_fmt(r.get(f'{mode} prefill s'), '.3f')} ({_fmt(r.get(f'{mode} prefill speedup'), '.2f')}x)")
@@ -346,6 +389,8 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, command: str,
         for key in ("weights MB", "peak MB", "disk MB"):
             cells.append(f"{_fmt(r.get(key), '.0f')} ({_fmt(r.get(key + ' x'), '.2f')})")
         cells.append(_fmt(r.get("ppl"), ".2f"))
+        if "ppl decode path" in head:
+            cells.append(_fmt(r.get("ppl decode path"), ".2f"))
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "`kronc.compile` time by stage (seconds; apply = fit the formats + rewrite), and torch.compile "
               "warm-up (first prefill + first generate, i.e. compile time):", "",
@@ -358,6 +403,7 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, command: str,
               "token's linear FLOPs, and attention are not included). Peak MB: weights + peak RSS growth during one "
               "eager 512-token prefill. torch.compile warm-up times include hits in inductor's on-disk cache when "
               "the same graphs were compiled by an earlier run.", ""]
+    lines += decode_baselines(rows, args.modes)
     for mode in args.modes:
         lines += decode_model(rows, mode)
     if any(set(r.get("formats", {})) & {"doped", "blocksparse"} for r in rows):
@@ -373,12 +419,31 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, command: str,
     return "\n".join(lines)
 
 
+def decode_baselines(rows: list[dict[str, Any]], modes: list[str]) -> list[str]:
+    """Decode tok/s of every compressed model against each dense baseline (fp32 and bf16), mode by mode."""
+    dense = [r for r in rows if r["variant"].startswith("dense")]
+    if len(dense) < 2:
+        return []
+    head = ["model", *[f"{m} decode vs {d['variant']}" for m in modes for d in dense]]
+    lines = ["Decode speedup against each dense baseline (same run, tok/s ratios of medians):", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["variant"]]
+        for m in modes:
+            for d in dense:
+                a, b = r.get(f"{m} decode tok/s"), d.get(f"{m} decode tok/s")
+                cells.append(f"{a / b:.2f}x" if a and b else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def decode_model(rows: list[dict[str, Any]], mode: str) -> list[str]:
     """Fit decode time per token = overhead + cost per MB of weights over the dense and low-rank-only models,
     and say what bounds the decode speedup."""
     key = f"{mode} decode tok/s"
-    points = [(r["weights MB"], 1000 / r[key]) for r in rows
-              if r.get(key) and set(r.get("formats", {"dense": 1})) <= {"dense", "lowrank"}]
+    points = [(r["weights MB"], 1000 / r[key]) for r in rows if r.get(key) and r["variant"] != "dense bf16"
+              and set(r.get("formats", {"dense": 1})) <= {"dense", "lowrank"}
+              and not any("@int" in f for f in r.get("precisions", {}))]
     compressed = [r for r in rows if r.get("plan ratio")]
     if len(points) < 2 or not compressed:
         return []
@@ -438,6 +503,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
                     help="the model's dtype (activations and kept weights); the packed int8/int4 CPU kernels run only for bf16")
+    ap.add_argument("--dense-bf16", action="store_true", help="also time the dense model cast to bfloat16")
     ap.add_argument("--calib-windows", type=int, default=0, help="King James windows for data-aware plans (0: weight)")
     ap.add_argument("--ppl-windows", type=int, default=2, help="ABC news windows for the perplexity check (0: skip)")
     ap.add_argument("--out", type=Path, default=RESULTS / "speed")
@@ -485,8 +551,13 @@ def main() -> None:
         if args.ppl_windows:
             v.results["ppl"] = perplexity(v.model, tokenizer, abc_news_text(), window=512, max_windows=args.ppl_windows,
                                           progress=False).ppl
+            if v.plan is not None and any(d.spec.describe().startswith("dense@int") for d in v.plan.decisions):
+                with packed_kernels_everywhere():
+                    v.results["ppl decode path"] = perplexity(v.model, tokenizer, abc_news_text(), window=512,
+                                                              max_windows=args.ppl_windows, progress=False).ppl
         print(f"{v.name}: {v.results}", flush=True)
 
+    load_before = os.getloadavg()
     for mode in args.modes:
         for v in variants:
             try:
@@ -508,7 +579,7 @@ def main() -> None:
 
     rows = summarize(variants, args.modes)
     env = {"cpu": _cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
-           "threads": args.threads, "load average": os.getloadavg()}
+           "threads": args.threads, "load average before": load_before, "load average": os.getloadavg()}
     table = markdown(rows, args, command, env)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".md").write_text(table)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..codegen.ops.quant import quant_linear
+from ..codegen.ops.quant import quant_linear_any
 from ..reference.pack import pack, unpack
 from .fits import Levels, fit_levels
 from .grid import level_range
@@ -178,7 +178,8 @@ class QuantizedTensor(nn.Module):
             return nn.functional.linear(x, self.dequantize(x.dtype), bias)
         if self.precision.rotate:  # (x R) Q(W R)ᵀ = x Wᵀ
             x = rotate(x)
-        return quant_linear(x, self.codes, self.scales, self.minima, bias, self.precision.bits)
+        assert self.scales is not None  # integer precisions always store scales
+        return quant_linear_any(x, self.codes, self.scales, self.minima, bias, self.precision.bits)
 
     def _apply(self, fn, recurse: bool = True):
         """Device moves apply; dtype casts (``.half()``, ``.to(torch.float64)``) do not: the stored

@@ -2,7 +2,9 @@
 input checks, autograd, ``torch.compile(fullgraph=True)`` and ``torch.export``.
 
 Tolerance: ``max|y - ref| <= tol * max|ref|`` with tol 1e-5 for float32 activations and 2e-2 for
-bfloat16 (the packed kernels and the bf16 GEMM round the activations and partial sums to bf16).
+bfloat16 (the packed kernels and the bf16 GEMM round the activations and partial sums to bf16). The
+packed kernels always compute in bf16 (float32/float16 ``x`` is cast, the output cast back), so their
+tolerance is bf16's whatever ``x``'s dtype; decode-sized float32 inputs take them.
 """
 
 from __future__ import annotations
@@ -13,10 +15,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kronc.codegen.ops import OpInputError
-from kronc.codegen.ops.quant import cpu_path, quant_linear_cpu
+from kronc.codegen.ops.quant import DECODE_MAX_TOKENS, cpu_path, quant_linear_cpu
 from kronc.values import Precision, QuantizedTensor
 
-TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 2e-2}
 PRECISIONS = [
     Precision(dtype="int8"), Precision(dtype="int8", symmetric=False), Precision(dtype="int8", group_size=64),
     Precision(dtype="int4", group_size=32), Precision(dtype="int4", group_size=64, symmetric=False),
@@ -34,10 +36,11 @@ def weight(p: Precision, out: int = 48, inn: int = 128, seed: int = 0) -> Quanti
     return QuantizedTensor.from_float(torch.randn(out, inn, generator=gen(seed)) * 0.1, p)
 
 
-def close(y: Tensor, ref: Tensor, dtype: torch.dtype) -> None:
+def close(y: Tensor, ref: Tensor, dtype: torch.dtype, tol: float | None = None) -> None:
     assert y.dtype == dtype and y.shape == ref.shape
     err = (y.float() - ref.float()).abs().max().item()
-    assert err <= TOL[dtype] * ref.abs().max().item(), f"max error {err:.3g} ({dtype})"
+    tol = TOL[dtype] if tol is None else tol
+    assert err <= tol * ref.abs().max().item(), f"max error {err:.3g} ({dtype})"
 
 
 def reference(x: Tensor, qt: QuantizedTensor, bias: Tensor | None) -> Tensor:
@@ -49,16 +52,36 @@ def reference(x: Tensor, qt: QuantizedTensor, bias: Tensor | None) -> Tensor:
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_op_matches_dequantized_linear(p: Precision, dtype: torch.dtype, with_bias: bool) -> None:
     qt = weight(p)
-    x = torch.randn(2, 3, 128, generator=gen(1)).to(dtype)
+    x = torch.randn(2, 3 + DECODE_MAX_TOKENS, 128, generator=gen(1)).to(dtype)  # past decode sizes: x's precision
     bias = torch.randn(48, generator=gen(2)).to(dtype) if with_bias else None
     close(qt.linear(x, bias), reference(x, qt, bias), dtype)
+
+
+@pytest.mark.parametrize("p", PRECISIONS, ids=lambda p: p.describe())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("tokens", [1, DECODE_MAX_TOKENS])
+def test_decode_sized_float_inputs(p: Precision, dtype: torch.dtype, tokens: int) -> None:
+    """Decode-sized float32/float16 inputs with gradients off: the packed kernels on bf16 where they fit (bf16
+    tolerance, output in x's dtype), x's own precision elsewhere."""
+    qt = weight(p, out=64)
+    x = torch.randn(tokens, 128, generator=gen(12)).to(dtype)
+    bias = torch.randn(64, generator=gen(13)).to(dtype)
+    path = cpu_path(x, qt.scales, qt.minima, p.bits, tokens, inference=True)
+    with torch.no_grad():
+        y = qt.linear(x, bias)
+    close(qt.linear(x, bias), reference(x, qt, bias), dtype)  # gradients on: x's precision
+    assert path == ("int8pack" if p.bits == 8 and p.group_size is None and p.symmetric else
+                    "int4pack" if p.bits <= 4 and p.group_size in (32, 64, 128) else "dequant")
+    close(y, reference(x, qt, bias), dtype, TOL[torch.bfloat16] if path != "dequant" else None)
 
 
 @pytest.mark.parametrize(
     ("p", "path"),
     [(Precision(dtype="int8"), "int8pack"), (Precision(dtype="int4", group_size=32), "int4pack"),
-     (Precision(dtype="int4", group_size=128, symmetric=False), "int4pack")],
-    ids=["int8pack", "int4pack-sym", "int4pack-asym"],
+     (Precision(dtype="int4", group_size=128, symmetric=False), "int4pack"),
+     (Precision(dtype="int3", group_size=64), "int4pack"), (Precision(dtype="int3", group_size=32, symmetric=False), "int4pack"),
+     (Precision(dtype="int2", group_size=128, symmetric=False), "int4pack")],
+    ids=["int8pack", "int4pack-sym", "int4pack-asym", "int3-sym", "int3-asym", "int2-asym"],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_packed_kernels_match(p: Precision, path: str, dtype: torch.dtype) -> None:
@@ -66,7 +89,7 @@ def test_packed_kernels_match(p: Precision, path: str, dtype: torch.dtype) -> No
     x = torch.randn(5, 256, generator=gen(3)).to(dtype)
     bias = torch.randn(32, generator=gen(4)).to(dtype)
     y = quant_linear_cpu(x, qt.codes, qt.scales, qt.minima, bias, p.bits, path)
-    close(y, reference(x, qt, bias), dtype)
+    close(y, reference(x, qt, bias), dtype, TOL[torch.bfloat16])  # the packed kernels compute in bf16
 
 
 def test_path_rule() -> None:
@@ -75,11 +98,19 @@ def test_path_rule() -> None:
     assert cpu_path(xb, q8.scales, q8.minima, 8, 1) == "int8pack"
     assert cpu_path(xb, q4.scales, q4.minima, 4, 256) == "int4pack"
     assert cpu_path(xb, q4.scales, q4.minima, 4, 512) == "dequant"  # prefill: dequantize-then-GEMM wins
-    assert cpu_path(xf, q4.scales, q4.minima, 4, 1) == "dequant"  # fp32 activations: packed path is slow
+    assert cpu_path(xf, q4.scales, q4.minima, 4, 1, inference=True) == "int4pack"  # fp32 decode: kernel on bf16 x
+    assert cpu_path(xf, q8.scales, q8.minima, 8, DECODE_MAX_TOKENS, inference=True) == "int8pack"
+    assert cpu_path(xf, q4.scales, q4.minima, 4, DECODE_MAX_TOKENS + 1, inference=True) == "dequant"  # prefill: fp32
+    assert cpu_path(xf, q4.scales, q4.minima, 4, 1) == "dequant"  # gradients on (the op itself): fp32
     odd = weight(Precision(dtype="int4", group_size=32), out=40)  # out not a multiple of 16
     assert cpu_path(xb, odd.scales, odd.minima, 4, 1) == "dequant"
     g16 = weight(Precision(dtype="int4", group_size=16))  # group the kernel does not take
     assert cpu_path(xb, g16.scales, g16.minima, 4, 1) == "dequant"
+    q3, q2 = weight(Precision(dtype="int3", group_size=64, symmetric=False)), weight(Precision(dtype="int2", group_size=32))
+    assert cpu_path(xf, q3.scales, q3.minima, 3, 1, inference=True) == "int4pack"  # 3 and 2 bits: levels of the int4 kernel
+    assert cpu_path(xb, q2.scales, q2.minima, 2, 1) == "int4pack"
+    g8 = weight(Precision(dtype="int8", group_size=64))  # grouped int8: no kernel
+    assert cpu_path(xb, g8.scales, g8.minima, 8, 1) == "dequant"
 
 
 def test_int4_layout_cache_follows_in_place_updates() -> None:
@@ -107,7 +138,7 @@ def test_bad_inputs_name_the_op() -> None:
     with pytest.raises(OpInputError, match="not divisible into the 4 scale groups"):
         ops.quant_linear(torch.randn(2, 130), qt.codes, qt.scales, None, None, 4)
     with pytest.raises(OpInputError, match="path 'int4pack' cannot run"):
-        q3 = weight(Precision(dtype="int3", group_size=32))
+        q3 = weight(Precision(dtype="int3", group_size=16))
         quant_linear_cpu(x, q3.codes, q3.scales, None, None, 3, "int4pack")
 
 
@@ -152,3 +183,38 @@ def test_export_keeps_the_op() -> None:
     assert targets.count(torch.ops.kronc.quant_linear.default) == 2
     x5 = torch.randn(5, 128, generator=gen(11))
     assert torch.equal(ep.module()(x5), m(x5))
+
+
+def test_eager_calls_skip_the_op_dispatch_only_when_nothing_traces(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`quant_linear_any` runs the CPU implementation directly for eager calls with gradients off (same result
+    as the compiled graphs' ``kronc::quant_linear_infer``) and the op itself when gradients are on."""
+    from kronc.codegen.ops import quant
+
+    qt = weight(Precision(dtype="int4", group_size=32), out=32)
+    x = torch.randn(1, 128, generator=gen(14))
+    with torch.no_grad():
+        via_op = torch.ops.kronc.quant_linear_infer(x, qt.codes, qt.scales, None, None, 4)
+    calls: list[int] = []
+    real = quant.quant_linear
+    monkeypatch.setattr(quant, "quant_linear", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        assert torch.equal(qt.linear(x), via_op) and not calls
+    qt.linear(x)
+    assert calls == [1]
+
+
+def test_compiled_inference_uses_the_lean_op_and_matches_eager() -> None:
+    """Under torch.compile with gradients off, a decode-sized call is ``kronc::quant_linear_infer`` (same result
+    as eager); with gradients on, the graph keeps ``kronc::quant_linear``."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    qt = weight(Precision(dtype="int3", group_size=64, symmetric=False), out=64)
+    x = torch.randn(1, 1, 128, generator=gen(15))
+    targets = []
+    for grad in (False, True):
+        counter = CompileCounterWithBackend("aot_eager")
+        with torch.set_grad_enabled(grad):
+            y = torch.compile(qt.linear, backend=counter, fullgraph=True)(x)
+            assert torch.equal(y, qt.linear(x))
+        targets.append({str(n.target).removesuffix(".default") for g in counter.graphs for n in g.graph.nodes if n.op == "call_function"})
+    assert targets == [{"kronc.quant_linear_infer"}, {"kronc.quant_linear"}]
