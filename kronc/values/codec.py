@@ -91,6 +91,7 @@ class QuantizedTensor(nn.Module):
     codes: Tensor
     scales: Tensor | None
     minima: Tensor | None
+    _latent_base: tuple[Tensor, Tensor | None]  # the grid the latent weights are measured on (`train_latent`)
 
     def __init__(self, encoded: Encoded) -> None:
         super().__init__()
@@ -114,6 +115,7 @@ class QuantizedTensor(nn.Module):
         the latent weights fake-quantized on the trained grid, exactly what `commit_latent` stores)."""
         scales, minima = self.trained_scales() if self.trains_scales else (self.scales, self.minima)
         if self.trains_latent:
+            assert scales is not None  # only quantized tensors train latent weights
             lo, hi = level_range(self.precision)
             w = fake_quantize(self._latent(), scales, minima, lo, hi)
             return w.reshape(self.shape).to(dtype)
@@ -163,7 +165,8 @@ class QuantizedTensor(nn.Module):
             return []
         new = self.train_scales()
         with torch.no_grad():
-            s0, m0 = (t.detach().clone() if t is not None else None for t in self.trained_scales())
+            scales, minima = self.trained_scales()
+            s0, m0 = scales.detach().clone(), None if minima is None else minima.detach().clone()
             rows, inn = self.precision.check_shape(self.shape)
             groups = self.scales.shape[1]
             q = unpack(self.codes, self.precision.bits, level_range(self.precision)[0], inn)
