@@ -24,7 +24,9 @@ is not counted in the budget), giving perplexity against training time.
 
 ``--recovery`` picks how the minutes are spent, from the same compressed student: ``distill`` (the above,
 the default) and ``blockwise``: first block-wise reconstruction (`kronc.recover(method="blockwise")`,
-``--bw-samples`` KJV windows, ``--bw-epochs``, AdamW at ``--bw-lr``, teacher-stream + own-input targets)
+``--bw-samples`` KJV windows, ``--bw-epochs``, AdamW at ``--bw-lr``, teacher-stream + own-input targets,
+quantized tensors as ``--bw-quantized``: ``latent`` weights through fake quantization plus scales (Block-AP,
+the default) or ``scales`` only)
 for ``--block-share`` of the minutes (rounded to whole segments, at least one; ``blockwise.max_seconds``
 splits it equally over the 30 layers and the tail), then, in the remaining segments, the same end-to-end
 distillation training quantization scales, norms and biases only (at ``--e2e-lr``). Perplexity is measured at the same
@@ -81,6 +83,9 @@ def main() -> None:
     ap.add_argument("--bw-samples", type=int, default=16, help="blockwise: calibration windows of --seq-len")
     ap.add_argument("--bw-epochs", type=int, default=4, help="blockwise: passes over them per block")
     ap.add_argument("--bw-lr", type=float, default=1e-3, help="blockwise: peak AdamW lr per block")
+    ap.add_argument("--bw-quantized", default="latent", choices=["latent", "scales"],
+                    help="blockwise: quantized tensors train latent weights + scales (Block-AP) or scales only")
+    ap.add_argument("--bw-latent-lr", type=float, default=None, help="blockwise: latent weights' lr (grid steps)")
     ap.add_argument("--e2e-lr", type=float, default=None, help="blockwise: lr of the end-to-end pass (default --lr)")
     args = ap.parse_args()
     if args.render:
@@ -126,7 +131,10 @@ def main() -> None:
         first = min(max(round(args.block_share * args.segments), 1), args.segments - 1)
         record["blockwise"] = (
             f"the first {first} segment(s) reconstruct the blocks ({args.bw_samples} KJV windows of {args.seq_len}, "
-            f"{args.bw_epochs} epochs, AdamW lr {args.bw_lr:g} per block, `blockwise.max_seconds` shared equally by "
+            f"{args.bw_epochs} epochs, AdamW lr {args.bw_lr:g} per block, quantized tensors: "
+            + ("latent weights through fake quantization (lr " + f"{latent_lr(args):g}" + " grid steps) + scales, re-encoded"
+               if args.bw_quantized == "latent" else "scales only, codes frozen")
+            + ", `blockwise.max_seconds` shared equally by "
             f"the layers and the tail), the rest distil end to end training quantization scales, norms and biases only (lr "
             f"{args.e2e_lr or args.lr:g}); their tokens are those each block saw in the block phase plus the "
             "end-to-end tokens.")
@@ -182,6 +190,7 @@ def train_curve(student: torch.nn.Module, model: torch.nn.Module, train: torch.T
         first = min(max(round(args.block_share * args.segments), 1), args.segments - 1)
         bw = kronc.recover(student, model, train, method="blockwise", batch_size=args.batch, seq_len=args.seq_len,
                            blockwise={"samples": args.bw_samples, "epochs": args.bw_epochs, "lr": args.bw_lr,
+                                      "quantized": args.bw_quantized, "latent_lr": latent_lr(args),
                                       "max_seconds": first * segment}, progress=False)
         done_s = bw.block_seconds
         done_tokens = round(sum(b.tokens for b in bw.blocks) / max(len(bw.blocks), 1))
@@ -202,6 +211,11 @@ def train_curve(student: torch.nn.Module, model: torch.nn.Module, train: torch.T
                           "kd": last.parts.get("kd"), "ppl": ppl(student)})
             print(f"  {label} after {curve[-1]['seconds'] / 60:.1f} min ({last.step + 1} e2e steps, "
                   f"{curve[-1]['tokens']:,} tokens): ppl {curve[-1]['ppl']:.2f}", flush=True)
+
+
+def latent_lr(args: argparse.Namespace) -> float:
+    """``--bw-latent-lr``, or the library's default."""
+    return args.bw_latent_lr or kronc.RecoveryConfig().blockwise.latent_lr
 
 
 def make_plan(cap: kronc.Captured, sites: list, policy: Policy, method: str, budget: str,

@@ -52,6 +52,19 @@ class BlockwiseConfig(BaseModel):
     lr: float = Field(default=1e-3, gt=0)
     """Peak learning rate of AdamW per block (warmup and decay as the recipe's ``schedule``, over the block's
     steps). Higher than end-to-end distillation's: one block's loss is smooth and its inputs are fixed."""
+    quantized: Literal["latent", "scales"] = "latent"
+    """How a block's integer-quantized tensors train when ``trainable`` includes factors. ``latent``
+    (EfficientQAT's Block-AP, OmniQuant): continuous latent weights train through fake quantization
+    (rounding with a straight-through estimator) together with the group scales and minima (learnable
+    clipping); at the block's end they are re-encoded with the trained scales into the same packed codes
+    (same precision, same bytes), and the next block is fed the re-encoded block's outputs. ``scales``:
+    the integer codes stay frozen and only the scales and minima train."""
+    latent_lr: float = Field(default=0.02, gt=0)
+    """Peak AdamW learning rate of the latent weights of ``quantized="latent"``, in grid steps (the latent
+    weights are held in units of their group's starting scale, so one rate fits every tensor). Blocks get
+    tens of steps on a CPU, and Adam moves every latent value about this much per step whatever its
+    gradient: 0.05 flipped enough codes to raise the loss of a toy Llama block and of SmolLM2's first
+    blocks; 0.02 gave slightly lower block losses than frozen codes on both."""
     max_seconds: float | None = Field(default=None, gt=0)
     """Time budget of the block phase (capture, targets, training, propagation; the end-to-end pass has the
     recipe's ``max_seconds``). Each block, the tail included, gets an equal share of what is left when it

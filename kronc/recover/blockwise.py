@@ -20,7 +20,10 @@ The pipeline of GPTQ's sequential mode, OmniQuant and EfficientQAT's block phase
    output error of the three, by a few percent). The block's trainable parameters (``trainable``:
    factors, overlay values, block values, quantization scales (`kronc.recover.scales`), norms, biases)
    train with AdamW on the per-position relative squared error (`losses.relative_mse`) for ``epochs``
-   passes; then the trained block's outputs become
+   passes; integer-quantized tensors (``blockwise.quantized="latent"``, the default, EfficientQAT's Block-AP)
+   train their latent weights through fake quantization beside the scales and minima, and are re-encoded
+   into the same packed codes when the block ends (`kronc.recover.scales.latent_trained`); then the trained
+   (re-encoded) block's outputs become
    the next block's inputs (sequential), and the dense stream advances through the dense block;
    after the last block, the tail (final norm, LM head) trains on the model output (`kronc.recover.tail`);
 3. optionally a short end-to-end distillation pass (`kronc.recover.loop`) that trains only a few
@@ -65,9 +68,9 @@ from .config import RecoveryConfig, RecoveryError, make_config
 from .guards import check_models, check_windows, device_of, models_restored, seeded
 from .loop import distill
 from .losses import kl_loss, model_output, relative_mse, takes_argument
-from .optim import trainable_parameters
+from .optim import TRAINED_ROLES, trainable_parameters
 from .result import RecoveryResult
-from .scales import scales_trained
+from .scales import latent_trained, scales_trained
 from .sharding import check_shard
 from .tail import blocks_skipped
 
@@ -257,7 +260,18 @@ def _train_block(student: nn.Module, i: int, block: Block, cache: BlockCache, cf
     mine = {id(p) for p in block.student.parameters()}
     chosen = {n: p for n, p in params.items() if id(p) in mine}
     tokens = [int(stream_of(cache.get_inputs(j), block.slot).shape[:-1].numel()) for j in range(len(cache))]
-    return fit(student, block.name, i, chosen, lambda j: _block_loss(block, cache, j), tokens, cfg, progress, until)
+    if not _trains_latent(cfg):
+        return fit(student, block.name, i, chosen, lambda j: _block_loss(block, cache, j), tokens, cfg, progress, until)
+    # Block-AP: latent weights through fake quantization, re-encoded into the same codes when the block ends
+    # (after `fit`'s keep-or-revert rule, so a reverted block re-encodes its original codes)
+    with latent_trained(student, block.student, chosen) as latent:
+        return fit(student, block.name, i, {**chosen, **latent}, lambda j: _block_loss(block, cache, j), tokens, cfg,
+                   progress, until)
+
+
+def _trains_latent(cfg: RecoveryConfig) -> bool:
+    """Whether quantized tensors train their latent weights (``blockwise.quantized``, and factors are trainable)."""
+    return cfg.blockwise.quantized == "latent" and "factor" in TRAINED_ROLES[cfg.trainable]
 
 
 def _train_tail(student: nn.Module, teacher: nn.Module, chain: BlockChain, cache: BlockCache, batches: list[Batch],

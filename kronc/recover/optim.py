@@ -24,19 +24,25 @@ def _is_bias(name: str) -> bool:
 
 
 def parameter_roles(model: nn.Module) -> dict[str, str]:
-    """``name -> "factor" | "scale" | "norm" | "bias" | "other"`` for every (deduplicated) parameter of ``model``.
+    """``name -> "factor" | "scale" | "latent" | "norm" | "bias" | "other"`` for every (deduplicated) parameter of
+    ``model``.
 
     Factors are the tensors of `Factorized` weights (every compressed format, and the dense matrices
     that compressed LSTMs keep as `Dense`); scales are the quantization scales and minima that train
-    during recovery (`kronc.recover.scales`); norms are the parameters of normalisation layers (any module
+    during recovery (`kronc.recover.scales`); latent weights are the fake-quantized weights a block of
+    block-wise reconstruction trains (`kronc.values.latent`; never selected by ``trainable``); norms are the parameters of normalisation layers (any module
     whose class name contains "Norm"); biases are parameters named ``bias*``.
     """
-    scales = {id(p) for m in model.modules() if isinstance(m, QuantizedTensor) for p in m.parameters()}
+    quantized = [m for m in model.modules() if isinstance(m, QuantizedTensor)]
+    latent = {id(m.latent_train) for m in quantized if m.trains_latent}
+    scales = {id(p) for m in quantized for p in m.parameters()} - latent
     factors = {id(p) for m in model.modules() if isinstance(m, Factorized) for p in m.parameters()}
     norms = {id(p) for m in model.modules() if _is_norm(m) for p in m.parameters(recurse=False)}
     roles: dict[str, str] = {}
     for name, p in model.named_parameters():
-        if id(p) in scales:
+        if id(p) in latent:
+            roles[name] = "latent"
+        elif id(p) in scales:
             roles[name] = "scale"
         elif id(p) in factors:
             roles[name] = "factor"
@@ -49,7 +55,7 @@ def parameter_roles(model: nn.Module) -> dict[str, str]:
     return roles
 
 
-_TRAINED_ROLES: dict[str, set[str]] = {
+TRAINED_ROLES: dict[str, set[str]] = {
     "factors": {"factor", "scale"},
     "factors+norms": {"factor", "scale", "norm"},
     "factors+norms+biases": {"factor", "scale", "norm", "bias"},
@@ -62,17 +68,20 @@ _TRAINED_ROLES: dict[str, set[str]] = {
 def trainable_parameters(model: nn.Module, which: Trainable) -> dict[str, nn.Parameter]:
     """The parameters ``which`` selects, by name (tied parameters once)."""
     roles = parameter_roles(model)
-    keep = _TRAINED_ROLES[which]
+    keep = TRAINED_ROLES[which]
     params = dict(model.named_parameters())
     return {name: params[name] for name, role in roles.items() if role in keep}
 
 
 def make_optimizer(model: nn.Module, params: dict[str, nn.Parameter], config: RecoveryConfig) -> torch.optim.AdamW:
-    """AdamW over ``params``; weight decay on factors and other matrices, never on scales, norms or biases."""
+    """AdamW over ``params``; weight decay on factors and other matrices, never on scales, norms or biases;
+    latent weights at ``blockwise.latent_lr`` (grid steps), without decay."""
     roles = parameter_roles(model)
     decay = [p for n, p in params.items() if roles[n] in ("factor", "other")]
     no_decay = [p for n, p in params.items() if roles[n] in ("scale", "norm", "bias")]
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    latent = [p for n, p in params.items() if roles[n] == "latent"]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0},
+              {"params": latent, "weight_decay": 0.0, "lr": config.blockwise.latent_lr}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)
 
 

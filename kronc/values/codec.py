@@ -21,6 +21,7 @@ from ..codegen.ops.quant import quant_linear_any
 from ..reference.pack import pack, unpack
 from .fits import Levels, fit_levels
 from .grid import level_range
+from .latent import fake_levels, fake_quantize, latent_values
 from .precision import Precision
 from .rotation import rotate, rotate_gram, unrotate
 
@@ -98,6 +99,7 @@ class QuantizedTensor(nn.Module):
     codes: Tensor
     scales: Tensor | None
     minima: Tensor | None
+    _latent_base: tuple[Tensor, Tensor | None]  # the grid the latent weights are measured on (`train_latent`)
 
     def __init__(self, encoded: Encoded) -> None:
         super().__init__()
@@ -117,8 +119,14 @@ class QuantizedTensor(nn.Module):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The represented float tensor (original shape) in ``dtype``; differentiable in the scales and
-        minima while they train (`train_scales`)."""
+        minima while they train (`train_scales`), and in the latent weights while they do (`train_latent`:
+        the latent weights fake-quantized on the trained grid, exactly what `commit_latent` stores)."""
         scales, minima = self.trained_scales() if self.trains_scales else (self.scales, self.minima)
+        if self.trains_latent:
+            assert scales is not None  # only quantized tensors train latent weights
+            lo, hi = level_range(self.precision)
+            w = fake_quantize(self._latent(), scales, minima, lo, hi).reshape(self.shape)
+            return (unrotate(w) if self.precision.rotate else w).to(dtype)  # levels of W R: back to W
         return decode_parts(self.codes, scales, minima, self.precision, self.shape, dtype)
 
     def trained_scales(self) -> tuple[Tensor, Tensor | None]:
@@ -150,9 +158,69 @@ class QuantizedTensor(nn.Module):
             self.minima_train = nn.Parameter(torch.zeros_like(self.minima, dtype=torch.float32))
         return [p for n, p in self._parameters.items() if n.endswith("_train") and p is not None]
 
+    @property
+    def trains_latent(self) -> bool:
+        """True between `train_latent` and `commit_latent` (or `discard_latent`)."""
+        return "latent_train" in self._parameters
+
+    def train_latent(self) -> list[nn.Parameter]:
+        """Make the weights themselves trainable through fake quantization (EfficientQAT's Block-AP,
+        `kronc.values.latent`): an fp32 parameter ``latent_train`` ``(rows, groups, group)`` of latent levels in
+        units of the current grid step, initialised to the stored levels (so the tensor is unchanged until it
+        trains), on top of `train_scales`. Returns the new parameters (the scales' too when they were not
+        training yet; none for float precisions or when the latent weights train already)."""
+        if self.precision.is_float or self.scales is None or self.trains_latent:
+            return []
+        new = self.train_scales()
+        with torch.no_grad():
+            scales, minima = self.trained_scales()
+            s0, m0 = scales.detach().clone(), None if minima is None else minima.detach().clone()
+            rows, inn = self.precision.check_shape(self.shape)
+            groups = self.scales.shape[1]
+            q = unpack(self.codes, self.precision.bits, level_range(self.precision)[0], inn)
+        self._latent_base = (s0, m0)
+        self.latent_train = nn.Parameter(q.float().reshape(rows, groups, inn // groups))
+        return [*new, self.latent_train]
+
+    def _latent(self) -> Tensor:
+        s0, m0 = self._latent_base
+        return latent_values(self.latent_train, s0, m0)
+
+    def commit_latent(self) -> None:
+        """Re-encode the latent weights with the trained scales and minima into the stored buffers (the same
+        packed layout and bytes; the tensor then decodes to exactly what the last forward pass used), reset
+        the scale parameters to the identity on the new scales, and drop the latent parameter."""
+        if not self.trains_latent:
+            return
+        assert self.scales is not None  # only quantized tensors train latent weights
+        lo, hi = level_range(self.precision)
+        with torch.no_grad():
+            scales, minima = self.trained_scales()
+            u = fake_levels(self._latent(), scales, minima, lo, hi)
+            rows, inn = self.precision.check_shape(self.shape)
+            codes = pack(u.reshape(rows, inn).to(torch.int32), self.precision.bits, lo)
+            if codes.shape != self.codes.shape or codes.dtype != self.codes.dtype:  # the budget must not move
+                raise AssertionError(f"re-encoded codes {tuple(codes.shape)} {codes.dtype} differ from the stored "
+                                     f"{tuple(self.codes.shape)} {self.codes.dtype}")
+            self.codes.copy_(codes)
+            self.scales.copy_(scales.half())
+            if minima is not None and self.minima is not None:
+                self.minima.copy_(minima.half())
+            self.scales_train.fill_(1.0)
+            if "minima_train" in self._parameters:
+                self.minima_train.zero_()
+        self.discard_latent()
+
+    def discard_latent(self) -> None:
+        """Drop the latent parameter without storing it (an interrupted block: the stored codes stay)."""
+        self._parameters.pop("latent_train", None)
+        self.__dict__.pop("_latent_base", None)
+
     def commit_scales(self) -> None:
         """Store the trained scales (and minima) as fp16 in the buffers and drop the parameters: the stored
-        bytes keep their layout, so ``nbytes`` and save/load stay exact."""
+        bytes keep their layout, so ``nbytes`` and save/load stay exact. Latent weights still training are
+        re-encoded first (`commit_latent`)."""
+        self.commit_latent()
         if not self.trains_scales:
             return
         with torch.no_grad():
@@ -174,7 +242,7 @@ class QuantizedTensor(nn.Module):
             raise ValueError(f"QuantizedTensor.linear needs a 2-D (out, in) weight, got shape {self.shape}")
         if self.precision.is_float:
             return nn.functional.linear(x, self.codes.to(x.dtype), bias)
-        if self.trains_scales and torch.is_grad_enabled():  # the packed op has no gradient for the scales
+        if self.trains_scales:  # the packed op has no gradient for the scales, and holds the untrained ones
             return nn.functional.linear(x, self.dequantize(x.dtype), bias)
         if self.precision.rotate:  # (x R) Q(W R)ᵀ = x Wᵀ
             x = rotate(x)
