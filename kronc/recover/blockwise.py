@@ -20,7 +20,7 @@ The pipeline of GPTQ's sequential mode, OmniQuant and EfficientQAT's block phase
    output error of the three, by a few percent). The block's trainable parameters (``trainable``:
    factors, overlay values, block values, quantization scales (`kronc.recover.scales`), norms, biases)
    train with AdamW on the per-position relative squared error (`losses.relative_mse`) for ``epochs``
-   passes; integer-quantized tensors (``blockwise.quantized="latent"``, the default, EfficientQAT's Block-AP)
+   passes; integer-quantized tensors (with ``blockwise.quantized="latent"``, EfficientQAT's Block-AP; the default ``"scales"`` trains only scales and minima)
    train their latent weights through fake quantization beside the scales and minima, and are re-encoded
    into the same packed codes when the block ends (`kronc.recover.scales.latent_trained`); then the trained
    (re-encoded) block's outputs become
