@@ -220,12 +220,17 @@ class Bench:
                     stored += e.nbytes()
                     assert e.nbytes() == q.precision.nbytes(tuple(w.shape))
                 if h is not None:
-                    hf = h.float()
-                    diff = w - dense
-                    errs.append(float(((diff @ hf) * diff).sum() / ((w @ hf) * w).sum()) ** 0.5)
+                    errs.append(calib_error(w, dense, h))
                 param = getattr(out.get_submodule(site.owner), site.attr)
                 param.copy_(dense.T if site.kind == "conv1d" else dense)
         return out, stored, sum(errs) / max(1, len(errs))
+
+
+
+def calib_error(w: torch.Tensor, fitted: torch.Tensor, h: torch.Tensor) -> float:
+    """Relative calibration output error ``||(W - W') S|| / ||W S||`` with ``S Sᵀ = h`` (the `calib err` column)."""
+    hf, diff = h.float(), w - fitted
+    return float(((diff @ hf) * diff).sum() / ((w @ hf) * w).sum()) ** 0.5
 
 
 def run_model(bench: Bench, budgets: list[float], methods: list[str], check_input: dict[str, Any]) -> list[dict[str, Any]]:
@@ -630,8 +635,7 @@ def run_kronc(bench: Bench, budgets: list[float], dense_bytes: int, on_row, rows
                     continue
                 w = bench.weights[site.name].detach().float()
                 got = getattr(small.get_submodule(site.owner), site.attr).detach().float()
-                diff, hf = w - (got.T if site.kind == "conv1d" else got), h.float()
-                errs.append(float(((diff @ hf) * diff).sum() / ((w @ hf) * w).sum()) ** 0.5)
+                errs.append(calib_error(w, got.T if site.kind == "conv1d" else got, h))
         values: dict[str, int] = {}
         for d in plan.decisions:
             label = d.values if d.spec.kind == "dense" else f"{d.spec.kind}:{d.values}"

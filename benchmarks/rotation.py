@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from quality import Bench, QuantConfig, _minilm, _smollm2, say
+from quality import Bench, QuantConfig, _minilm, _smollm2, calib_error, say
 from torch import nn
 
 from kronc.tools.data import kjv_text
@@ -61,9 +61,7 @@ def quantize(bench: Bench, q: QuantConfig, variant: str) -> tuple[nn.Module, int
                 dense = rot.unrotate(dense, full=bool(full))
             stored += e.nbytes()
             if h is not None:
-                hd = h.float()
-                diff = w - dense
-                errs.append(float(((diff @ hd) * diff).sum() / ((w @ hd) * w).sum()) ** 0.5)
+                errs.append(calib_error(w, dense, h))
             param = getattr(out.get_submodule(site.owner), site.attr)
             param.copy_(dense.T if site.kind == "conv1d" else dense)
     return out, stored, sum(errs) / max(1, len(errs))

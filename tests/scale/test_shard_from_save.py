@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+from shard_test_helpers import nan_loss_at, outcome
 from test_scale import _free_port
 
 import kronc
@@ -81,10 +82,10 @@ def _main(rank: int, world: int, port: int, hf: str, small: str, results: str) -
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         teacher, res = _teacher(Path(hf)), Path(results)
-        out: dict[str, Any] = {"refused": [_outcome(lambda f=f: kronc.recover(f, teacher, _ids(), out=res / "x", **RUN))
+        out: dict[str, Any] = {"refused": [outcome(lambda f=f: kronc.recover(f, teacher, _ids(), out=res / "x", **RUN))
                                            for f in (hf, str(res / "corrupt"))]}
-        out["refused"].append(_outcome(lambda: kronc.recover(small, teacher, _ids(), out=res / "taken", **RUN)))
-        out["refused"].append(_outcome(lambda: kronc.recover(small, teacher, _ids(), out=res / "x", **{**RUN, "shard": False})))
+        out["refused"].append(outcome(lambda: kronc.recover(small, teacher, _ids(), out=res / "taken", **RUN)))
+        out["refused"].append(outcome(lambda: kronc.recover(small, teacher, _ids(), out=res / "x", **{**RUN, "shard": False})))
         out["streamed"] = _from_save(Path(small), teacher, res / "streamed")
         whole = kronc.load(small)
         out["whole_losses"] = kronc.recover(whole, teacher, _ids(), **RUN).series("loss")
@@ -101,28 +102,8 @@ def _main(rank: int, world: int, port: int, hf: str, small: str, results: str) -
 
 def _nan_at_second_step(small: str, teacher: torch.nn.Module, out: Path) -> str:
     """A from-save run whose second step's loss is NaN (a patched distiller): what it raised."""
-    from kronc.recover.losses import Distiller
-
-    calls, losses = [0], Distiller.losses
-
-    def poisoned(self: Distiller, batch: Any) -> dict[str, torch.Tensor]:
-        calls[0] += 1
-        parts = losses(self, batch)
-        return {k: v * float("nan") for k, v in parts.items()} if calls[0] == 2 else parts
-
-    Distiller.losses = poisoned  # type: ignore[method-assign]
-    try:
-        return _outcome(lambda: kronc.recover(small, teacher, _ids(), out=out, **RUN))
-    finally:
-        Distiller.losses = losses  # type: ignore[method-assign]
-
-
-def _outcome(fn: Any) -> str:
-    try:
-        fn()
-        return "ok"
-    except Exception as e:  # noqa: BLE001 - the test reads each rank's outcome
-        return f"{type(e).__name__}: {e}"
+    with nan_loss_at(2):
+        return outcome(lambda: kronc.recover(small, teacher, _ids(), out=out, **RUN))
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from shard_test_helpers import nan_loss_at, outcome
 from test_scale import _free_port
 
 import kronc
@@ -91,34 +92,15 @@ def _blockwise(shard: bool) -> dict[str, torch.Tensor]:
     return _weights(student)
 
 
-def _outcome(fn: Any) -> str:
-    try:
-        fn()
-        return "ok"
-    except Exception as e:  # noqa: BLE001 - the test reads each rank's outcome
-        return f"{type(e).__name__}: {e}"
-
-
 def _nan_at_third_step() -> dict[str, Any]:
     """Sharded recovery whose third step's loss is NaN (a patched distiller), and the error it raised."""
-    from kronc.recover.losses import Distiller
-
-    calls, losses = [0], Distiller.losses
-
-    def poisoned(self: Distiller, batch: Any) -> dict[str, torch.Tensor]:
-        calls[0] += 1
-        parts = losses(self, batch)
-        return {k: v * float("nan") for k, v in parts.items()} if calls[0] == 3 else parts
-
-    Distiller.losses = poisoned  # type: ignore[method-assign]
     teacher, student = copy.deepcopy(_models())
-    try:
-        kronc.recover(student, teacher, _batches(), steps=STEPS, lr=1e-3, hidden=0.0, progress=False, shard=True)
-        error: RecoveryError | None = None
-    except RecoveryError as e:
-        error = e
-    finally:
-        Distiller.losses = losses  # type: ignore[method-assign]
+    error: RecoveryError | None = None
+    with nan_loss_at(3):
+        try:
+            kronc.recover(student, teacher, _batches(), steps=STEPS, lr=1e-3, hidden=0.0, progress=False, shard=True)
+        except RecoveryError as e:
+            error = e
     assert error is not None
     return {"weights": _weights(student), "step": error.step, "restored": error.restored_step}
 
@@ -134,8 +116,8 @@ def _shard_main(rank: int, world: int, port: int, results: str) -> None:
         ckpt, part = Path(results, "sharded.ckpt"), Path(results, "part.ckpt")
         ids = torch.randint(0, 128, (4000,), generator=torch.Generator().manual_seed(2))
         out: dict[str, Any] = {
-            "refused": [_outcome(lambda: _case(True, ids, batch_size=3, seq_len=16)),
-                        _outcome(lambda: kronc.recover(*copy.deepcopy(_models())[::-1], _batches(), shard=True,
+            "refused": [outcome(lambda: _case(True, ids, batch_size=3, seq_len=16)),
+                        outcome(lambda: kronc.recover(*copy.deepcopy(_models())[::-1], _batches(), shard=True,
                                                        schemes=[MovementScores()], progress=False))],
             "sharded": _case(True, checkpoint_path=str(ckpt)),
             "replicated": _case(False),
@@ -264,7 +246,7 @@ def _failing_forward_main(rank: int, world: int, port: int, results: str) -> Non
         return losses(self, batch)
 
     Distiller.losses = broken  # type: ignore[method-assign]
-    Path(results, f"rank{rank}.txt").write_text(_outcome(lambda: _case(True)))
+    Path(results, f"rank{rank}.txt").write_text(outcome(lambda: _case(True)))
     dist.destroy_process_group()
 
 
