@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -77,6 +77,23 @@ def init_from_env() -> bool:
     else:
         torch.distributed.init_process_group("gloo")
     return True
+
+
+@contextlib.contextmanager
+def joined_from_env() -> Iterator[bool]:
+    """`init_from_env` for a command's whole run; on leaving, the group is destroyed. After a normal end every
+    rank first waits for the others (rank 0 may still be saving): a rank that closed its connections while a
+    peer was still using the group could take that peer down with it."""
+    joined = init_from_env()
+    try:
+        yield joined
+    except BaseException:
+        if joined:
+            torch.distributed.destroy_process_group()
+        raise
+    if joined:
+        barrier()
+        torch.distributed.destroy_process_group()
 
 
 def broadcast(obj: T) -> T:

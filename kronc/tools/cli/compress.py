@@ -60,12 +60,10 @@ def run(args: argparse.Namespace) -> int:
     if (args.recover_steps or args.recover_seconds or args.recover_method or args.recover_shard) and not args.recover_text:
         raise UsageError("--recover-steps, --recover-seconds, --recover-method and --recover-shard need --recover-text "
                          "FILE (the text to distil on)")
-    joined = scale_dist.init_from_env() if args.recover_text else False  # under torchrun: the ranks recover together
-    try:
+    if not args.recover_text:
         return _compress(args, out, policy, budget)
-    finally:
-        if joined:
-            torch.distributed.destroy_process_group()
+    with scale_dist.joined_from_env():  # under torchrun: the ranks recover together
+        return _compress(args, out, policy, budget)
 
 
 def _compress(args: argparse.Namespace, out: Path, policy: Any, budget: str | None) -> int:
@@ -109,12 +107,8 @@ def _run_streamed(args: argparse.Namespace, out: Path, policy: Any, budget: str 
         raise UsageError(f"--stream needs a Hugging Face folder (config.json + safetensors); {args.model} is not one")
     if args.recover_text:
         raise UsageError("--stream does not recover yet: compress with --stream, then recover the loaded model")
-    joined = scale_dist.init_from_env()  # under torchrun: join the group, the ranks split the work
-    try:
+    with scale_dist.joined_from_env():  # under torchrun: join the group, the ranks split the work
         return _stream(args, out, policy, budget, folder)
-    finally:
-        if joined:
-            torch.distributed.destroy_process_group()
 
 
 def _stream(args: argparse.Namespace, out: Path, policy: Any, budget: str | None, folder: Path) -> int:
