@@ -256,7 +256,8 @@ def test_a_rank_failing_inside_a_sharded_step_stops_the_job(tmp_path: Path) -> N
     raises its own error at once and leaves; the others stop when its connection closes (not at the timeout)."""
     torch.multiprocessing.spawn(_failing_forward_main, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     assert (tmp_path / "rank1.txt").read_text() == "ValueError: sabotaged forward on rank 1"
-    assert "Connection closed by peer" in (tmp_path / "rank0.txt").read_text()
+    rank0 = (tmp_path / "rank0.txt").read_text()
+    assert "Connection closed by peer" in rank0 or "Connection reset by peer" in rank0, rank0  # which: timing
 
 
 def test_cli_recover_shard_needs_torchrun(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
