@@ -59,6 +59,7 @@ from ..values import Precision, clip_search_residual, encode
 from ..values.fits import CLIP_RATIOS, gptq_hinv, gptq_residuals
 from ..values.rotation import rotate, rotate_gram, unrotate
 from .families.base import family
+from .shared import PerInput
 from .whiten import column_scale, damped, whitener
 
 F64 = torch.float64
@@ -144,6 +145,9 @@ class SiteAnalysis:
     Build one per site (``weight`` of logical shape ``(out, in)``; ``moments`` the ``(in, in)`` input
     second moment for the data-aware metric) and call `errors`.
 
+    ``shared``: work per input Gram matrix kept across the analyses of sites that read the same input
+    (`PerInput`; by default this analysis's own).
+
     ``folds``: the moments of two disjoint halves of the calibration data. With them the data-aware
     low-rank errors are **held out**: the mean over the two halves of the error, measured on one,
     of the whitened fit to the other (`heldout_lowrank_tails`). The whitened SVD is the one fit
@@ -159,6 +163,7 @@ class SiteAnalysis:
         damping: float = 0.01,
         refine_below: float = 0.05,
         folds: tuple[Tensor, Tensor] | None = None,
+        shared: PerInput | None = None,
     ) -> None:
         check_matrix(weight)
         self.shape: tuple[int, int] = (int(weight.shape[0]), int(weight.shape[1]))
@@ -187,6 +192,7 @@ class SiteAnalysis:
         self.damping = damping
         self.folds = folds if moments is not None else None
         self._gptq: dict[bool, tuple[Tensor, list[tuple[Tensor, Tensor]]]] = {}  # rotated? -> (rows, [(H, hinv)])
+        self.shared = shared if shared is not None else PerInput()
 
     # ---------------------------------------------------------------- decompositions
     def _decompose(self, matrix: Tensor, vectors: bool, upto: int) -> tuple[Tensor, Tensor | None, bool]:
@@ -403,9 +409,10 @@ class SiteAnalysis:
         assert self.h is not None
         key = bool(ps[0].rotate)
         if key not in self._gptq:
-            hs = [damped(f, self.damping) for f in self.folds] if self.folds is not None else [self.h]
-            grams = [rotate_gram(h.to(F64)) if key else h.to(F64) for h in hs]
-            self._gptq[key] = (rotate(rows) if key else rows, [(h, gptq_hinv(h)) for h in grams])
+            sources = list(self.folds) if self.folds is not None else [self.h]
+            self._gptq[key] = (rotate(rows) if key else rows,
+                               [self.shared.get(("gptq", key, self.damping), f, lambda f=f: self._gptq_gram(f, key))
+                                for f in sources])
         base, fitted = self._gptq[key]
         pairs = [(0, 1), (1, 0)] if len(fitted) == 2 else [(0, 0)]
         e = gptq_residuals(base, [(p, fitted[fit_i][1]) for p in ps for fit_i, _ in pairs])
@@ -414,6 +421,13 @@ class SiteAnalysis:
         for k, (_, eval_i) in enumerate(pairs):
             out += ((e[:, k] @ fitted[eval_i][0]) * e[:, k]).sum(-1)
         return out / len(pairs)
+
+    def _gptq_gram(self, source: Tensor, rotated: bool) -> tuple[Tensor, Tensor]:
+        """The Gram matrix GPTQ is measured with (damped when ``source`` is a fold's moments; rotated) and
+        its `gptq_hinv`."""
+        h = source if source is self.h else damped(source, self.damping)
+        h = rotate_gram(h.to(F64)) if rotated else h.to(F64)
+        return h, gptq_hinv(h)
 
     def row_sample(self) -> tuple[Tensor, Tensor | None, float]:
         """Sampled rows (`_quant_rows`), the diagonal of ``H`` (data-aware) and the factor from the
