@@ -175,13 +175,14 @@ class SiteAnalysis:
         self.w = self.w32.to(F64) if self.data else self.w32
         self.energy = float(self.w32.square().sum(dtype=F64))  # ||W||^2
         self.refine_below = refine_below
+        self.shared = shared if shared is not None else PerInput()
         self.h: Tensor | None = None
         self.h32: Tensor | None = None
         self.p: Tensor | None = None  # W H (data-aware)
         if moments is not None:
             if tuple(moments.shape) != (self.shape[1], self.shape[1]):
                 raise ValueError(f"moments of shape {tuple(moments.shape)} do not match a weight with {self.shape[1]} inputs")
-            self.h = damped(moments, damping)
+            self.h = self.shared.get(("damped", damping), moments, lambda: damped(moments, damping))
             self.p = self.w @ self.h
             self.total = float((self.p * self.w).sum())
         else:
@@ -192,7 +193,6 @@ class SiteAnalysis:
         self.damping = damping
         self.folds = folds if moments is not None else None
         self._gptq: dict[bool, tuple[Tensor, list[tuple[Tensor, Tensor]]]] = {}  # rotated? -> (rows, [(H, hinv)])
-        self.shared = shared if shared is not None else PerInput()
 
     # ---------------------------------------------------------------- decompositions
     def _decompose(self, matrix: Tensor, vectors: bool, upto: int) -> tuple[Tensor, Tensor | None, bool]:
@@ -231,7 +231,7 @@ class SiteAnalysis:
                 assert self.p is not None
                 return (*eig_desc(self.p @ self.w.T, vectors), True)
             assert self.h is not None
-            ws = self.w @ whitener(self.h)
+            ws = self.w @ self.whitened_input()
             return (*eig_desc(ws.T @ ws, vectors), True)
 
         return self._cached(self._gram, whitened, vectors, upto, compute)
@@ -269,7 +269,8 @@ class SiteAnalysis:
         """``S`` with ``S Sᵀ = H`` (damped), cached."""
         assert self.h is not None
         if getattr(self, "_whitener", None) is None:
-            self._whitener = whitener(self.h)
+            h = self.h
+            self._whitener = self.shared.get("whitener", h, lambda: whitener(h))
         return self._whitener
 
     def input_scale(self) -> Tensor:
@@ -425,7 +426,8 @@ class SiteAnalysis:
     def _gptq_gram(self, source: Tensor, rotated: bool) -> tuple[Tensor, Tensor]:
         """The Gram matrix GPTQ is measured with (damped when ``source`` is a fold's moments; rotated) and
         its `gptq_hinv`."""
-        h = source if source is self.h else damped(source, self.damping)
+        h = source if source is self.h else self.shared.get(("damped", self.damping), source,
+                                                            lambda: damped(source, self.damping))
         h = rotate_gram(h.to(F64)) if rotated else h.to(F64)
         return h, gptq_hinv(h)
 
