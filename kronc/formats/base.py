@@ -223,14 +223,14 @@ class Factorized(nn.Module, ABC):
         else:
             _, layout = self.spec.stored_values(self.shape)[name]
             wanted = p
-            if p.fit == "gptq" and (h is None or layout != "rows"):
-                p, h = p.model_copy(update={"fit": "hqq"}), None
             if encoded is not None:
                 if encoded.precision != p or encoded.shape != tuple(to_storage(tensor, layout).shape):
                     raise ValueError(f"{name}: the given codes are {encoded.precision.describe()} {encoded.shape}, "
                                      f"the spec wants {p.describe()} {tuple(to_storage(tensor, layout).shape)}")
                 qt = QuantizedTensor(encoded)
             else:
+                if p.fit == "gptq" and (h is None or layout != "rows"):
+                    p, h = p.model_copy(update={"fit": "hqq"}), None
                 qt = QuantizedTensor.from_float(to_storage(tensor.detach().float(), layout).contiguous(), p, h)
             qt.precision = wanted  # the spec's (gptq stays gptq where it fell back)
             setattr(self, name, qt)

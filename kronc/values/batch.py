@@ -10,7 +10,9 @@ levels are exactly those `encode` gives it alone (`gptq_batch` keeps one block p
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor
@@ -35,10 +37,12 @@ def _same_gram(groups: list[tuple[Tensor, list[int]]], h: Tensor) -> list[int] |
     return None
 
 
-def encode_many(items: Sequence[Item], done: Callable[[int], None] | None = None) -> list[Encoded]:
+def encode_many(items: Sequence[Item], done: Callable[[int], None] | None = None,
+                workers: int | None = None) -> list[Encoded]:
     """``[encode(w, p, h) for w, p, h in items]``, with the GPTQ fits grouped and batched (module docstring).
 
-    ``done(i)`` is called as item ``i`` is encoded (progress)."""
+    ``done(i)`` is called as item ``i`` is encoded (progress). ``workers``: threads for the column loops
+    (default: torch's thread count; the results do not depend on it)."""
     out: dict[int, Encoded] = {}
     grams: list[tuple[Tensor, list[int]]] = []  # distinct Gram matrices -> the gptq items using them
     for i, (w, p, h) in enumerate(items):
@@ -67,19 +71,35 @@ def encode_many(items: Sequence[Item], done: Callable[[int], None] | None = None
             ws = [items[i][0].detach().reshape(-1, items[i][0].shape[-1]) for i in idx]
             rows = torch.cat([(rotate(w.float()) if p.rotate else w).double() for w in ws])
             fits.append((rows, p, hinvs[p.rotate], idx))
-    # fits of one shape share a column loop, in batches of at most BATCH_ELEMENTS values
+    # fits of one shape share a column loop, in batches of at most BATCH_ELEMENTS values, spread over
+    # `workers` threads (torch single-threaded meanwhile: the loop's small ops run better side by side)
+    threads = torch.get_num_threads()
+    workers = max(1, threads if workers is None else workers)
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for k, (rows, _, _, _) in enumerate(fits):
         by_shape.setdefault(tuple(rows.shape), []).append(k)
+    calls: list[list[int]] = []
     for shape, ks in by_shape.items():
-        per = max(1, BATCH_ELEMENTS // (shape[0] * shape[1]))
-        for s in range(0, len(ks), per):
-            chunk = ks[s:s + per]
-            splits = [[items[i][1].check_shape(tuple(items[i][0].shape))[0] for i in fits[k][3]] for k in chunk]
-            levels = gptq_batch(torch.stack([fits[k][0] for k in chunk]), [(fits[k][1], fits[k][2]) for k in chunk],
-                                splits=splits)
-            for k, lv in zip(chunk, levels, strict=True):
-                _split(lv, fits[k][1], fits[k][3], items, out, done)
+        per = min(max(1, BATCH_ELEMENTS // (shape[0] * shape[1])), math.ceil(len(ks) / workers))
+        calls += [ks[s:s + per] for s in range(0, len(ks), per)]
+
+    def run(chunk: list[int]) -> list[Levels]:
+        splits = [[items[i][1].check_shape(tuple(items[i][0].shape))[0] for i in fits[k][3]] for k in chunk]
+        return gptq_batch(torch.stack([fits[k][0] for k in chunk]), [(fits[k][1], fits[k][2]) for k in chunk],
+                          splits=splits)
+
+    if workers > 1 and len(calls) > 1:
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(min(workers, len(calls))) as pool:
+                results = list(pool.map(run, calls))
+        finally:
+            torch.set_num_threads(threads)
+    else:
+        results = [run(chunk) for chunk in calls]
+    for chunk, levels in zip(calls, results, strict=True):
+        for k, lv in zip(chunk, levels, strict=True):
+            _split(lv, fits[k][1], fits[k][3], items, out, done)
     return [out[i] for i in range(len(items))]
 
 

@@ -34,12 +34,23 @@ King James calibration, ABC news evaluation: every int4/int3 configuration of
 
 def gptq_hinv(h: Tensor, damp: float = GPTQ_DAMPING) -> Tensor:
     """The upper Cholesky factor of the inverse of ``h`` damped by ``damp`` times its mean diagonal (dead
-    inputs set to 1), float64: what GPTQ propagates errors with (one per ``h``, shared by precisions)."""
-    H = h.double().clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    H += damp * torch.diag(H).mean() * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    inputs set to 1), float64: what GPTQ propagates errors with (one per ``h``, shared by precisions).
+
+    Computed with torch single-threaded: CPU LAPACK's Cholesky inverse (``potri``) rounds differently
+    with the thread count, and on 2 threads it took 10x as long as on one (1536x1536: 8.1 s against
+    0.8 s on this project's shared 2-core machine); so the fit does not depend on the caller's threads."""
+    threads = torch.get_num_threads()
+    if threads != 1 and h.device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        H = h.double().clone()
+        dead = torch.diag(H) == 0
+        H[dead, dead] = 1.0
+        H += damp * torch.diag(H).mean() * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+        return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
 
 
 def _check(w: Tensor, members: Sequence[tuple[Precision, Tensor]]) -> tuple[int, int]:

@@ -97,11 +97,12 @@ def test_encode_many_equals_encode_each() -> None:
         (torch.randn(24, 128, generator=gen(23)), rot, h_other),
         (torch.randn(8, 128, generator=gen(24)), Precision(dtype="int4", group_size=32, fit="hqq"), h_other),
     ]
-    ticks: list[int] = []
-    got = encode_many(items, done=ticks.append)
-    assert sorted(ticks) == list(range(len(items)))
-    for (w, p, h), e in zip(items, got, strict=True):
-        want = encode(w, p, h)
-        assert e.shape == want.shape and e.precision == p
-        for a, b in ((e.codes, want.codes), (e.scales, want.scales), (e.minima, want.minima)):
-            assert (a is None and b is None) or torch.equal(a, b), p.describe()
+    wants = [encode(w, p, h) for w, p, h in items]
+    for workers in (1, 2):  # the column loops on threads give the same codes
+        ticks: list[int] = []
+        got = encode_many(items, done=ticks.append, workers=workers)
+        assert sorted(ticks) == list(range(len(items)))
+        for (_, p, _), e, want in zip(items, got, wants, strict=True):
+            assert e.shape == want.shape and e.precision == p
+            for a, b in ((e.codes, want.codes), (e.scales, want.scales), (e.minima, want.minima)):
+                assert (a is None and b is None) or torch.equal(a, b), p.describe()
