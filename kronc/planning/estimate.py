@@ -45,6 +45,7 @@ import math
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import numpy as np
 import torch
@@ -412,7 +413,7 @@ class SiteAnalysis:
         if key not in self._gptq:
             sources = list(self.folds) if self.folds is not None else [self.h]
             self._gptq[key] = (rotate(rows) if key else rows,
-                               [self.shared.get(("gptq", key, self.damping), f, lambda f=f: self._gptq_gram(f, key))
+                               [self.shared.get(("gptq", key, self.damping), f, partial(self._gptq_gram, f, key))
                                 for f in sources])
         base, fitted = self._gptq[key]
         pairs = [(0, 1), (1, 0)] if len(fitted) == 2 else [(0, 0)]
