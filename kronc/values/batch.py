@@ -11,8 +11,10 @@ levels are exactly those `encode` gives it alone (`gptq_batch` keeps one block p
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -27,6 +29,8 @@ BATCH_ELEMENTS = 1 << 25
 """At most this many weight values (float64) in one `gptq_batch` call (a few hundred MB of work space)."""
 
 Item = tuple[Tensor, Precision, "Tensor | None"]
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def _same_gram(groups: list[tuple[Tensor, list[int]]], h: Tensor) -> list[int] | None:
@@ -41,15 +45,17 @@ def encode_many(items: Sequence[Item], done: Callable[[int], None] | None = None
                 workers: int | None = None) -> list[Encoded]:
     """``[encode(w, p, h) for w, p, h in items]``, with the GPTQ fits grouped and batched (module docstring).
 
-    ``done(i)`` is called as item ``i`` is encoded (progress). ``workers``: threads for the column loops
-    (default: torch's thread count; the results do not depend on it)."""
+    ``done(i)`` is called as item ``i`` is encoded (progress). ``workers``: threads the work is spread
+    over, torch single-threaded meanwhile (default: torch's thread count). The results do not depend on
+    it: the column loops, Gram rotations and inverses are independent per group, and on one thread the
+    loops' small ops and LAPACK's inverse run faster side by side than split (the inverse is
+    single-threaded anyway, `gptq_hinv`)."""
     out: dict[int, Encoded] = {}
+    plain: list[int] = []
     grams: list[tuple[Tensor, list[int]]] = []  # distinct Gram matrices -> the gptq items using them
     for i, (w, p, h) in enumerate(items):
         if p.is_float or p.fit != "gptq" or h is None:
-            out[i] = encode(w, p, h)
-            if done:
-                done(i)
+            plain.append(i)
             continue
         p.check_shape(tuple(w.shape))
         found = _same_gram(grams, h)
@@ -57,13 +63,15 @@ def encode_many(items: Sequence[Item], done: Callable[[int], None] | None = None
             grams.append((h, [i]))
         else:
             found.append(i)
-    # one fit per (Gram matrix, precision): the stacked rows of its items
-    fits: list[tuple[Tensor, Precision, Tensor, list[int]]] = []
-    for h, members in grams:
+
+    def prepare(group: tuple[Tensor, list[int]]) -> list[tuple[Tensor, Precision, Tensor, list[int]]]:
+        """One fit per precision of the group: the stacked (rotated) rows of its items and `gptq_hinv`."""
+        h, members = group
         hinvs: dict[bool, Tensor] = {}
         by_p: dict[Precision, list[int]] = {}
         for i in members:
             by_p.setdefault(items[i][1], []).append(i)
+        fits = []
         for p, idx in by_p.items():
             if p.rotate not in hinvs:
                 hd = h.double()
@@ -71,36 +79,47 @@ def encode_many(items: Sequence[Item], done: Callable[[int], None] | None = None
             ws = [items[i][0].detach().reshape(-1, items[i][0].shape[-1]) for i in idx]
             rows = torch.cat([(rotate(w.float()) if p.rotate else w).double() for w in ws])
             fits.append((rows, p, hinvs[p.rotate], idx))
-    # fits of one shape share a column loop, in batches of at most BATCH_ELEMENTS values, spread over
-    # `workers` threads (torch single-threaded meanwhile: the loop's small ops run better side by side)
-    threads = torch.get_num_threads()
-    workers = max(1, threads if workers is None else workers)
-    by_shape: dict[tuple[int, ...], list[int]] = {}
-    for k, (rows, _, _, _) in enumerate(fits):
-        by_shape.setdefault(tuple(rows.shape), []).append(k)
-    calls: list[list[int]] = []
-    for shape, ks in by_shape.items():
-        per = min(max(1, BATCH_ELEMENTS // (shape[0] * shape[1])), math.ceil(len(ks) / workers))
-        calls += [ks[s:s + per] for s in range(0, len(ks), per)]
+        return fits
 
     def run(chunk: list[int]) -> list[Levels]:
         splits = [[items[i][1].check_shape(tuple(items[i][0].shape))[0] for i in fits[k][3]] for k in chunk]
         return gptq_batch(torch.stack([fits[k][0] for k in chunk]), [(fits[k][1], fits[k][2]) for k in chunk],
                           splits=splits)
 
-    if workers > 1 and len(calls) > 1:
-        torch.set_num_threads(1)
-        try:
-            with ThreadPoolExecutor(min(workers, len(calls))) as pool:
-                results = list(pool.map(run, calls))
-        finally:
-            torch.set_num_threads(threads)
-    else:
-        results = [run(chunk) for chunk in calls]
-    for chunk, levels in zip(calls, results, strict=True):
-        for k, lv in zip(chunk, levels, strict=True):
-            _split(lv, fits[k][1], fits[k][3], items, out, done)
+    workers = max(1, torch.get_num_threads() if workers is None else workers)
+    with _threads(workers) as pmap:
+        for i, e in zip(plain, pmap(lambda i: encode(*items[i]), plain), strict=True):
+            out[i] = e
+            if done:
+                done(i)
+        fits = [f for group in pmap(prepare, grams) for f in group]
+        # fits of one shape share a column loop, in batches of at most BATCH_ELEMENTS values
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for k, (rows, _, _, _) in enumerate(fits):
+            by_shape.setdefault(tuple(rows.shape), []).append(k)
+        calls: list[list[int]] = []
+        for shape, ks in by_shape.items():
+            per = min(max(1, BATCH_ELEMENTS // (shape[0] * shape[1])), math.ceil(len(ks) / workers))
+            calls += [ks[s:s + per] for s in range(0, len(ks), per)]
+        for chunk, levels in zip(calls, pmap(run, calls), strict=True):
+            for k, lv in zip(chunk, levels, strict=True):
+                _split(lv, fits[k][1], fits[k][3], items, out, done)
     return [out[i] for i in range(len(items))]
+
+
+@contextmanager
+def _threads(workers: int) -> Iterator[Callable[[Callable[[T], R], Sequence[T]], list[R]]]:
+    """A ``map`` onto ``workers`` threads with torch single-threaded (restored afterwards); plain with one."""
+    if workers <= 1:
+        yield lambda fn, xs: [fn(x) for x in xs]
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            yield lambda fn, xs: list(pool.map(fn, xs))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _split(lv: Levels, p: Precision, idx: list[int], items: Sequence[Item], out: dict[int, Encoded],
