@@ -2,6 +2,7 @@
 
     python benchmarks/compile_speed.py                       # 8x, 8 KJV windows of 512, 1 thread
     python benchmarks/compile_speed.py --profile prof.out    # also a cProfile of the whole call
+    python benchmarks/compile_speed.py --plan-out plan.json  # also the plan, to check a change keeps it
 
 Prints the stages `kronc.compile` reports (capture, calibrate, plan, apply) and, with ``--profile``,
 the functions with the most cumulative time; writes ``benchmarks/results/compile_speed.{md,json}``.
@@ -40,6 +41,7 @@ def main() -> None:
     ap.add_argument("--profile", type=Path, default=None, help="write a cProfile of the compile call here")
     ap.add_argument("--top", type=int, default=25, help="profile rows to print")
     ap.add_argument("--out", type=Path, default=RESULTS / "compile_speed")
+    ap.add_argument("--plan-out", type=Path, default=None, help="also write the plan (JSON) here, to compare runs")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, tok = load_smollm2()
@@ -57,6 +59,8 @@ def main() -> None:
     wall = time.perf_counter() - t
     stages = {k: round(v, 2) for k, v in rep.seconds.items()}
     plan = rep.plan
+    if args.plan_out:
+        args.plan_out.write_text(plan.model_dump_json(indent=1) + "\n")
     print(f"kronc.compile(SmolLM2-135M, {args.budget!r}, {len(calib)} windows of {window}): {wall:.1f} s "
           f"(threads {args.threads}); achieved {plan.ratio:.2f}x")
     for k, v in stages.items():

@@ -35,7 +35,7 @@ from .passes.rewrite import compress_sites
 from .passes.swap import swap_modules, swappable
 from .passes.verify import output_signature, verify
 from .plan import Plan
-from .planning import collect_input_moments, collect_sensitivity, fit_site, make_plan
+from .planning import collect_input_moments, collect_sensitivity, fit_sites, make_plan
 from .policies import Policy, Resolution, resolve
 from .policies.errors import PolicyError, Problem
 from .sites import Site
@@ -135,13 +135,16 @@ def apply_plan(captured: Captured, plan: Plan, *, output: Output = "auto", inpla
     mode = output_mode(output, captured, chosen)
     bar = tqdm(total=len(chosen), desc="fit", unit="site", disable=not progress)
 
-    def fitted(site: Site, spec: FormatSpec) -> Factorized:
-        check_finite_weights([site], captured.weight)
-        fmt = fit_site(captured.weight(site), spec, (moments or {}).get(site.name))
-        bar.update()
-        return fmt
-
     try:
+        check_plan(plan, sites)  # before the fits: a plan for another model fails at once
+        check_finite_weights(chosen, captured.weight)
+        fits = fit_sites([(captured.weight(s), plan[s.name].spec, (moments or {}).get(s.name)) for s in chosen],
+                         done=lambda _: bar.update())
+        by_name = dict(zip((s.name for s in chosen), fits, strict=True))
+
+        def fitted(site: Site, spec: FormatSpec) -> Factorized:
+            return by_name[site.name]
+
         if mode == "module":
             return materialize(plan, sites, fitted, model=captured.model if inplace else copy.deepcopy(captured.model))
         gm = captured.graph_module if inplace else copy.deepcopy(captured.graph_module)
@@ -159,6 +162,16 @@ def output_mode(output: Output, captured: Captured, chosen: list[Site]) -> Liter
     if isinstance(captured.model, torch.fx.GraphModule):
         return "graph"
     return "module" if all(swappable(s) for s in chosen) else "graph"
+
+
+def check_plan(plan: Plan, sites: Mapping[str, Site]) -> None:
+    """`KeyError` / `ValueError` when ``plan`` names a site ``sites`` lacks or of another shape."""
+    missing = [d.site for d in plan.decisions if d.site not in sites]
+    if missing:
+        raise KeyError(f"the plan names sites this model does not have: {', '.join(missing)}")
+    for d in plan.decisions:
+        if tuple(d.shape) != sites[d.site].shape:
+            raise ValueError(f"site {d.site} is {sites[d.site].shape} in this model but {tuple(d.shape)} in the plan")
 
 
 def materialize(
@@ -179,12 +192,7 @@ def materialize(
     """
     if (model is None) == (graph is None):
         raise ValueError("materialize needs exactly one of model= (swap modules) or graph= (rewrite the graph)")
-    missing = [d.site for d in plan.decisions if d.site not in sites]
-    if missing:
-        raise KeyError(f"the plan names sites this model does not have: {', '.join(missing)}")
-    for d in plan.decisions:
-        if tuple(d.shape) != sites[d.site].shape:
-            raise ValueError(f"site {d.site} is {sites[d.site].shape} in this model but {tuple(d.shape)} in the plan")
+    check_plan(plan, sites)
     chosen = [sites[d.site] for d in plan.decisions if not d.spec.identity]
     weights = {s.name: make(s, plan[s.name].spec) for s in chosen}
     if model is not None:

@@ -36,7 +36,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 from torch import Tensor, nn
 
-from ..values import FLOAT_DTYPES, Precision, PrecisionError, QuantizedTensor
+from ..values import FLOAT_DTYPES, Encoded, Precision, PrecisionError, QuantizedTensor
 
 Shape = tuple[int, int]
 Layout = Literal["rows", "transposed", "flat"]
@@ -205,13 +205,14 @@ class Factorized(nn.Module, ABC):
         found = getattr(self, "compute_dtype", None)
         return found if found is not None else next(t for t in self._stored() if t.is_floating_point()).dtype
 
-    def put(self, name: str, tensor: Tensor, h: Tensor | None = None) -> None:
+    def put(self, name: str, tensor: Tensor, h: Tensor | None = None, encoded: Encoded | None = None) -> None:
         """Store value tensor ``name`` (listed by the spec's `stored_values`) at the spec's precision.
 
         The one place formats store float values: None keeps a parameter; a float precision a parameter
         of that dtype; an integer precision a `QuantizedTensor` of the tensor's codec layout (``h``: the
         ``(in, in)`` input Gram matrix of a ``rows`` layout tensor, for ``fit='gptq'``; tensors without one
-        are fitted data-free by ``hqq``)."""
+        are fitted data-free by ``hqq``). ``encoded``: the tensor's codes already fitted at the spec's
+        precision (`kronc.values.encode_many` fits many sites' GPTQ at once), stored as they are."""
         if getattr(self, "compute_dtype", None) is None:
             self.compute_dtype = tensor.dtype
         p = self.spec.precision
@@ -222,9 +223,15 @@ class Factorized(nn.Module, ABC):
         else:
             _, layout = self.spec.stored_values(self.shape)[name]
             wanted = p
-            if p.fit == "gptq" and (h is None or layout != "rows"):
-                p, h = p.model_copy(update={"fit": "hqq"}), None
-            qt = QuantizedTensor.from_float(to_storage(tensor.detach().float(), layout).contiguous(), p, h)
+            if encoded is not None:
+                if encoded.precision != p or encoded.shape != tuple(to_storage(tensor, layout).shape):
+                    raise ValueError(f"{name}: the given codes are {encoded.precision.describe()} {encoded.shape}, "
+                                     f"the spec wants {p.describe()} {tuple(to_storage(tensor, layout).shape)}")
+                qt = QuantizedTensor(encoded)
+            else:
+                if p.fit == "gptq" and (h is None or layout != "rows"):
+                    p, h = p.model_copy(update={"fit": "hqq"}), None
+                qt = QuantizedTensor.from_float(to_storage(tensor.detach().float(), layout).contiguous(), p, h)
             qt.precision = wanted  # the spec's (gptq stays gptq where it fell back)
             setattr(self, name, qt)
 

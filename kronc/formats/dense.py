@@ -15,7 +15,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from ..values import QuantizedTensor
+from ..values import Encoded, QuantizedTensor
 from .base import Factorized, Layout, Shape, check_matrix
 from .base import FormatSpec as _Spec
 from .registry import register_format
@@ -55,10 +55,12 @@ class Dense(Factorized):
     spec_type = DenseSpec
     weight: nn.Parameter | QuantizedTensor  # float values, or integer codes for a quantized precision
 
-    def __init__(self, weight: Tensor, spec: DenseSpec | None = None, h: Tensor | None = None) -> None:
+    def __init__(self, weight: Tensor, spec: DenseSpec | None = None, h: Tensor | None = None,
+                 encoded: Encoded | None = None) -> None:
+        """``encoded``: the weight's codes, already fitted at the spec's precision (see `Factorized.put`)."""
         check_matrix(weight)
         super().__init__(spec or DenseSpec(), tuple(weight.shape))  # type: ignore[arg-type]
-        self.put("weight", weight, h)
+        self.put("weight", weight, h, encoded)
 
     @classmethod
     def fit(cls, weight: Tensor, spec: _Spec, h: Tensor | None = None) -> Dense:

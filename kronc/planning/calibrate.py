@@ -61,19 +61,21 @@ class _Moments:
         self.even: dict[str, Tensor] = {}  # the sums and rows of the even-numbered batches
         self.even_rows: dict[str, int] = {}
         self.parity = 0
-        self._last: tuple[Tensor, int, Tensor] | None = None  # the last input seen, its version, X^T X
+        self._last: tuple[Tensor, int, Tensor, str] | None = None  # the last input seen, its version, X^T X, by whom
+        self.sources: dict[str, set[str]] = {}  # name -> the sites whose X^T X it added (itself when computed)
 
     def add(self, name: str, x: Tensor, dim: int) -> None:
         if x.shape[-1] != dim:
             warnings.warn(f"input of {name} has {x.shape[-1]} features, expected {dim}; skipped", stacklevel=3)
             return
         if self._last is not None and self._last[0] is x and self._last[1] == x._version:
-            xtx = self._last[2]
+            xtx, source = self._last[2], self._last[3]
         else:
             x2 = x.detach().reshape(-1, dim)
             x2 = x2.float() if x2.dtype != torch.float64 else x2
             xtx = (x2.T @ x2).to(device="cpu", dtype=torch.float64)  # one batch in float32, sums in float64
-            self._last = (x, x._version, xtx)
+            self._last, source = (x, x._version, xtx, name), name
+        self.sources.setdefault(name, set()).add(source)
         rows = x.numel() // dim
         if name in self.sums:
             self.sums[name] += xtx
@@ -89,12 +91,30 @@ class _Moments:
                 self.even[name] = xtx.clone()
                 self.even_rows[name] = rows
 
+    def _alias(self, name: str) -> str | None:
+        """The site whose moments ``name``'s equal bit for bit (it added exactly that site's products), or None."""
+        src = self.sources.get(name, set())
+        lead = next(iter(src)) if len(src) == 1 else None
+        if lead is None or lead == name or self.sources.get(lead) != {lead} or self.rows[lead] != self.rows[name]:
+            return None
+        if self.even_rows.get(lead) != self.even_rows.get(name) or not torch.equal(self.sums[lead], self.sums[name]):
+            return None
+        return lead
+
     def result(self) -> InputMoments:
+        """The moments; sites that read the same input get the same tensor objects (q/k/v, gate/up), so that
+        work done per Gram matrix downstream (a GPTQ inverse, a rotation) can be shared by identity."""
         out = InputMoments({name: s / self.rows[name] for name, s in self.sums.items() if self.rows[name] > 0})
         for name, even in self.even.items():
             a, total = self.even_rows[name], self.rows[name]
             if name in out and 0 < a < total:
                 out.folds[name] = ((even / a).float(), ((self.sums[name] - even) / (total - a)).float())
+        for name in list(out):
+            lead = self._alias(name)
+            if lead is not None and lead in out:
+                out[name] = out[lead]
+                if lead in out.folds:
+                    out.folds[name] = out.folds[lead]
         return out
 
 

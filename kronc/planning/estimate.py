@@ -45,6 +45,7 @@ import math
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import numpy as np
 import torch
@@ -59,6 +60,7 @@ from ..values import Precision, clip_search_residual, encode
 from ..values.fits import CLIP_RATIOS, gptq_hinv, gptq_residuals
 from ..values.rotation import rotate, rotate_gram, unrotate
 from .families.base import family
+from .shared import PerInput
 from .whiten import column_scale, damped, whitener
 
 F64 = torch.float64
@@ -144,6 +146,9 @@ class SiteAnalysis:
     Build one per site (``weight`` of logical shape ``(out, in)``; ``moments`` the ``(in, in)`` input
     second moment for the data-aware metric) and call `errors`.
 
+    ``shared``: work per input Gram matrix kept across the analyses of sites that read the same input
+    (`PerInput`; by default this analysis's own).
+
     ``folds``: the moments of two disjoint halves of the calibration data. With them the data-aware
     low-rank errors are **held out**: the mean over the two halves of the error, measured on one,
     of the whitened fit to the other (`heldout_lowrank_tails`). The whitened SVD is the one fit
@@ -159,6 +164,7 @@ class SiteAnalysis:
         damping: float = 0.01,
         refine_below: float = 0.05,
         folds: tuple[Tensor, Tensor] | None = None,
+        shared: PerInput | None = None,
     ) -> None:
         check_matrix(weight)
         self.shape: tuple[int, int] = (int(weight.shape[0]), int(weight.shape[1]))
@@ -170,13 +176,14 @@ class SiteAnalysis:
         self.w = self.w32.to(F64) if self.data else self.w32
         self.energy = float(self.w32.square().sum(dtype=F64))  # ||W||^2
         self.refine_below = refine_below
+        self.shared = shared if shared is not None else PerInput()
         self.h: Tensor | None = None
         self.h32: Tensor | None = None
         self.p: Tensor | None = None  # W H (data-aware)
         if moments is not None:
             if tuple(moments.shape) != (self.shape[1], self.shape[1]):
                 raise ValueError(f"moments of shape {tuple(moments.shape)} do not match a weight with {self.shape[1]} inputs")
-            self.h = damped(moments, damping)
+            self.h = self.shared.get(("damped", damping), moments, lambda: damped(moments, damping))
             self.p = self.w @ self.h
             self.total = float((self.p * self.w).sum())
         else:
@@ -225,7 +232,7 @@ class SiteAnalysis:
                 assert self.p is not None
                 return (*eig_desc(self.p @ self.w.T, vectors), True)
             assert self.h is not None
-            ws = self.w @ whitener(self.h)
+            ws = self.w @ self.whitened_input()
             return (*eig_desc(ws.T @ ws, vectors), True)
 
         return self._cached(self._gram, whitened, vectors, upto, compute)
@@ -263,7 +270,8 @@ class SiteAnalysis:
         """``S`` with ``S Sᵀ = H`` (damped), cached."""
         assert self.h is not None
         if getattr(self, "_whitener", None) is None:
-            self._whitener = whitener(self.h)
+            h = self.h
+            self._whitener = self.shared.get("whitener", h, lambda: whitener(h))
         return self._whitener
 
     def input_scale(self) -> Tensor:
@@ -403,9 +411,10 @@ class SiteAnalysis:
         assert self.h is not None
         key = bool(ps[0].rotate)
         if key not in self._gptq:
-            hs = [damped(f, self.damping) for f in self.folds] if self.folds is not None else [self.h]
-            grams = [rotate_gram(h.to(F64)) if key else h.to(F64) for h in hs]
-            self._gptq[key] = (rotate(rows) if key else rows, [(h, gptq_hinv(h)) for h in grams])
+            sources = list(self.folds) if self.folds is not None else [self.h]
+            self._gptq[key] = (rotate(rows) if key else rows,
+                               [self.shared.get(("gptq", key, self.damping), f, partial(self._gptq_gram, f, key))
+                                for f in sources])
         base, fitted = self._gptq[key]
         pairs = [(0, 1), (1, 0)] if len(fitted) == 2 else [(0, 0)]
         e = gptq_residuals(base, [(p, fitted[fit_i][1]) for p in ps for fit_i, _ in pairs])
@@ -414,6 +423,14 @@ class SiteAnalysis:
         for k, (_, eval_i) in enumerate(pairs):
             out += ((e[:, k] @ fitted[eval_i][0]) * e[:, k]).sum(-1)
         return out / len(pairs)
+
+    def _gptq_gram(self, source: Tensor, rotated: bool) -> tuple[Tensor, Tensor]:
+        """The Gram matrix GPTQ is measured with (damped when ``source`` is a fold's moments; rotated) and
+        its `gptq_hinv`."""
+        h = source if source is self.h else self.shared.get(("damped", self.damping), source,
+                                                            lambda: damped(source, self.damping))
+        h = rotate_gram(h.to(F64)) if rotated else h.to(F64)
+        return h, gptq_hinv(h)
 
     def row_sample(self) -> tuple[Tensor, Tensor | None, float]:
         """Sampled rows (`_quant_rows`), the diagonal of ``H`` (data-aware) and the factor from the

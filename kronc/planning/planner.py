@@ -41,6 +41,7 @@ from .candidates import Candidate, PlanningError, site_candidates
 from .estimate import SiteAnalysis
 from .families import FAMILIES, Choice, family
 from .options import SearchOptions
+from .shared import PerInput
 from .solver import solve
 from .whiten import damped
 
@@ -114,9 +115,10 @@ class SiteCurve:
 
 
 def site_curve(weight: Tensor, moments: Tensor | None, cands: Sequence[Candidate], options: SearchOptions,
-               folds: tuple[Tensor, Tensor] | None = None) -> SiteCurve:
-    """Analyse one site: the relative error of every candidate in ``cands`` (as `make_plan` does)."""
-    analysis = SiteAnalysis(weight, moments, options.damping, folds=folds)
+               folds: tuple[Tensor, Tensor] | None = None, shared: PerInput | None = None) -> SiteCurve:
+    """Analyse one site: the relative error of every candidate in ``cands`` (as `make_plan` does; ``shared``:
+    work per input kept across sites, `PerInput`)."""
+    analysis = SiteAnalysis(weight, moments, options.damping, folds=folds, shared=shared)
     errors = analysis.errors([c.spec for c in cands], nbytes=[c.nbytes for c in cands])
     return SiteCurve(tuple(float(e) for e in errors), analysis.total)
 
@@ -214,18 +216,21 @@ def make_plan(
         raise KeyError(f"format spaces given for unknown sites: {', '.join(stray[:5])}{' ...' if len(stray) > 5 else ''}")
     scope = [s for s in sites if s.name in spaces]
     data = bool(moments) and any(s.name in moments for s in scope)  # type: ignore[operator]
-    white = _white_energy(moments, [s.name for s in scope], options.damping)
+    # only sites measured without moments in a data-aware plan use it (damping every H costs ~0.1 s a site)
+    unmeasured = data and any(s.name not in moments for s in scope)  # type: ignore[operator]
+    white = _white_energy(moments, [s.name for s in scope], options.damping) if unmeasured else 1.0
     folds = getattr(moments, "folds", None) or {}
     given = [float(v) for k, v in (importance or {}).items() if k in spaces]
     typical = float(np.median(given)) if given else 1.0
     priced = price_sites(scope, spaces, options)
     key, limit = budget_limit(scope, priced, budget)
+    shared = PerInput()  # GPTQ inverses per calibration fold, computed once for the sites reading one input
 
     def analyse(site: Site) -> list[Candidate]:
         if cache is not None and site.name in cache:
             return cache[site.name]
         h = moments.get(site.name) if moments else None
-        curve = site_curve(_weight(weights, site), h, priced[site.name], options, folds.get(site.name))
+        curve = site_curve(_weight(weights, site), h, priced[site.name], options, folds.get(site.name), shared)
         return damage_table(priced[site.name], curve, white if data and h is None else 1.0,
                             float(importance.get(site.name, typical)) if importance else 1.0)
 

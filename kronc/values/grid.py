@@ -7,6 +7,8 @@ stored values gives exactly what the fit measured, and a tensor already on the g
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -58,3 +60,17 @@ def values(q: Tensor, scale: Tensor, minimum: Tensor | None) -> Tensor:
     """Float32 values of levels ``q`` ``(..., group)``: ``q * scale (+ minimum)``."""
     w = q.float() * scale.float()[..., None]
     return w if minimum is None else w + minimum.float()[..., None]
+
+
+@dataclass(frozen=True)
+class Levels:
+    """Grid levels ``q`` ``(rows, groups, group)`` with per-group ``scale`` (and ``minimum``), float32
+    tensors of fp16-representable values, shape ``(rows, groups)``: what every fit returns."""
+
+    q: Tensor
+    scale: Tensor
+    minimum: Tensor | None
+
+    def values(self) -> Tensor:
+        """Decoded float32 values ``(rows, groups, group)``."""
+        return values(self.q, self.scale, self.minimum)

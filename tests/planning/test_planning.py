@@ -443,6 +443,9 @@ def test_collect_input_moments() -> None:
     ref = x.T @ x / x.shape[0]
     for name in ("q.weight", "k.weight", "rnn.weight_ih_l0"):
         torch.testing.assert_close(moments[name], ref)
+    # sites reading the same input share one tensor (downstream work per Gram matrix is shared by identity)
+    assert moments["k.weight"] is moments["q.weight"] and moments.folds["k.weight"] is moments.folds["q.weight"]
+    assert moments["rnn.weight_ih_l1"] is not moments["rnn.weight_hh_l1"]  # same width, other inputs
     # layer 1 of the LSTM: its input is layer 0's output; its recurrent input is [h0, h_1..h_{T-1}]
     layer0 = nn.LSTM(8, 5)
     layer0.load_state_dict({"weight_ih_l0": model.rnn.weight_ih_l0, "weight_hh_l0": model.rnn.weight_hh_l0,

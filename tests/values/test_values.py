@@ -221,29 +221,3 @@ def test_joint_data_aware_reduces_output_error() -> None:
     assert out_err(aware) <= out_err(lqer) * (1 + 1e-6)
     with pytest.raises(PrecisionError, match="rank must lie in"):
         fit_joint(w, p, rank=100, h=h)
-
-
-def test_batched_gptq_residuals_equal_one_fit_per_member() -> None:
-    """`gptq_residuals` runs several precisions (group sizes) and Gram matrices in one column loop; each
-    member equals its own `fit_gptq` (same float64 steps; only the block update's summation order may
-    differ), and members must share bit width and symmetry."""
-    from kronc.values.fits import gptq_hinv, gptq_residuals
-
-    torch.manual_seed(0)
-    w = torch.randn(12, 128)
-    x = torch.randn(300, 128)
-    x[:, 5] *= 30.0  # a dominant input channel, so error propagation matters
-    grams = [x[:150].T @ x[:150], x[150:].T @ x[150:]]
-    ps = [Precision(dtype="int3", group_size=g, symmetric=False, fit="gptq") for g in (32, 64, 128)]
-    members = [(p, gptq_hinv(h)) for p in ps for h in grams]
-    got = gptq_residuals(w, members)
-    assert got.shape == (len(members), 12, 128)
-    for k, (p, hinv) in enumerate(members):
-        want = fit_gptq(w, p, grams[k % 2], hinv=hinv).values().reshape(w.shape).double() - w.double()
-        torch.testing.assert_close(got[k], want, rtol=0, atol=1e-9)
-    assert got[0].abs().max() > 0
-    row = Precision(dtype="int8", fit="gptq")  # one scale per row, taken from the whole row first
-    want = fit_gptq(w, row, grams[0], hinv=members[0][1]).values().reshape(w.shape).double() - w.double()
-    torch.testing.assert_close(gptq_residuals(w, [(row, members[0][1])])[0], want, rtol=0, atol=1e-9)
-    with pytest.raises(PrecisionError, match="share one integer dtype"):
-        gptq_residuals(w, [members[0], (Precision(dtype="int4", group_size=32, fit="gptq"), members[0][1])])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from functools import partial
 from typing import Literal
 
 import torch
@@ -73,7 +74,7 @@ def heldout_lowrank_tails(an: SiteAnalysis) -> Tensor:
     assert an.folds is not None
     m, n = an.shape
     w = an.w
-    halves = [damped(f, an.damping) for f in an.folds]
+    halves = [an.shared.get(("damped", an.damping), f, partial(damped, f, an.damping)) for f in an.folds]
     out = torch.zeros(min(m, n) + 1, dtype=F64)
     for fit_h, eval_h in ((halves[0], halves[1]), (halves[1], halves[0])):
         if m <= n:
@@ -81,7 +82,7 @@ def heldout_lowrank_tails(an: SiteAnalysis) -> Tensor:
             assert u is not None
             gain = ((u.T @ ((w @ eval_h) @ w.T)) * u.T).sum(1)
         else:
-            ws = w @ whitener(fit_h)
+            ws = w @ an.shared.get("whitener", fit_h, partial(whitener, fit_h))
             lam, v = eig_desc(ws.T @ ws, True)
             assert v is not None
             z = w.T @ (ws @ v)  # columns: sigma_i W^T u_i
