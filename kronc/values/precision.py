@@ -4,8 +4,7 @@ Every format stores one or more floating-point tensors (a dense weight, low-rank
 factors, sparse-overlay values). Each can be kept as a float (fp32, bf16, fp16: a cast) or as
 integers with scales: int8 with one scale per row (or per group), int4/int3/int2 with a scale, and
 optionally a minimum, per group of ``group_size`` values along the last (input) dimension (or per
-row). Scales
-and minima are fp16. A tensor of any shape ``(..., in)`` is treated as ``prod(...)`` rows of ``in``
+row). Scales and minima are fp16. A tensor of any shape ``(..., in)`` is treated as ``prod(...)`` rows of ``in``
 values, so ``nbytes`` is exact for factors and 1-D value lists alike.
 
 An integer precision may also be *rotated* (``rotate``): the values stored are those of ``W R``, ``R``
