@@ -759,9 +759,10 @@ def write_quant(report: dict[str, Any], out: Path) -> None:
             b = min(band, key=lambda r: r["ppl"]) if lm else max(band, key=lambda r: r["pearson"])
             val = f"{b['ppl']:.4g} ({b['ppl_ratio']:.3f}x)" if lm else f"{b[metric]:.3f}"
             extra = ""
-            if lm and all("kjv_ppl" in r for r in band):
-                k = min(band, key=lambda r: r["kjv_ppl"])
-                extra = f" `{k['config']}` {k['ratio']:.2f}x: {k['kjv_ppl']:.4g} ({k['kjv_ppl_ratio']:.3f}x) |"
+            held = [r for r in band if "kjv_ppl" in r]  # rows run with --no-heldout have none
+            if lm:
+                k = min(held, key=lambda r: r["kjv_ppl"]) if held else None
+                extra = " n/a |" if k is None else f" `{k['config']}` {k['ratio']:.2f}x: {k['kjv_ppl']:.4g} ({k['kjv_ppl_ratio']:.3f}x) |"
             lines.append(f"| {label} ({lo:g}-{hi:g}x) | `{b['config']}` ({QUANT_FAMILIES[b['family']]}) | {b['ratio']:.2f}x | {val} |"
                          + extra)
         lines.append("")

@@ -99,11 +99,11 @@ DEFAULT_PRECISIONS: tuple[Precision, ...] = (
     *(Precision(dtype="int4", group_size=g, symmetric=False, fit="hqq") for g in (64, 128)),
     *(Precision(dtype="int3", group_size=g, symmetric=False, fit="hqq") for g in (32, 64, 128)),
     *(Precision(dtype="int2", group_size=g, symmetric=False, fit="hqq") for g in (32, 64)),
-    *(Precision(dtype="int3", group_size=g, symmetric=False, fit="gptq", rotate=True) for g in (32, 64, 128)),
+    *(Precision(dtype="int3", group_size=g, symmetric=False, fit="gptq", rotate=True) for g in (32, 64, 128, None)),
 )
 """Precisions the default policy searches for dense weights. Generic grounds, not one model's grid:
-bf16 and per-row int8 are near-lossless for any trained weight; int4/int3/int2 need group scales, and
-groups of 32-128 span the usual trade of scale bytes (0.125-0.5 bit per value) against range; at 3
+bf16 and per-row int8 are near-lossless for any trained weight; unrotated int4/int3/int2 need group
+scales, and groups of 32-128 span the usual trade of scale bytes (0.125-0.5 bit per value) against range; at 3
 bits and below an asymmetric grid (an fp16 minimum per group) is used because a symmetric one spends
 a level on zero and only has 3 or 1 levels per side; the data-free clip/HQQ fit because clipping
 the range pays at 4 bits and below. int4 comes both symmetric and asymmetric (groups of 64 and 128,
@@ -116,9 +116,15 @@ dense weight stored as ``W R``), GPTQ does transfer: uniform int3g64a-gptq at 10
 scored 66.2 on ABC news (2.0x dense) against 268 unrotated and 187 for the rotated data-free fit, and
 17.0 against 38.8 on held-out King James (``benchmarks/results/rotation.md``); on MiniLM rotation tied
 or helped at 3 bits and lowered the calibration output error. So int3 comes rotated with GPTQ as well
-(the planner estimates it by its data-free clip search, an upper bound; without calibration data the
-fit falls back to the data-free one). Rotated int2 and int4 are not defaults: at int2 rotation lowered
-the output error but made perplexity worse on both models, at int4 it was a wash."""
+(the planner estimates it by GPTQ on sampled rows, held out across two calibration folds; without
+calibration data the fit falls back to the data-free one), also with one scale per row
+(``int3a-gptq-rot``, 3.02-3.08 bits): the rotation evens out each row, so a row-wide range costs far
+less than it would unrotated, and it is the step between 3.25-3.5 bits (groups of 128/64) and int2
+(2.5-3 bits) that 10x plans need. Without it SmolLM2's 10x plan put 37 sites at int2 (ABC perplexity
+124 against 66.9 for uniform rotated int3 at 9.14x; the planner had estimated those sites' damage
+correctly, they were its only cheaper step); with it, 94.1 (``benchmarks/results/int2_diagnosis.md``).
+Rotated int2 and int4 are not defaults: at int2 rotation lowered the output error but made perplexity
+worse on both models, at int4 it was a wash."""
 
 QUANT_DENSE = DenseChoice(precisions=list(DEFAULT_PRECISIONS))
 """Dense weights at the `DEFAULT_PRECISIONS` (the plain dense choice keeps the weight as it is)."""

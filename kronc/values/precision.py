@@ -3,8 +3,8 @@
 Every format stores one or more floating-point tensors (a dense weight, low-rank or Kronecker
 factors, sparse-overlay values). Each can be kept as a float (fp32, bf16, fp16: a cast) or as
 integers with scales: int8 with one scale per row (or per group), int4/int3/int2 with a scale, and
-optionally a minimum, per group of ``group_size`` values along the last (input) dimension. Scales
-and minima are fp16. A tensor of any shape ``(..., in)`` is treated as ``prod(...)`` rows of ``in``
+optionally a minimum, per group of ``group_size`` values along the last (input) dimension (or per
+row). Scales and minima are fp16. A tensor of any shape ``(..., in)`` is treated as ``prod(...)`` rows of ``in``
 values, so ``nbytes`` is exact for factors and 1-D value lists alike.
 
 An integer precision may also be *rotated* (``rotate``): the values stored are those of ``W R``, ``R``
@@ -42,8 +42,9 @@ class Precision(BaseModel):
     dtype: ValueDtype = "fp32"
     """Stored value type: a float (kept by a cast) or a signed integer grid with fp16 scales."""
     group_size: int | None = None
-    """Values sharing one scale along the last dim: None = one scale per row (floats and int8 only);
-    16, 32, 64 or 128 otherwise. Smaller groups cost more scale bytes and fit better."""
+    """Values sharing one scale along the last dim: 16, 32, 64 or 128, or None = one scale per row (the
+    only choice for floats, which have no scales). Smaller groups cost more scale bytes and fit better;
+    per-row scales suit int8, and rotated sub-byte grids, whose rows the rotation has made even."""
     symmetric: bool = True
     """True: ``w = q * scale`` with ``q`` in ``[-(2^(b-1)-1), 2^(b-1)-1]``; False: ``w = u * scale + min``
     with ``u`` in ``[0, 2^b - 1]`` and an fp16 minimum per group (2 more bytes per group)."""
@@ -65,10 +66,6 @@ class Precision(BaseModel):
             if self.rotate:
                 raise ValueError(f"rotate applies to integer dtypes (int8/int4/int3/int2), not to the float cast {self.dtype!r}")
             return self
-        if self.group_size is None and self.dtype != "int8":
-            raise ValueError(
-                f"group_size is required for {self.dtype}; allowed: {list(GROUP_SIZES)} (None only for int8)"
-            )
         if self.group_size is not None and self.group_size not in GROUP_SIZES:
             raise ValueError(f"group_size must be one of {list(GROUP_SIZES)} or None, got {self.group_size}")
         return self

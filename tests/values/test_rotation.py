@@ -31,6 +31,7 @@ ROT = [
     Precision(dtype="int4", group_size=32, rotate=True),
     Precision(dtype="int2", group_size=32, symmetric=False, rotate=True),
     Precision(dtype="int8", rotate=True),
+    Precision(dtype="int3", symmetric=False, fit="hqq", rotate=True),  # one scale per row
 ]
 
 
@@ -107,6 +108,19 @@ def test_rotation_helps_a_weight_with_outlier_columns() -> None:
     assert err[True] < 0.7 * err[False], err
 
 
+def test_rotation_makes_one_scale_per_row_affordable() -> None:
+    """Outlier columns stretch a row-wide range; rotated, the row is even and one scale per row (fewer
+    bytes than groups of 128) fits better than unrotated groups of 64."""
+    w = torch.randn(64, 256, generator=gen(5))
+    w[:, ::29] *= 10
+    row = Precision(dtype="int3", symmetric=False, fit="hqq")
+    err = {name: float((decode(encode(w, p)) - w).norm()) for name, p in (
+        ("row", row), ("row-rot", row.model_copy(update={"rotate": True})),
+        ("g64", row.model_copy(update={"group_size": 64})))}
+    assert err["row-rot"] < 0.6 * err["row"] and err["row-rot"] < err["g64"], err
+    assert row.nbytes((64, 256)) < row.model_copy(update={"group_size": 128}).nbytes((64, 256))
+
+
 def test_gptq_fits_in_the_rotated_basis() -> None:
     """encode's GPTQ for a rotated precision is GPTQ of ``W R`` with ``Rᵀ H R``, and beats the rotated RTN
     on the calibration output error."""
@@ -166,16 +180,17 @@ def test_planner_estimate_of_a_rotated_precision_tracks_its_fit() -> None:
             assert real <= est * 1.001 + 1e-9 and est < 1.1 * real, (spec.describe(), moments is None, est, real)
 
 
+@pytest.mark.parametrize("group", [32, None], ids=["g32", "row"])
 @pytest.mark.parametrize("rotate", [False, True])
-def test_planner_gptq_estimate_is_the_fit_in_sample_and_held_out_with_folds(rotate: bool) -> None:
+def test_planner_gptq_estimate_is_the_fit_in_sample_and_held_out_with_folds(rotate: bool, group: int | None) -> None:
     """A gptq precision is estimated by GPTQ on the sampled rows (all rows at this size): in sample it is
     the fitted error (up to the estimate's extra 1% damping); with two folds of few tokens each, the
-    held-out estimate is larger (GPTQ fits its calibration tokens)."""
+    held-out estimate is larger (GPTQ fits its calibration tokens). Also with one scale per row."""
     w = torch.randn(48, 192, generator=gen(13))
     xa, xb = (torch.randn(96, 192, generator=gen(s)) @ torch.randn(192, 192, generator=gen(s + 1)) for s in (14, 16))
     ha, hb = xa.T @ xa / 96, xb.T @ xb / 96
     h = (ha + hb) / 2
-    spec = DenseSpec(precision=Precision(dtype="int3", group_size=32, symmetric=False, fit="gptq", rotate=rotate))
+    spec = DenseSpec(precision=Precision(dtype="int3", group_size=group, symmetric=False, fit="gptq", rotate=rotate))
     an = SiteAnalysis(w, h, damping=0.01)
     est = float(an.errors([spec])[0])
     e = (Dense.fit(w, spec, h).to_dense().detach() - w).double()

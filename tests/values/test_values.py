@@ -33,7 +33,8 @@ PRECISIONS = [
     Precision(dtype="int4", group_size=16), Precision(dtype="int4", group_size=32, symmetric=False),
     Precision(dtype="int4", group_size=128), Precision(dtype="int3", group_size=16),
     Precision(dtype="int3", group_size=64, symmetric=False), Precision(dtype="int2", group_size=32),
-    Precision(dtype="int2", group_size=16, symmetric=False),
+    Precision(dtype="int2", group_size=16, symmetric=False), Precision(dtype="int3", symmetric=False),
+    Precision(dtype="int4"), Precision(dtype="int2", symmetric=False),  # one scale per row
 ]
 SHAPES = [(8, 128), (3, 5, 256), (384,), (1, 128)]
 
@@ -126,7 +127,6 @@ def test_describe() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "needle"),
     [
-        ({"dtype": "int4"}, "group_size is required for int4; allowed: [16, 32, 64, 128]"),
         ({"dtype": "int4", "group_size": 48}, "group_size must be one of [16, 32, 64, 128]"),
         ({"dtype": "bf16", "group_size": 32}, "group_size must be None for float dtype 'bf16'"),
         ({"dtype": "int5", "group_size": 32}, "dtype"),
