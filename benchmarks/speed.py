@@ -238,9 +238,9 @@ def build_variants(args: argparse.Namespace, model: nn.Module, tokenizer: Any) -
             small, report = kronc.compile(model, policy=policy, calibration=calibration, report=True)
             kinds = Counter(d.spec.kind for d in report.plan.decisions)
             print(f"  {dict(report.seconds)}  formats {dict(kinds)}", flush=True)
-            variants.append(Variant(f"{name} {label}", small.eval(), report.plan, dict(report.seconds)))
-            for head in args.head:
-                variants.append(head_variant(model, policy, head, calibration, report.plan, f"{name} {label}"))
+            base = Variant(f"{name} {label}", small.eval(), report.plan, dict(report.seconds))
+            variants.append(base)
+            variants += [head_variant(base, model, policy, head) for head in args.head]
     return variants
 
 
@@ -249,27 +249,36 @@ HEAD_PRECISIONS = {"int8": {"dtype": "int8"}, "int4g64": {"dtype": "int4", "grou
 """``--head`` choices: the precision of the tied embedding/LM head (a policy ``fixed`` entry, outside the budget)."""
 
 
-def head_variant(model: nn.Module, policy: Policy, head: str, calibration: Any, base: Plan, label: str) -> Variant:
-    """``policy`` plus a ``fixed`` entry storing the tied embedding/LM head at ``head``, compiled through the pipeline
-    stages (`kronc.pipeline.PipelineState`); the decoder's decisions must equal those of the plan without it
-    (``base``): the fixed site is outside the budget and does not change the solve."""
-    from kronc.pipeline import PipelineState
+def head_variant(base: Variant, dense_model: nn.Module, policy: Policy, head: str) -> Variant:
+    """``base`` (a compressed model and its plan) with the tied embedding/LM head stored at ``head`` by a policy
+    ``fixed`` entry (outside the budget). The fixed site does not enter the budget's solve, so the decoder's
+    decisions are the base plan's (tests/test_fixed_head.py checks it): rather than planning and fitting
+    the 210 decoder linears again, the head's decision is added to the base plan (`kronc.planning.fixed`,
+    as `kronc.compile` does) and only the head is fitted and swapped into a copy of the base model."""
+    import copy
 
-    fixed = policy.model_copy(update={"fixed": [{"match": "lm_head", "precision": HEAD_PRECISIONS[head], "name": "head"}]})
-    fixed = Policy.model_validate(fixed.model_dump(mode="json"))
-    print(f"kronc.compile {label} + head {head} ...", flush=True)
+    from kronc.passes.swap import swap_modules
+    from kronc.planning import fit_site
+    from kronc.planning.fixed import fixed_decisions, with_fixed
+    from kronc.policies import resolve
+
     t = time.perf_counter()
-    state = PipelineState.start(model, fixed, None)
-    state.calibrate(calibration)
-    plan = state.make_plan()
-    seconds = {"plan": time.perf_counter() - t}
-    t = time.perf_counter()
-    small = state.apply("module")
-    seconds["apply"] = time.perf_counter() - t
-    seconds["total"] = seconds["plan"] + seconds["apply"]
-    same = [d.model_dump() for d in plan.decisions if d.budgeted] == [d.model_dump() for d in base.decisions]
-    print(f"  {seconds}; decoder decisions as without the head: {same}; total ratio {plan.total_ratio:.2f}x", flush=True)
-    return Variant(f"{label} + head {head}", small.eval(), plan, seconds)
+    fixed = Policy.model_validate({**policy.model_dump(mode="json"),
+                                   "fixed": [{"match": "lm_head", "precision": HEAD_PRECISIONS[head], "name": "head"}]})
+    model = copy.deepcopy(base.model)
+    sites = kronc.capture(dense_model).sites
+    entries = {r.site.name: (r.fixed, r.rule or "fixed") for r in resolve(fixed, sites).sites if r.fixed is not None}
+    chosen = [s for s in sites if s.name in entries]
+    dense = {s.name: dense_model.get_parameter(s.name).detach() for s in chosen}
+    decisions = fixed_decisions(chosen, dense, entries)
+    assert base.plan is not None
+    plan = with_fixed(base.plan, decisions, [s.name for s in sites])
+    swap_modules(model, chosen, {d.site: fit_site(dense[d.site], d.spec) for d in decisions})
+    model.kronc_plan = plan  # type: ignore[assignment]
+    seconds = {"apply": time.perf_counter() - t}
+    print(f"  head {head}: {[d.values for d in decisions]} in {seconds['apply']:.1f}s; total ratio {plan.total_ratio:.2f}x",
+          flush=True)
+    return Variant(f"{base.name} + head {head}", model.eval(), plan, {**base.stages, **seconds})
 
 
 @contextlib.contextmanager

@@ -136,8 +136,8 @@ def _resolve(policy: Policy, sites: Iterable[Site]) -> Resolution:
         messages.append(f"{label} {pats}: {why}")
     for i, f in enumerate(policy.fixed):
         if i not in fixed_used:
-            hits = any(pattern_matches(p, s) for p in f.patterns for s in sites)
-            why = "matches only sites that earlier fixed entries already claim" if hits else "matches no site"
+            claimed = any(pattern_matches(p, s) for p in f.patterns for s in sites)
+            why = "matches only sites that earlier fixed entries already claim" if claimed else "matches no site"
             messages.append(f"{policy.fixed_label(i)} {_quoted(f.patterns)}: {why}")
     for key in ("include", "exclude"):
         pats = getattr(policy.scope, key)
