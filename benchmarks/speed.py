@@ -245,6 +245,7 @@ def build_variants(args: argparse.Namespace, model: nn.Module, tokenizer: Any) -
 
 
 HEAD_PRECISIONS = {"int8": {"dtype": "int8"}, "int4g64": {"dtype": "int4", "group_size": 64},
+                   "int4g64-hqq": {"dtype": "int4", "group_size": 64, "fit": "hqq"},
                    "int4g32": {"dtype": "int4", "group_size": 32}, "bf16": {"dtype": "bf16"}}
 """``--head`` choices: the precision of the tied embedding/LM head (a policy ``fixed`` entry, outside the budget)."""
 
