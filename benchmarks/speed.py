@@ -89,6 +89,7 @@ POLICIES: dict[str, dict[str, Any]] = {
     "int8": {"budget": {"fp32": "3.9x", "bf16": "1.95x"}, "rules": [{"match": "*", "bits": [8], "group_sizes": ["row"], "formats": [{"kind": "dense"}]}],
              "default_formats": [{"kind": "dense"}]},
     "int4": {"shipped": "int4-kernels"},
+    "none": {"budget": {"fp32": "1x", "bf16": "1x"}, "default_formats": [{"kind": "dense"}]},
     "kernels": {"rules": [{"match": "*", "bits": [4, 8], "group_sizes": [32, 64, 128, "row"],
                            "formats": [{"kind": "dense"}, {"kind": "lowrank"}]}],
                 "default_formats": [{"kind": "dense"}]},
@@ -97,7 +98,7 @@ POLICIES: dict[str, dict[str, Any]] = {
 fixed per model dtype); ``int4``: the shipped ``int4-kernels`` policy (int8 or int4 per site, groups of
 32-128) at the budget (ratios are against the model's own dtype: int4 is at most ~3.8x of bf16); ``kernels``: the
 same int8/int4 limits with low rank allowed too (int4 alone stops at ~7.5x of fp32, so an 8x budget needs some
-low-rank sites)."""
+low-rank sites); ``none``: every decoder linear kept as it is (with ``--head``: the head's own effect)."""
 
 
 def policy_for(name: str, budget: str, objective: str, dtype: str = "fp32") -> Policy:
