@@ -89,6 +89,7 @@ POLICIES: dict[str, dict[str, Any]] = {
     "int8": {"budget": {"fp32": "3.9x", "bf16": "1.95x"}, "rules": [{"match": "*", "bits": [8], "group_sizes": ["row"], "formats": [{"kind": "dense"}]}],
              "default_formats": [{"kind": "dense"}]},
     "int4": {"shipped": "int4-kernels"},
+    "none": {"budget": {"fp32": "1x", "bf16": "1x"}, "default_formats": [{"kind": "dense"}]},
     "kernels": {"rules": [{"match": "*", "bits": [4, 8], "group_sizes": [32, 64, 128, "row"],
                            "formats": [{"kind": "dense"}, {"kind": "lowrank"}]}],
                 "default_formats": [{"kind": "dense"}]},
@@ -97,7 +98,7 @@ POLICIES: dict[str, dict[str, Any]] = {
 fixed per model dtype); ``int4``: the shipped ``int4-kernels`` policy (int8 or int4 per site, groups of
 32-128) at the budget (ratios are against the model's own dtype: int4 is at most ~3.8x of bf16); ``kernels``: the
 same int8/int4 limits with low rank allowed too (int4 alone stops at ~7.5x of fp32, so an 8x budget needs some
-low-rank sites)."""
+low-rank sites); ``none``: every decoder linear kept as it is (with ``--head``: the head's own effect)."""
 
 
 def policy_for(name: str, budget: str, objective: str, dtype: str = "fp32") -> Policy:
@@ -238,8 +239,48 @@ def build_variants(args: argparse.Namespace, model: nn.Module, tokenizer: Any) -
             small, report = kronc.compile(model, policy=policy, calibration=calibration, report=True)
             kinds = Counter(d.spec.kind for d in report.plan.decisions)
             print(f"  {dict(report.seconds)}  formats {dict(kinds)}", flush=True)
-            variants.append(Variant(f"{name} {label}", small.eval(), report.plan, dict(report.seconds)))
+            base = Variant(f"{name} {label}", small.eval(), report.plan, dict(report.seconds))
+            variants.append(base)
+            variants += [head_variant(base, model, policy, head) for head in args.head]
     return variants
+
+
+HEAD_PRECISIONS = {"int8": {"dtype": "int8"}, "int4g64": {"dtype": "int4", "group_size": 64},
+                   "int4g64-hqq": {"dtype": "int4", "group_size": 64, "fit": "hqq"},
+                   "int4g32": {"dtype": "int4", "group_size": 32}, "bf16": {"dtype": "bf16"}}
+"""``--head`` choices: the precision of the tied embedding/LM head (a policy ``fixed`` entry, outside the budget)."""
+
+
+def head_variant(base: Variant, dense_model: nn.Module, policy: Policy, head: str) -> Variant:
+    """``base`` (a compressed model and its plan) with the tied embedding/LM head stored at ``head`` by a policy
+    ``fixed`` entry (outside the budget). The fixed site does not enter the budget's solve, so the decoder's
+    decisions are the base plan's (tests/test_fixed_head.py checks it): rather than planning and fitting
+    the 210 decoder linears again, the head's decision is added to the base plan (`kronc.planning.fixed`,
+    as `kronc.compile` does) and only the head is fitted and swapped into a copy of the base model."""
+    import copy
+
+    from kronc.passes.swap import swap_modules
+    from kronc.planning import fit_site
+    from kronc.planning.fixed import fixed_decisions, with_fixed
+    from kronc.policies import resolve
+
+    t = time.perf_counter()
+    fixed = Policy.model_validate({**policy.model_dump(mode="json"),
+                                   "fixed": [{"match": "lm_head", "precision": HEAD_PRECISIONS[head], "name": "head"}]})
+    model = copy.deepcopy(base.model)
+    sites = kronc.capture(dense_model).sites
+    entries = {r.site.name: (r.fixed, r.rule or "fixed") for r in resolve(fixed, sites).sites if r.fixed is not None}
+    chosen = [s for s in sites if s.name in entries]
+    dense = {s.name: dense_model.get_parameter(s.name).detach() for s in chosen}
+    decisions = fixed_decisions(chosen, dense, entries)
+    assert base.plan is not None
+    plan = with_fixed(base.plan, decisions, [s.name for s in sites])
+    swap_modules(model, chosen, {d.site: fit_site(dense[d.site], d.spec) for d in decisions})
+    model.kronc_plan = plan  # type: ignore[assignment]
+    seconds = {"apply": time.perf_counter() - t}
+    print(f"  head {head}: {[d.values for d in decisions]} in {seconds['apply']:.1f}s; total ratio {plan.total_ratio:.2f}x",
+          flush=True)
+    return Variant(f"{base.name} + head {head}", model.eval(), plan, {**base.stages, **seconds})
 
 
 @contextlib.contextmanager
@@ -317,12 +358,14 @@ def linear_flops(v: Variant) -> float:
     """Decoder-linear FLOPs per token relative to dense (from the plan's specs)."""
     if v.plan is None:
         return 1.0
-    before = sum(2 * d.shape[0] * d.shape[1] for d in v.plan.decisions)
-    after = sum(d.spec.flops_per_token(tuple(d.shape)) for d in v.plan.decisions)  # type: ignore[arg-type]
+    decisions = [d for d in v.plan.decisions if d.budgeted]  # the decoder linears (a fixed head is not one)
+    before = sum(2 * d.shape[0] * d.shape[1] for d in decisions)
+    after = sum(d.spec.flops_per_token(tuple(d.shape)) for d in decisions)  # type: ignore[arg-type]
     return after / before
 
 
-def summarize(variants: list[Variant], modes: list[str]) -> list[dict[str, Any]]:
+def summarize(variants: list[Variant], modes: list[str], head_bytes: int = 0) -> list[dict[str, Any]]:
+    """One row per variant; ``head_bytes``: dense bytes of the tied embedding/LM head (for the ratio with it)."""
     rows = []
     for v in variants:
         row: dict[str, Any] = {"variant": v.name, **v.results}
@@ -331,9 +374,15 @@ def summarize(variants: list[Variant], modes: list[str]) -> list[dict[str, Any]]
             row[f"{key} samples"] = xs
         if v.plan is not None:
             row["plan ratio"] = v.plan.ratio
+            fixed = [d for d in v.plan.decisions if not d.budgeted]
+            if fixed:  # decoder + head: the head at its fixed precision (outside the budget)
+                row["total ratio"] = v.plan.total_ratio
+            else:  # decoder + head: the head kept dense
+                row["total ratio"] = (v.plan.bytes_before + head_bytes) / (v.plan.bytes_after + head_bytes)
+            row["head"] = next((d.values for d in v.plan.decisions if not d.budgeted), None)
             row["scope MB before"], row["scope MB after"] = v.plan.bytes_before / 1e6, v.plan.bytes_after / 1e6
-            row["formats"] = dict(Counter(d.spec.kind for d in v.plan.decisions))
-            row["precisions"] = dict(Counter(d.spec.describe() for d in v.plan.decisions))
+            row["formats"] = dict(Counter(d.spec.kind for d in v.plan.decisions if d.budgeted))
+            row["precisions"] = dict(Counter(d.spec.describe() for d in v.plan.decisions if d.budgeted))
             row["kronc.compile s"] = v.stages
         row["linear flops x"] = linear_flops(v)
         rows.append(row)
@@ -368,7 +417,7 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, command: str,
            else "Weight-objective plans."),
         "",
     ]
-    head = ["model", "formats", "lin. FLOPs"]
+    head = ["model", "formats", "ratio: decoder (with head)", "lin. FLOPs"]
     for mode in args.modes:
         head += [f"{mode} prefill s (speedup)", f"{mode} decode tok/s (speedup)"]
     head += ["weights MB (x)", "peak MB (x)", "disk MB (x)", "ppl"]
@@ -382,7 +431,10 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, command: str,
             for k, n in r["precisions"].items():
                 short[k.removeprefix("dense@").split("-")[0].split("(")[0]] += n
             formats = ", ".join(f"{k} {n}" for k, n in short.most_common())
-        cells = [r["variant"], formats, _fmt(r.get("linear flops x"), ".2f") + "x"]
+        if r.get("head"):
+            formats += f"; head {r['head']}"
+        ratio = "-" if not r.get("plan ratio") else f"{r['plan ratio']:.2f}x ({r.get('total ratio') or r['plan ratio']:.2f}x)"
+        cells = [r["variant"], formats, ratio, _fmt(r.get("linear flops x"), ".2f") + "x"]
         for mode in args.modes:
             cells.append(f"{_fmt(r.get(f'{mode} prefill s'), '.3f')} ({_fmt(r.get(f'{mode} prefill speedup'), '.2f')}x)")
             cells.append(f"{_fmt(r.get(f'{mode} decode tok/s'), '.1f')} ({_fmt(r.get(f'{mode} decode speedup'), '.2f')}x)")
@@ -506,6 +558,8 @@ def main() -> None:
     ap.add_argument("--dense-bf16", action="store_true", help="also time the dense model cast to bfloat16")
     ap.add_argument("--calib-windows", type=int, default=0, help="King James windows for data-aware plans (0: weight)")
     ap.add_argument("--ppl-windows", type=int, default=2, help="ABC news windows for the perplexity check (0: skip)")
+    ap.add_argument("--head", default="", help=f"comma-separated precisions of the tied embedding/LM head, from "
+                    f"{list(HEAD_PRECISIONS)}: one more variant per compressed model (policy `fixed`, outside the budget)")
     ap.add_argument("--out", type=Path, default=RESULTS / "speed")
     ap.add_argument("--render", type=Path, help="only rewrite the markdown from a JSON this script wrote")
     args = ap.parse_args()
@@ -519,7 +573,9 @@ def main() -> None:
     args.budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
     args.policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    args.head = [h.strip() for h in args.head.split(",") if h.strip()]
     unknown = [p for p in args.policies if p not in POLICIES] + [m for m in args.modes if m not in ("eager", "compile")]
+    unknown += [h for h in args.head if h not in HEAD_PRECISIONS]
     if unknown:
         ap.error(f"unknown policies or modes: {unknown}")
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0].replace(str(Path.cwd()) + "/", ""), *sys.argv[1:]])
@@ -577,7 +633,8 @@ def main() -> None:
         print(f"round {rep + 1}/{args.reps}: " + "; ".join(
             f"{v.name} " + ", ".join(f"{k} {xs[-1]:.3g}" for k, xs in v.samples.items()) for v in variants), flush=True)
 
-    rows = summarize(variants, args.modes)
+    emb = model.get_input_embeddings().weight
+    rows = summarize(variants, args.modes, emb.numel() * emb.element_size())
     env = {"cpu": _cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
            "threads": args.threads, "load average before": load_before, "load average": os.getloadavg()}
     table = markdown(rows, args, command, env)

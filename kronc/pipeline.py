@@ -36,6 +36,7 @@ from .passes.swap import swap_modules, swappable
 from .passes.verify import output_signature, verify
 from .plan import Plan
 from .planning import collect_input_moments, collect_sensitivity, fit_sites, make_plan
+from .planning.fixed import fixed_decisions, with_fixed
 from .policies import Policy, Resolution, resolve
 from .policies.errors import PolicyError, Problem
 from .sites import Site
@@ -114,11 +115,17 @@ class PipelineState:
         """One format per in-scope site under the policy's budget (`kronc.planning.make_plan`)."""
         spaces = {s.name: list(self.resolution[s.name].formats) for s in self.in_scope}
         rules = {s.name: self.resolution[s.name].rule for s in self.in_scope}
-        self.plan = make_plan(
+        plan = make_plan(
             self.in_scope, {s.name: self.captured.weight(s) for s in self.in_scope}, spaces, self.policy.budget,
             moments=self.moments, rules=rules, progress=self.progress, importance=self.importance,
         )
-        return self.plan
+        fixed = {r.site.name: (r.fixed, r.rule or "fixed") for r in self.resolution.sites if r.fixed is not None}
+        if fixed:  # sites stored at a fixed precision, outside the budget (`Policy.fixed`)
+            sites = [s for s in self.captured.sites if s.name in fixed]
+            decisions = fixed_decisions(sites, {s.name: self.captured.weight(s) for s in sites}, fixed)
+            plan = with_fixed(plan, decisions, [s.name for s in self.captured.sites])
+        self.plan = plan
+        return plan
 
     def apply(self, output: Output = "auto", *, inplace: bool = False) -> nn.Module:
         """Fit the plan's formats (data-aware with the moments) and materialize them on a copy of the model."""

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 from .budget import Budget
 from .formats import AnySpec
@@ -25,6 +25,16 @@ class Decision(BaseModel):
     params_after: int = Field(description="Stored values in the chosen format.")
     error: float | None = Field(default=None, description="Estimated relative error ||W - W'|| / ||W|| (weight or data-aware).")
     rule: str | None = Field(default=None, description="The policy rule that allowed this format.")
+    budgeted: bool = Field(default=True, description="Whether the site counts in the budget (false: a policy's "
+                           "`fixed` entry stored it at a fixed precision outside it).")
+
+    @model_serializer(mode="wrap")
+    def _drop_default_budgeted(self, handler: SerializerFunctionWrapHandler) -> dict:
+        """Plans without fixed sites stay byte-identical to those written before `budgeted` existed."""
+        out = handler(self)
+        if isinstance(out, dict) and out.get("budgeted", False) is True:
+            out.pop("budgeted")
+        return out
 
     @property
     def ratio(self) -> float:
@@ -59,15 +69,23 @@ class Plan(BaseModel):
 
     @property
     def bytes_before(self) -> int:
-        return sum(d.bytes_before for d in self.decisions)
+        """Dense bytes of the budgeted sites (what a ratio budget is over)."""
+        return sum(d.bytes_before for d in self.decisions if d.budgeted)
 
     @property
     def bytes_after(self) -> int:
-        return sum(d.bytes_after for d in self.decisions)
+        """Stored bytes of the budgeted sites."""
+        return sum(d.bytes_after for d in self.decisions if d.budgeted)
 
     @property
     def ratio(self) -> float:
+        """The budget's ratio: dense over stored bytes of the budgeted sites (fixed sites not counted)."""
         return self.bytes_before / max(1, self.bytes_after)
+
+    @property
+    def total_ratio(self) -> float:
+        """Dense over stored bytes of every site in the plan, fixed ones (outside the budget) included."""
+        return sum(d.bytes_before for d in self.decisions) / max(1, sum(d.bytes_after for d in self.decisions))
 
     def table(self) -> str:
         """A fixed-width table of every decision with a total line."""
@@ -80,7 +98,12 @@ class Plan(BaseModel):
             )
             for d in self.decisions
         ]
-        rows.append(("total", "", "", "", _size(self.bytes_before), _size(self.bytes_after), f"{self.ratio:.2f}x", "", ""))
+        fixed = [d for d in self.decisions if not d.budgeted]
+        rows.append(("total" + (" (budget)" if fixed else ""), "", "", "", _size(self.bytes_before), _size(self.bytes_after),
+                     f"{self.ratio:.2f}x", "", ""))
+        if fixed:
+            before, after = self.bytes_before + sum(d.bytes_before for d in fixed), self.bytes_after + sum(d.bytes_after for d in fixed)
+            rows.append(("total (with fixed)", "", "", "", _size(before), _size(after), f"{self.total_ratio:.2f}x", "", ""))
         widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
         fmt = "  ".join(f"{{:<{w}}}" for w in widths)
         lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]

@@ -80,7 +80,12 @@ class Dense(Factorized):
         return torch.nn.functional.linear(x, w if w.dtype == x.dtype else w.to(x.dtype), bias)
 
     def rows(self, index: Tensor) -> Tensor:
-        return self.value("weight")[index]
+        """The gathered rows only, decoded (quantized) or cast (a float precision) to the compute dtype."""
+        w = self.weight
+        if isinstance(w, QuantizedTensor):
+            return w.rows(index, self.dtype)
+        rows = w[index]
+        return rows if rows.dtype == self.dtype else rows.to(self.dtype)
 
     def to_dense(self) -> Tensor:
         return self.value("weight")

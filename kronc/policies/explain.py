@@ -36,6 +36,8 @@ class Explanation:
             s = r.site
             scope = "yes" if r.in_scope else f"no: {r.reason}"
             formats = "; ".join(describe_choice(f) for f in r.formats) or "-"
+            if r.fixed is not None:
+                formats = f"dense at {r.fixed.describe()} (fixed)"
             rule = r.rule or "-"
             if r.rule_index is not None and (limits := self.resolution.policy.rules[r.rule_index].limits()):
                 rule += f" ({limits})"

@@ -1,7 +1,7 @@
 """Resolving a policy against a model's sites: scope, then the first matching rule.
 
 `resolve` is the one place the precedence written in `kronc.policies.model` is implemented: a site
-out of scope gets no formats; an in-scope site gets the formats of the first rule (in file order)
+a ``fixed`` entry matches gets that entry's precision (outside the budget); a site out of scope gets no formats; an in-scope site gets the formats of the first rule (in file order)
 with a pattern matching any of its names, or ``default_formats`` when none does. Rules that end up
 applying to no site, and scope pattern lists that match nothing, are reported as `PolicyWarning`s.
 """
@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ..sites import Site
+from ..values import Precision
 from .choices import FormatChoice
 from .errors import PolicyWarning
 from .model import Policy, Scope
@@ -35,6 +36,9 @@ class SiteResolution:
     """Label of what applied: the rule's name or ``rules[i]``, ``default_formats``, or ``None``."""
     formats: tuple[FormatChoice, ...] = ()
     """Formats the site may use (empty when out of scope)."""
+    fixed: Precision | None = None
+    """The precision a ``fixed`` entry stores the site at (outside the budget; ``in_scope`` is then false
+    and ``rule`` is the entry's label), or None."""
 
     @property
     def dense(self) -> bool:
@@ -95,7 +99,15 @@ def _resolve(policy: Policy, sites: Iterable[Site]) -> Resolution:
     sites = list(sites)
     out: list[SiteResolution] = []
     applied: set[int] = set()
+    fixed_used: set[int] = set()
     for site in sites:
+        entry = next((i for i, f in enumerate(policy.fixed) if any(pattern_matches(p, site) for p in f.patterns)), None)
+        if entry is not None:
+            fixed_used.add(entry)
+            p = policy.fixed[entry].precision
+            out.append(SiteResolution(site, False, f"fixed at {p.describe()}, outside the budget", None,
+                                      policy.fixed_label(entry), fixed=p))
+            continue
         ok, reason = in_scope(policy.scope, site)
         if not ok:
             out.append(SiteResolution(site, False, reason))
@@ -122,6 +134,11 @@ def _resolve(policy: Policy, sites: Iterable[Site]) -> Resolution:
         else:
             why = "matches only sites that earlier rules already claim (first match wins)"
         messages.append(f"{label} {pats}: {why}")
+    for i, f in enumerate(policy.fixed):
+        if i not in fixed_used:
+            claimed = any(pattern_matches(p, s) for p in f.patterns for s in sites)
+            why = "matches only sites that earlier fixed entries already claim" if claimed else "matches no site"
+            messages.append(f"{policy.fixed_label(i)} {_quoted(f.patterns)}: {why}")
     for key in ("include", "exclude"):
         pats = getattr(policy.scope, key)
         if pats and not any(pattern_matches(p, s) for p in pats for s in sites):

@@ -1,7 +1,9 @@
 """The policy model: what to compress, into which formats, under which budget.
 
 A policy is plain data (load it from YAML, TOML or JSON with `kronc.load_policy`, or build it in
-Python). For each site (compressible weight) of a model it answers two questions:
+Python). For each site (compressible weight) of a model it answers two questions, after a first
+one: **is the site fixed?** The first `Policy.fixed` entry with a pattern matching the site stores it
+dense at that entry's precision, outside the budget; neither scope nor rules apply to it.
 
 1. **Is the site in scope?** `Scope` decides, in this order: its kind must be listed in
    ``scope.kinds`` (embeddings are the exception: ``include_embeddings`` alone brings them in); an
@@ -55,6 +57,21 @@ GroupLimit = Literal[16, 32, 64, 128, "row"]
 
 Pattern = Annotated[str, AfterValidator(check_pattern)]
 """A site name pattern: exact name, glob, or ``re:`` regex."""
+
+
+def check_patterns(value: Any) -> Any:
+    """A ``match`` value: one pattern or a non-empty list of them, each valid."""
+    if isinstance(value, str):
+        return check_pattern(value)
+    if not isinstance(value, list):
+        raise ValueError(f"expected a pattern or a list of patterns, got {value!r}")
+    if not value:
+        raise ValueError("needs at least one pattern")
+    for i, p in enumerate(value):
+        if not isinstance(p, str):
+            raise ValueError(f"pattern [{i}] must be a string, got {p!r}")
+        check_pattern(p)
+    return value
 
 
 class _Model(BaseModel):
@@ -114,17 +131,7 @@ class Rule(_Model):
     @field_validator("match", mode="before")
     @classmethod
     def _patterns(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return check_pattern(value)
-        if not isinstance(value, list):
-            raise ValueError(f"expected a pattern or a list of patterns, got {value!r}")
-        if not value:
-            raise ValueError("needs at least one pattern")
-        for i, p in enumerate(value):
-            if not isinstance(p, str):
-                raise ValueError(f"pattern [{i}] must be a string, got {p!r}")
-            check_pattern(p)
-        return value
+        return check_patterns(value)
 
     @property
     def patterns(self) -> tuple[str, ...]:
@@ -201,6 +208,31 @@ def _narrow(choice: Choice, allows: Callable[[Precision], bool]) -> Choice | Non
     return choice.model_copy(update=update)
 
 
+class Fixed(_Model):
+    """Sites stored dense at one given precision, *outside* the budget (see `Policy.fixed`)."""
+
+    match: str | list[str]
+    """Pattern or list of patterns (any may match), as a rule's ``match``: an exact name, a glob or
+    ``re:`` + a regex; tried against the parameter name, the module name and tied aliases (``lm_head``
+    matches SmolLM2's ``model.embed_tokens.weight``, which the head shares)."""
+    precision: Precision
+    """How the matching sites' weights are stored, e.g. ``{dtype: int8}`` (one scale per row) or
+    ``{dtype: int4, group_size: 64}``; the group size must divide the weight's input dimension (an
+    embedding's width). A tied embedding/LM head is stored once: its lookups dequantize only the rows they
+    gather, its product runs the packed int8/int4 kernels at decode sizes."""
+    name: str | None = None
+    """A label shown by ``explain`` and recorded in the plan (default ``fixed[i]``)."""
+
+    @field_validator("match", mode="before")
+    @classmethod
+    def _patterns(cls, value: Any) -> Any:
+        return check_patterns(value)
+
+    @property
+    def patterns(self) -> tuple[str, ...]:
+        return (self.match,) if isinstance(self.match, str) else tuple(self.match)
+
+
 class SolverOptions(_Model):
     """How the planner picks one candidate per site under the budget."""
 
@@ -227,6 +259,12 @@ class Policy(_Model):
     """Which sites are compressed and counted in the budget."""
     rules: list[Rule] = Field(default_factory=list)
     """Per-site format choices; the first rule (in this order) that matches a site applies."""
+    fixed: list[Fixed] = Field(default_factory=list)
+    """Sites stored dense at a fixed precision and left out of the budget, e.g. the tied embedding/LM
+    head of a language model (``[{match: lm_head, precision: {dtype: int8}}]``). The first entry that
+    matches a site applies, whatever ``scope`` and ``rules`` say about it; its bytes are not in the
+    budget's total (a ratio budget stays a ratio over the in-scope sites), and the plan reports them
+    separately (`kronc.Plan.total_ratio`). Empty by default: such sites stay as they are."""
     default_formats: list[FormatChoice] = Field(default_factory=lambda: list(ALL_FORMATS), min_length=1)
     """Formats for in-scope sites no rule matches (default: every format with its default limits,
     dense and unstructured pruning included; with ``objective: data``, only dense and unstructured
@@ -285,6 +323,10 @@ class Policy(_Model):
                 raise ValueError(f"rules[{i}].name: duplicate rule name {rule.name!r} (also rules[{seen[rule.name]}])")
             seen[rule.name] = i
         return self
+
+    def fixed_label(self, index: int) -> str:
+        """How ``fixed`` entry ``index`` is named in explanations and plans: its ``name`` or ``fixed[i]``."""
+        return self.fixed[index].name or f"fixed[{index}]"
 
     def rule_label(self, index: int) -> str:
         """How rule ``index`` is named in explanations and plans: its ``name`` or ``rules[i]``."""

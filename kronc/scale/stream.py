@@ -102,6 +102,10 @@ def _compile(folder: str | Path, policy: Policy, out: str | Path, *, calibration
     limit = parse_memory(max_memory) if max_memory is not None else None
     sk = build(folder)  # 1. skeleton on meta, sites, blocks, shard headers checked
     resolution, in_scope = scope(sk.captured, policy)  # 2. the policy's scope (resolved as in memory)
+    fixed = [r.site.name for r in resolution.sites if r.fixed is not None]
+    if fixed:
+        raise InputError(f"policy.fixed stores {fixed[0]} at a fixed precision: streamed compile does not support fixed "
+                         "entries yet; compile in memory or drop policy.fixed")
     units = _units(sk, in_scope)
     options = SearchOptions()
     spaces = {s.name: list(resolution[s.name].formats) for s in in_scope}

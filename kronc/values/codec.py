@@ -129,6 +129,21 @@ class QuantizedTensor(nn.Module):
             return (unrotate(w) if self.precision.rotate else w).to(dtype)  # levels of W R: back to W
         return decode_parts(self.codes, scales, minima, self.precision, self.shape, dtype)
 
+    def rows(self, index: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        """``W[index]`` of shape ``(*index.shape, in)`` in ``dtype`` for a 2-D tensor, decoding only the gathered
+        rows (an embedding lookup reads a few rows of a large table: decoding all of it per call would cost
+        the whole table's bytes). Same values as ``dequantize(dtype)[index]``: rows decode independently."""
+        if len(self.shape) != 2:
+            raise ValueError(f"QuantizedTensor.rows needs a 2-D (rows, in) tensor, got shape {self.shape}")
+        if self.trains_scales or self.trains_latent:  # differentiable paths go through the whole tensor
+            return self.dequantize(dtype)[index]
+        flat = index.reshape(-1)
+        codes = self.codes.index_select(0, flat)
+        scales = None if self.scales is None else self.scales.index_select(0, flat)
+        minima = None if self.minima is None else self.minima.index_select(0, flat)
+        w = decode_parts(codes, scales, minima, self.precision, (flat.numel(), self.shape[1]), dtype)
+        return w.reshape(*index.shape, self.shape[1])
+
     def trained_scales(self) -> tuple[Tensor, Tensor | None]:
         """The scales and minima the trainable parameters give, rounded to fp16 in the forward pass (the
         gradient passes straight through): ``scales * scales_train`` and ``minima + minima_train * scale``."""
