@@ -113,6 +113,18 @@ def test_path_rule() -> None:
     assert cpu_path(xb, g8.scales, g8.minima, 8, 1) == "dequant"
 
 
+@pytest.mark.parametrize("inn", [24, 40])
+def test_int8_inputs_whose_width_the_kernel_cannot_read_dequantize(inn: int) -> None:
+    """The int8 packed kernel reads ``in`` in blocks of 16: at 24 or 40 it returned garbage (or crashed); those
+    widths take the dequantize path, and a decode-sized call gives the dequantized product."""
+    qt = weight(Precision(dtype="int8"), out=96, inn=inn)
+    x = torch.randn(3, inn, generator=gen(14))
+    assert cpu_path(x.bfloat16(), qt.scales, qt.minima, 8, 3) == "dequant"
+    with torch.no_grad():
+        y = qt.linear(x, None)
+    close(y, reference(x, qt, None), torch.float32)
+
+
 def test_int4_layout_cache_follows_in_place_updates() -> None:
     qt = weight(Precision(dtype="int4", group_size=32), out=32)
     x = torch.randn(2, 128, generator=gen(5)).bfloat16()

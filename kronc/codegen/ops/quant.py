@@ -7,7 +7,8 @@ layout of `kronc.reference.pack`), fp16 ``scales`` ``(out, groups)`` and, for as
 CPU paths, chosen per call by `cpu_path` from measurements by ``benchmarks/quant_ops.py`` on this
 machine (AVX512 with bf16, torch 2.13, SmolLM2 shapes):
 
-* ``int8pack``: ``aten._weight_int8pack_mm`` for symmetric int8 with one scale per row;
+* ``int8pack``: ``aten._weight_int8pack_mm`` for symmetric int8 with one scale per row and ``in`` a multiple
+  of 16 (the kernel's limit);
 * ``int4pack``: ``aten._weight_int4pack_mm_for_cpu`` for int4, int3 and int2 with groups of 32/64/128
   and ``out`` a multiple of 16 (the kernel's limits). The kernel computes ``(u - 8) * scale + zero``
   from a 4-bit ``u``; 3- and 2-bit levels are 4-bit levels that use part of the range, so the same
@@ -45,6 +46,10 @@ from ..checks.quant import INT4_GROUPS, check_quant, level_offset
 INT4_KERNEL_BITS = (4, 3, 2)
 """Bit widths the int4 packed kernel runs (fewer levels of the same 4-bit grid)."""
 
+INT8_K_MULTIPLE = 16
+"""``aten._weight_int8pack_mm`` reads ``in`` in blocks of 16: other widths (a 24-wide LSTM state) came back as garbage
+or crashed the process (torch 2.13, CPU), so they dequantize."""
+
 PACKED_DTYPES = (torch.bfloat16,)
 """Activation dtypes for which the aten packed kernels are faster than dequantize-then-GEMM here."""
 PACKED_MAX_TOKENS = 256
@@ -73,7 +78,7 @@ def packed_path(x: Tensor, scales: Tensor, minima: Tensor | None, bits: int) -> 
     out, groups = scales.shape
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return None
-    if bits == 8 and groups == 1 and minima is None:
+    if bits == 8 and groups == 1 and minima is None and x.shape[-1] % INT8_K_MULTIPLE == 0:
         return "int8pack"
     if bits in INT4_KERNEL_BITS and out % 16 == 0 and x.shape[-1] // groups in INT4_GROUPS:
         return "int4pack"
