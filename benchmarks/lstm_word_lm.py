@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import copy
 import json
 import math
 import os
@@ -53,10 +52,13 @@ from kronc.formats import Factorized
 from kronc.plan import Plan
 from kronc.planning import uniform_plan
 from kronc.policies.model import Scope
-from kronc.recover.schemes import CoMatrixDropout, OverlayAnnealing, Scheme, denser_plan
+from kronc.recover.schemes import CoMatrixDropout, OverlayAnnealing, denser_plan
 from kronc.tools.data import kjv_text
 from kronc.tools.toy import LSTMLanguageModel
 from kronc.tools.zoo import default_cache_root
+
+sys.path.insert(0, str(Path(__file__).parent))
+from timed_recovery import Clock, Marks, mark_steps, plot_curves, steps_for  # noqa: E402  (benchmarks/timed_recovery.py)
 
 RESULTS = Path(__file__).parent / "results"
 VOCAB, EMBED, HIDDEN, LAYERS, BPTT, BATCH = 5000, 256, 256, 2, 35, 32
@@ -173,43 +175,6 @@ def plans(dense: nn.Module) -> dict[str, Plan]:
     }
 
 
-class Marks(Scheme):
-    """Held-out perplexity after the given steps (0-based), with the minutes trained so far (evaluation excluded)."""
-
-    name = "perplexity_marks"
-
-    def __init__(self, held: Tensor, steps: set[int], clock: Clock) -> None:
-        self.held, self.steps, self.clock = held, steps, clock
-        self.model: nn.Module | None = None
-        self.curve: list[dict[str, Any]] = []
-
-    def attach(self, model: nn.Module, total_steps: int) -> None:
-        self.model = model
-
-    def after_step(self, step: int) -> None:
-        if step in self.steps and self.model is not None:
-            self.curve.append(self.clock.mark(self.model, self.held, step + 1))
-
-
-class Clock:
-    """Training minutes of one run: wall time since `start` less the time spent measuring perplexity."""
-
-    def __init__(self) -> None:
-        self.t0, self.paused = time.perf_counter(), 0.0
-
-    def seconds(self) -> float:
-        return time.perf_counter() - self.t0 - self.paused
-
-    def mark(self, model: nn.Module, held: Tensor, steps: int, phase: str = "e2e") -> dict[str, Any]:
-        seconds = self.seconds()
-        t, was = time.perf_counter(), model.training
-        ppl = perplexity(model, held)
-        model.train(was)
-        self.paused += time.perf_counter() - t
-        print(f"    {seconds / 60:5.1f} min, {steps} steps ({phase}): ppl {ppl:.2f}", flush=True)
-        return {"seconds": seconds, "steps": steps, "phase": phase, "ppl": ppl}
-
-
 def make_schemes(schemes: str, plan: Plan) -> list[Any]:
     active: list[Any] = []
     if "anneal" in schemes:
@@ -217,18 +182,6 @@ def make_schemes(schemes: str, plan: Plan) -> list[Any]:
     if "cmr" in schemes:
         active.append(CoMatrixDropout(p=0.5))
     return active
-
-
-def steps_for(seconds: float, student: nn.Module, dense: nn.Module, train: Tensor, recipe: dict[str, Any],
-              schemes: str, plan: Plan, probe: int = 4) -> int:
-    """How many steps fit in ``seconds``: ``probe`` timed steps (after one untimed) on a copy of the student."""
-    trial = copy.deepcopy(student)
-    kronc.recover(trial, dense, train, **{**recipe, "steps": 1}, schemes=make_schemes(schemes, plan))
-    t = time.perf_counter()
-    kronc.recover(trial, dense, train, **{**recipe, "steps": probe}, schemes=make_schemes(schemes, plan))
-    per_step = (time.perf_counter() - t) / probe
-    print(f"    {per_step:.2f} s per step: {int(seconds / per_step)} steps in {seconds / 60:.1f} min", flush=True)
-    return max(1, int(seconds / per_step))
 
 
 def run(name: str, dense: nn.Module, plan: Plan, train: Tensor, held: Tensor, steps: int,
@@ -242,6 +195,10 @@ def run(name: str, dense: nn.Module, plan: Plan, train: Tensor, held: Tensor, st
     steps training ``bw["e2e_trainable"]``."""
     anneal = "anneal" in schemes
     start = denser_plan(plan, 4.0) if anneal else plan
+
+    def ppl(model: nn.Module) -> float:
+        return perplexity(model, held)
+
     example = (torch.zeros(1, BPTT, dtype=torch.long),)
     student = kronc.apply(dense, start, example_inputs=example)
     after = kronc.apply(dense, plan, example_inputs=example)  # what the plan gives without training
@@ -255,7 +212,7 @@ def run(name: str, dense: nn.Module, plan: Plan, train: Tensor, held: Tensor, st
               "temperature": temperature, "trainable": "factors+norms+biases", "progress": False,
               "train_mode": bool(make_schemes(schemes, plan)), "log_every": 50}
     clock = Clock()
-    curve = [{"seconds": 0.0, "steps": 0, "phase": "start", "ppl": perplexity(student, held)}]
+    curve = [{"seconds": 0.0, "steps": 0, "phase": "start", "value": perplexity(student, held)}]
     budget = minutes * 60
     if recovery == "blockwise":
         bw = dict(bw or {})
@@ -267,13 +224,13 @@ def run(name: str, dense: nn.Module, plan: Plan, train: Tensor, held: Tensor, st
         row["blocks"] = [{"name": b.name, "loss_before": b.loss_before, "loss_after": b.loss_after, "steps": b.steps,
                           "kept_initial": b.kept_initial} for b in res.blocks]
         print(f"  {res}", flush=True)
-        curve.append(clock.mark(student, held, sum(b.steps for b in res.blocks), "blocks"))
+        curve.append(clock.mark(student, ppl, sum(b.steps for b in res.blocks), "blocks"))
         recipe["trainable"] = e2e_trainable
         row["e2e_trainable"] = e2e_trainable
     left, probe = budget - clock.seconds(), time.perf_counter()
-    n = steps_for(left, student, dense, train, recipe, schemes, plan) if budget else steps
-    clock.paused += time.perf_counter() - probe  # timing the steps is not training
-    marker = Marks(held, {round(k * n / marks) - 1 for k in range(1, marks)}, clock)
+    n = steps_for(left, student, dense, lambda _: train, recipe, lambda: make_schemes(schemes, plan)) if budget else steps
+    clock.pause(probe)  # timing the steps is not training
+    marker = Marks(ppl, mark_steps(n, marks), clock)
     result = kronc.recover(student, dense, train, steps=n, schemes=[*make_schemes(schemes, plan), marker], **recipe)
     seconds = clock.seconds()
     curve += marker.curve
@@ -281,7 +238,7 @@ def run(name: str, dense: nn.Module, plan: Plan, train: Tensor, held: Tensor, st
     row["recover_steps"] = len(result.history)
     row["bytes_after_recovery"] = stored_bytes(student)
     row["ppl_recovered"] = perplexity(student, held)
-    curve.append({"seconds": seconds, "steps": len(result.history), "phase": "end", "ppl": row["ppl_recovered"]})
+    curve.append({"seconds": seconds, "steps": len(result.history), "phase": "end", "value": row["ppl_recovered"]})
     row["curve"] = curve
     print(f"  {name:11s} [{row['schemes']:10s}] {row['ratio']:.1f}x  training-free ppl {row['ppl_training_free']:9.2f}"
           f"  recovered {row['ppl_recovered']:8.2f}  ({row['recover_seconds']:.0f} s, {row['recover_steps']} steps)",
@@ -325,42 +282,12 @@ def render(record: dict[str, Any], png: str | None = None) -> str:
     if curves:
         lines += ["", "Perplexity along each timed run (minutes trained, steps; `blocks`: after the block phase):", ""]
         for r in curves:
-            points = ", ".join(f"{c['ppl']:.1f} ({c['seconds'] / 60:.1f} min, {c['steps']}{' blocks' if c['phase'] == 'blocks' else ''})"
+            points = ", ".join(f"{c['value']:.1f} ({c['seconds'] / 60:.1f} min, {c['steps']}{' blocks' if c['phase'] == 'blocks' else ''})"
                                for c in r["curve"])
             lines.append(f"- {r['method']} [{r['schemes']}]: {points}")
     if png and curves:
         lines += ["", f"![perplexity against recovery minutes]({png})"]
     return "\n".join(lines) + "\n"
-
-
-def plot(record: dict[str, Any], path: Path) -> None:
-    """Perplexity (log scale) against training minutes, one line per timed run; dense and dense + 10% dashed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot (pip install matplotlib)")
-        return
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for r in record["runs"]:
-        curve = r.get("curve", [])
-        if len(curve) > 2:
-            ax.plot([c["seconds"] / 60 for c in curve], [c["ppl"] for c in curve], marker="o",
-                    label=f"{r['method']} [{r['schemes']}]")
-    dense = record["dense_ppl"]
-    ax.axhline(dense, color="k", linestyle="--", label=f"dense ({dense:.1f})")
-    ax.axhline(1.1 * dense, color="gray", linestyle=":", label="dense + 10% (target)")
-    ax.set_yscale("log")
-    ax.set_xlabel("recovery training time, minutes (2-core CPU, shared)")
-    ax.set_ylabel("held-out KJV perplexity")
-    ax.set_title("Word-LSTM, LSTM layers 25x smaller: perplexity against recovery time")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def selected(only: str, name: str, schemes: str) -> bool:
@@ -430,7 +357,8 @@ def write(record: dict[str, Any]) -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "lstm_word_lm.json").write_text(json.dumps(record, indent=2))
     (RESULTS / "lstm_word_lm.md").write_text(render(record, "lstm_word_lm.png"))
-    plot(record, RESULTS / "lstm_word_lm.png")
+    plot_curves(record["runs"], record["dense_ppl"], RESULTS / "lstm_word_lm.png", "held-out KJV perplexity",
+                "Word-LSTM, LSTM layers 25x smaller: perplexity against recovery time")
 
 
 if __name__ == "__main__":
