@@ -211,8 +211,10 @@ def run(name: str, dense: nn.Module, plan: Plan, train: Tensor, held: Tensor, st
     recipe = {"batch_size": BATCH, "seq_len": BPTT, "lr": lr, "kd": 1.0, "hidden": 0.0, "lm": 1.0,
               "temperature": temperature, "trainable": "factors+norms+biases", "progress": False,
               "train_mode": bool(make_schemes(schemes, plan)), "log_every": 50}
-    clock = Clock()
+    t = time.perf_counter()
     curve = [{"seconds": 0.0, "steps": 0, "phase": "start", "value": perplexity(student, held)}]
+    eval_seconds = time.perf_counter() - t
+    clock = Clock()
     budget = minutes * 60
     if recovery == "blockwise":
         bw = dict(bw or {})
@@ -231,6 +233,8 @@ def run(name: str, dense: nn.Module, plan: Plan, train: Tensor, held: Tensor, st
     n = steps_for(left, student, dense, lambda _: train, recipe, lambda: make_schemes(schemes, plan)) if budget else steps
     clock.pause(probe)  # timing the steps is not training
     marker = Marks(ppl, mark_steps(n, marks), clock)
+    if budget:  # the machine is shared: a step can take longer than the probe's; never more than a quarter over
+        recipe["max_seconds"] = 1.25 * left + marks * eval_seconds
     result = kronc.recover(student, dense, train, steps=n, schemes=[*make_schemes(schemes, plan), marker], **recipe)
     seconds = clock.seconds()
     curve += marker.curve
@@ -287,6 +291,8 @@ def render(record: dict[str, Any], png: str | None = None) -> str:
             lines.append(f"- {r['method']} [{r['schemes']}]: {points}")
     if png and curves:
         lines += ["", f"![perplexity against recovery minutes]({png})"]
+    if record.get("notes"):  # findings written into the JSON by hand after the runs (rendered as they are)
+        lines += ["", "## Notes", "", *record["notes"]]
     return "\n".join(lines) + "\n"
 
 
@@ -317,7 +323,11 @@ def main() -> None:
     ap.add_argument("--block-share", type=float, default=0.5, help="blockwise with --minutes: share of the block phase")
     ap.add_argument("--bw-e2e-trainable", default="scales+norms+biases",
                     help="blockwise: what the end-to-end pass trains (scales+norms+biases, factors+norms+biases)")
+    ap.add_argument("--render", action="store_true", help="only rewrite the markdown and plot from the JSON")
     args = ap.parse_args()
+    if args.render:
+        write(json.loads((RESULTS / "lstm_word_lm.json").read_text()))
+        return
     torch.set_num_threads(args.threads)
     train, held, vocab = kjv_tokens()
     print(f"KJV words: {len(train):,} train tokens, {len(held):,} held-out tokens, vocabulary {len(vocab):,}", flush=True)
