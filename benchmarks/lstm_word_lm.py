@@ -28,7 +28,8 @@ time does), perplexity is measured ``--marks`` times along the run (evaluation t
 replacing them (each row keeps its own command), so runs of at most ~15 minutes each build one table.
 Block-wise runs spend ``--block-share`` of the minutes reconstructing the two LSTM layers (and the decoder
 after them, the tail), then the rest distilling end to end, training ``--bw-e2e-trainable``.
-The ``kronc-mixed`` plan lets the planner mix formats and precisions at 25x (`mixed_policy`).
+The ``kronc-mixed`` plan lets the planner mix formats and precisions at 25x (`mixed_policy`); ``doped-kron-q`` is
+doped Kronecker whose factors may be int8 or int4 (up to 8 Kronecker terms for the bytes).
 """
 
 from __future__ import annotations
@@ -166,8 +167,13 @@ def plans(dense: nn.Module) -> dict[str, Plan]:
     weights = {s.name: cap.weight(s) for s in sites}
     doped_only = kronc.Policy.model_validate({"budget": "25x", "objective": "weight", "scope": {"kinds": ["lstm"]},
                                               "default_formats": [{"kind": "doped", "base": "kronecker"}]})
+    quant = ["keep", {"dtype": "int8"}, {"dtype": "int4", "group_size": 32}]
+    doped_quant = kronc.Policy.model_validate({"budget": "25x", "objective": "weight", "scope": {"kinds": ["lstm"]},
+                                               "default_formats": [{"kind": "doped", "base": "kronecker", "terms_max": 8,
+                                                                    "precisions": quant}]})
     return {
         "doped-kron": kronc.plan(cap, doped_only),
+        "doped-kron-q": kronc.plan(cap, doped_quant),
         "kronc-plan": kronc.plan(cap, lstm_policy()),
         "kronc-mixed": kronc.plan(cap, mixed_policy()),
         "magnitude": uniform_plan(sites, weights, "doped", 25),
@@ -340,10 +346,10 @@ def main() -> None:
     if args.append and path.is_file():
         record["runs"] = json.loads(path.read_text())["runs"]
     table = plans(dense)
-    for name in ("doped-kron", "kronc-plan", "kronc-mixed"):
+    for name in ("doped-kron", "doped-kron-q", "kronc-plan", "kronc-mixed"):
         print(f"{name}:\n{table[name].table()}", flush=True)
-    runs = [("doped-kron", "anneal+cmr"), ("doped-kron", ""), ("kronc-plan", "anneal+cmr"), ("kronc-mixed", ""),
-            ("magnitude", ""), ("lowrank", ""), ("doped-kron", "blockwise")]
+    runs = [("doped-kron", "anneal+cmr"), ("doped-kron", ""), ("doped-kron-q", ""), ("kronc-plan", "anneal+cmr"),
+            ("kronc-mixed", ""), ("magnitude", ""), ("lowrank", ""), ("doped-kron", "blockwise")]
     bw = {"samples": args.bw_samples, "epochs": args.bw_epochs, "lr": args.bw_lr, "share": args.block_share,
           "e2e_trainable": args.bw_e2e_trainable}
     for name, schemes in runs:
