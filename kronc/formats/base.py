@@ -271,6 +271,12 @@ class Factorized(nn.Module, ABC):
     def flops_per_token(self) -> int:
         return self.spec.flops_per_token(self.shape)
 
+    def factored_cost(self) -> float:
+        """What applying the weight to one token costs with the factored ops, forward and backward, in GEMM
+        FLOPs per pass: ``flops_per_token * factored_overhead`` (the training path's choice,
+        `kronc.formats.training`); a format made of parts with different overheads sums them."""
+        return self.flops_per_token() * self.factored_overhead
+
     def build_flops(self) -> int:
         """FLOPs of `dense_weight` (the training path weighs them against the factored product's,
         `kronc.formats.training`); the default, one write per entry, fits formats that scatter values."""

@@ -88,9 +88,17 @@ class DopedSpec(FormatSpec):
         return f"doped({base}+{self.density:.4g}){self.precision_tag()}"
 
 
+OVERLAY_OVERHEAD = 30.0
+"""What one FLOP of the overlay's sparse product costs in GEMM FLOPs, forward and backward (`kronc::sparse_linear`,
+CSR forward and gather/scatter gradients): measured with one thread on a 1024x256 LSTM gate matrix with a 2.9%
+overlay at 1120 tokens (76 ms against 88 ms for the dense GEMM of 35x the FLOPs;
+``benchmarks/results/lstm_word_lm.md``). A doped weight's factored cost is its base's plus its overlay's, so a
+dense overlay (the LSTM policy's 1-5%) tips it to the transient dense weight where a 0.5% one does not."""
+
+
 class Doped(Factorized):
     spec_type = DopedSpec
-    factored_overhead = 4.0  # measured: kronc.formats.training
+    factored_overhead = 4.0  # measured: kronc.formats.training (the whole op; `factored_cost` splits it)
 
     def __init__(self, base: Kronecker | LowRank | None, overlay: SparseOverlay, spec: DopedSpec) -> None:
         super().__init__(spec, overlay.shape)
@@ -157,6 +165,11 @@ class Doped(Factorized):
 
     def build_flops(self) -> int:
         return self.shape[0] * self.shape[1] + (self.base.build_flops() if self.base is not None else 0)
+
+    def factored_cost(self) -> float:
+        """The base's factored cost plus the overlay's (``2 nnz`` FLOPs at `OVERLAY_OVERHEAD`)."""
+        base = self.base.factored_cost() if self.base is not None else 0.0
+        return base + 2 * self.overlay.values.numel() * OVERLAY_OVERHEAD
 
     def dense_weight(self, dtype: torch.dtype) -> Tensor:
         overlay = self.overlay.to_dense()

@@ -13,7 +13,9 @@ count (as `kronc::sparse_linear` does on CPU, `kronc.codegen.ops.sparse.densify_
 ``factored_overhead`` (a class attribute of each format) is what a factored FLOP costs in GEMM FLOPs,
 measured with one thread on SmolLM2-135M's 576x576, 576x1536 and 1536x576 sites at 10x and 512
 tokens, forward and backward: 3-7 for Kronecker sums and doped Kronecker (4 is used), 6-13 for 16x16
-block-sparse at 10% (8), 2-3 for low rank (2). At 10x a uniform Kronecker sum has 0.9-2.4x the dense
+block-sparse at 10% (8), 2-3 for low rank (2); a doped weight adds its overlay's sparse product at ~30
+(`kronc.formats.doped.OVERLAY_OVERHEAD`, measured on an LSTM gate matrix) to its base's cost
+(`Factorized.factored_cost`). At 10x a uniform Kronecker sum has 0.9-2.4x the dense
 FLOPs, so it trains dense at any token count worth a step; low rank keeps its factors.
 Without gradients (inference, evaluation, the teacher) and while tracing (``torch.export``,
 ``torch.compile`` must see the ``kronc::`` ops) the factored ops run as before, and so does a weight
@@ -70,7 +72,7 @@ def dense_training(mode: Mode | bool) -> Iterator[None]:
 def dense_pays(fmt: Factorized, tokens: int, need_values: bool) -> bool:
     """Whether building ``W`` and running GEMMs costs fewer FLOPs than the factored ops on ``tokens`` rows."""
     out_f, in_f = fmt.shape
-    factored = tokens * fmt.flops_per_token() * (2 + need_values) * fmt.factored_overhead
+    factored = tokens * fmt.factored_cost() * (2 + need_values)
     dense = fmt.build_flops() * (1 + need_values) + tokens * 2 * out_f * in_f * (2 + need_values)
     return dense < factored
 

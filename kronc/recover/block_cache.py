@@ -195,8 +195,8 @@ def teacher_final_stream(teacher: nn.Module, chain: BlockChain, b: Batch, extra:
         seen.append(first_tensor(out).detach())
         raise _Stop
 
-    recurrent = chain.entry is not chain.blocks[0].student  # layer views: the whole recurrent module's output
-    module = chain.teacher_entry if recurrent else chain.blocks[-1].teacher
+    # layer views: the last recurrent module's whole output
+    module = teacher.get_submodule(chain.recurrent[-1]) if chain.recurrent else chain.blocks[-1].teacher
     handle = module.register_forward_hook(hook)
     try:
         with contextlib.suppress(_Stop):

@@ -11,13 +11,16 @@ output). The chain holding the most parameters wins (the decoder layers, not a l
 
 Multi-layer recurrent modules (``nn.LSTM``, kronc's ``CompressedLSTM``) run their layers inside one
 ``forward``, with no module per layer; each layer becomes a block through a one-layer view that shares
-the parameters of the original (so training the view trains the student).
+the parameters of the original (so training the view trains the student). Recurrent modules that are
+siblings rather than list items (textgenrnn's ``rnn_1 -> rnn_2``) are chained the same way, from the
+graph: a recurrent module whose input (and only tensor input, no initial state) is another recurrent
+module's output continues that module's chain, and every layer of every module in it is a block.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any
 
@@ -53,6 +56,8 @@ class BlockChain:
     blocks: list[Block]
     entry: nn.Module
     teacher_entry: nn.Module
+    recurrent: list[str] = field(default_factory=list)
+    """The recurrent modules the blocks are layer views of, in stream order (empty for a list of blocks)."""
 
 
 @dataclass
@@ -158,6 +163,26 @@ def _chain_slots(graph: nx.DiGraph, calls: dict[str, _Call], names: list[str]) -
     return [head, *slots]
 
 
+def _recurrent_chains(graph: nx.DiGraph, calls: dict[str, _Call], names: list[str]) -> Iterator[list[str]]:
+    """Chains of the recurrent modules ``names`` (each called once): a module continues the chain of the one whose
+    output it reads as its input, when that is its only tensor input (no initial state from elsewhere)."""
+    recurrent = set(names)
+
+    def successor(name: str) -> str | None:
+        nxt = [b for b in graph.successors(name) if b in recurrent and graph.edges[name, b]["slot"] == 0
+               and set(calls[b].inputs) == {0}]
+        return nxt[0] if len(nxt) == 1 else None
+
+    followers = {s for n in names if (s := successor(n)) is not None}
+    for head in names:
+        if head in followers:
+            continue
+        chain = [head]
+        while (nxt := successor(chain[-1])) is not None and nxt not in chain:
+            chain.append(nxt)
+        yield chain
+
+
 def _param_count(modules: list[nn.Module]) -> int:
     seen = {id(p): p.numel() for m in modules for p in m.parameters()}
     return sum(seen.values())
@@ -201,9 +226,9 @@ def find_blocks(student: nn.Module, teacher: nn.Module, args: tuple[Any, ...], k
         slots = _chain_slots(graph, calls, names)
         if slots is not None:
             options.append((_param_count([modules[n] for n in names]), container, names, slots))
-    for name, m in modules.items():
-        if isinstance(m, _RECURRENT) and name in calls and calls[name].count == 1:
-            options.append((_param_count([m]), name, [name], [0]))
+    recurrent = [n for n, m in modules.items() if isinstance(m, _RECURRENT) and n in calls and calls[n].count == 1]
+    for names in _recurrent_chains(graph, calls, recurrent):
+        options.append((_param_count([modules[n] for n in names]), "+".join(names), names, [0] * len(names)))
     if not options:
         raise RecoveryError(f"no block structure found in {type(student).__name__}: no ModuleList/Sequential of "
                             "same-class modules that feed one another in turn, and no multi-layer LSTM")
@@ -212,11 +237,13 @@ def find_blocks(student: nn.Module, teacher: nn.Module, args: tuple[Any, ...], k
     if missing:
         raise RecoveryError(f"the teacher has no module {missing[0]!r} (block {names.index(missing[0])} of the "
                             f"student's {container!r}): the teacher must be the model the student was compressed from")
-    if len(names) == 1 and isinstance(modules[names[0]], _RECURRENT):
-        s, t = modules[names[0]], teacher_modules[names[0]]
-        if not isinstance(t, _RECURRENT) or t.num_layers != s.num_layers:
-            raise RecoveryError(f"the teacher's {names[0]!r} is not an LSTM with {s.num_layers} layers like the student's")
-        blocks = [Block(f"{names[0]}[layer {k}]", lstm_layer(s, k), lstm_layer(t, k), 0) for k in range(s.num_layers)]
-        return BlockChain(container, blocks, s, t)
+    if isinstance(modules[names[0]], _RECURRENT):
+        blocks = []
+        for name in names:
+            s, t = modules[name], teacher_modules[name]
+            if not isinstance(t, _RECURRENT) or t.num_layers != s.num_layers:
+                raise RecoveryError(f"the teacher's {name!r} is not an LSTM with {s.num_layers} layers like the student's")
+            blocks += [Block(f"{name}[layer {k}]", lstm_layer(s, k), lstm_layer(t, k), 0) for k in range(s.num_layers)]
+        return BlockChain(container, blocks, modules[names[0]], teacher_modules[names[0]], list(names))
     blocks = [Block(n, modules[n], teacher_modules[n], slot) for n, slot in zip(names, slots, strict=True)]
     return BlockChain(container, blocks, blocks[0].student, blocks[0].teacher)

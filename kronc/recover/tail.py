@@ -4,7 +4,8 @@ Blocks cover the residual stream; a compressed LM head (or pooler, or LSTM decod
 no block target sees it. After the last block, the student's final stream is cached, so the tail can
 train on it alone: each block is swapped for a `_Feed` that returns the cached stream (the first) or
 hands its input on unchanged (the rest), and the student runs from its inputs to its output with the
-blocks skipped. The target is the dense teacher's output on the same inputs, made per step the same way
+blocks skipped (for LSTM layer views, the last recurrent module alone is swapped: the ones before it run,
+since later layers may read their outputs too). The target is the dense teacher's output on the same inputs, made per step the same way
 (the teacher's blocks skipped, its cached final stream fed in), so only one hidden stream per batch is
 cached, never the outputs (a large vocabulary's logits would be); the loss is the recipe's
 output loss (KL at ``temperature`` for logits, relative squared error otherwise). Parameters before the
@@ -43,8 +44,9 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 @contextmanager
 def blocks_skipped(model: nn.Module, chain: BlockChain, tuple_output: bool) -> Iterator[_Feed]:
     """Swap the chain's modules for `_Feed` modules; yields the first (set its ``value`` per batch)."""
-    recurrent = chain.entry is not chain.blocks[0].student  # an LSTM split into layer views: one module
-    names = [chain.container] if recurrent else [b.name for b in chain.blocks]
+    # LSTMs split into layer views: only the last module is skipped (its output is the cached stream); the ones
+    # before it run, so a layer reading an earlier LSTM's output too (textgenrnn's skip connections) sees it
+    names = chain.recurrent[-1:] if chain.recurrent else [b.name for b in chain.blocks]
     feeds = [_Feed(chain.blocks[0].slot, tuple_output) for _ in names]
     originals = []
     for name, feed in zip(names, feeds, strict=True):

@@ -94,7 +94,7 @@ def build(folder: str | Path) -> Skeleton:
         chain = find_blocks(model, model, (), example)
     except RecoveryError as e:
         raise CheckpointError(f"streamed compile needs a list of blocks: {e}") from e
-    if isinstance(chain.blocks[0].student, (nn.LSTM,)) or not chain.container:
+    if chain.recurrent or isinstance(chain.blocks[0].student, (nn.LSTM,)) or not chain.container:
         raise CheckpointError(f"streamed compile needs a ModuleList of blocks; {type(model).__name__} has none")
     blocks = model.get_submodule(chain.container)
     assert isinstance(blocks, nn.ModuleList | nn.Sequential)

@@ -100,6 +100,26 @@ def test_the_choice_follows_the_flop_counts() -> None:
     assert training_weight(low, x) is None
 
 
+def test_a_doped_overlay_costs_its_sparse_products_on_top_of_the_base() -> None:
+    """The LSTM policy's doped gate matrices (Kronecker base, 1-5% overlay): the overlay's sparse product costs
+    far more per FLOP than the base's, so at a sequence's tokens the transient dense weight wins, where a
+    0.5% overlay (as on SmolLM2) leaves the choice to the base."""
+    from kronc.formats.doped import OVERLAY_OVERHEAD
+
+    w = torch.randn(1024, 256, generator=torch.Generator().manual_seed(3))
+    base = KroneckerSpec(a_shape=(32, 16), terms=2)
+    dense_overlay = Doped.fit(w, DopedSpec(base=base, density=0.03))
+    thin_overlay = Doped.fit(w, DopedSpec(base=base, density=0.0005))
+    kron = Kronecker.fit(w, base)
+    nnz = dense_overlay.overlay.values.numel()
+    assert dense_overlay.factored_cost() == pytest.approx(kron.factored_cost() + 2 * nnz * OVERLAY_OVERHEAD)
+    assert dense_overlay.factored_cost() > dense_overlay.flops_per_token() * Doped.factored_overhead  # the old rule
+    tokens = 32 * 35  # an LSTM recurrent weight's rows over a 32 x 35 batch
+    assert dense_pays(dense_overlay, tokens, True)
+    assert dense_pays(thin_overlay, tokens, True) == dense_pays(kron, tokens, True)
+    assert not dense_pays(dense_overlay, 1, True)  # one token still does not pay for building W
+
+
 def test_inference_and_frozen_weights_keep_the_factored_ops() -> None:
     m = layer("kronecker")
     x = torch.randn(512, IN, dtype=F64)

@@ -304,6 +304,52 @@ def test_the_teachers_tail_on_its_final_stream_gives_its_output(name: str) -> No
     assert same(state(teacher), state(compressed(name, "4x")[0]))  # put back as it was
 
 
+def sibling_lstms() -> tuple[nn.Module, nn.Module]:
+    """A small textgenrnn (two one-layer LSTMs, ``rnn_2`` reading ``rnn_1``, both read again by the attention
+    pooling: a skip connection), dense, and its LSTMs compressed 4x."""
+    from kronc.tools.models.textgenrnn import TextGenRNN
+
+    torch.manual_seed(0)
+    teacher = with_decaying_spectra(TextGenRNN(vocab_size=64, embed_dim=16, hidden=24)).eval()
+    policy = Policy.model_validate({"budget": "4x", "scope": {"kinds": ["lstm"]}})
+    return teacher, kronc.compile(teacher, policy=policy, example_inputs=(torch.zeros(1, 12, dtype=torch.long),))
+
+
+def test_sibling_lstms_that_feed_one_another_are_one_chain_and_the_tail_keeps_their_skip_connections() -> None:
+    from kronc.recover.batches import Batch
+    from kronc.recover.tail import blocks_skipped
+
+    teacher, student = sibling_lstms()
+    x = torch.randint(1, 64, (3, 12), generator=torch.Generator().manual_seed(4))
+    chain = find_blocks(student, teacher, (x,), {})
+    assert [b.name for b in chain.blocks] == ["rnn_1[layer 0]", "rnn_2[layer 0]"]  # both LSTMs, in stream order
+    assert chain.recurrent == ["rnn_1", "rnn_2"]
+    with torch.no_grad():
+        h = student.embedding(x)
+        for block in chain.blocks:  # the layer views chained give the student's last LSTM output
+            h = block.student(h)[0]
+        torch.testing.assert_close(h, student.rnn_2(student.rnn_1(student.embedding(x))[0])[0], rtol=1e-5, atol=1e-6)
+        for model, stream_ in ((student, h), (teacher, block_cache.teacher_final_stream(teacher, chain,
+                                                                                      Batch((x,), tokens=x.numel()), {}))):
+            expected = model(x)
+            with blocks_skipped(model, chain, True) as feed:  # the tail's pass: the cached final stream fed in
+                feed.value = stream_
+                got = model(x)
+            torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)  # rnn_1's output still reaches the pooling
+
+
+def test_block_wise_reconstruction_of_sibling_lstms_lowers_the_output_error() -> None:
+    teacher, student = sibling_lstms()
+    data = torch.randint(1, 64, (2000,), generator=torch.Generator().manual_seed(1))
+    held = torch.randint(1, 64, (8, 12), generator=torch.Generator().manual_seed(2))
+    before = output_error(student, teacher, held)
+    result = recover(student, teacher, data, method="blockwise", seq_len=12, batch_size=4, progress=False,
+                     blockwise={"samples": 16, "epochs": 8, "lr": 3e-3})
+    assert [b.name for b in result.blocks][:2] == ["rnn_1[layer 0]", "rnn_2[layer 0]"]
+    assert all(b.loss_after <= b.loss_before for b in result.blocks)
+    assert output_error(student, teacher, held) < before
+
+
 # --------------------------------------------------------------------------- time budget
 
 
