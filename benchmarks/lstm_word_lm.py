@@ -53,13 +53,13 @@ from kronc.formats import Factorized
 from kronc.plan import Plan
 from kronc.planning import uniform_plan
 from kronc.policies.model import Scope
-from kronc.recover.schemes import CoMatrixDropout, OverlayAnnealing, denser_plan
+from kronc.recover.schemes import denser_plan
 from kronc.tools.data import kjv_text
 from kronc.tools.toy import LSTMLanguageModel
 from kronc.tools.zoo import default_cache_root
 
 sys.path.insert(0, str(Path(__file__).parent))
-from timed_recovery import Clock, Marks, mark_steps, plot_curves, steps_for  # noqa: E402  (benchmarks/timed_recovery.py)
+from timed_recovery import Clock, Marks, make_schemes, mark_steps, plot_curves, steps_for  # noqa: E402  (benchmarks/timed_recovery.py)
 
 RESULTS = Path(__file__).parent / "results"
 VOCAB, EMBED, HIDDEN, LAYERS, BPTT, BATCH = 5000, 256, 256, 2, 35, 32
@@ -179,15 +179,6 @@ def plans(dense: nn.Module) -> dict[str, Plan]:
         "magnitude": uniform_plan(sites, weights, "doped", 25),
         "lowrank": uniform_plan(sites, weights, "lowrank", 25),
     }
-
-
-def make_schemes(schemes: str, plan: Plan) -> list[Any]:
-    active: list[Any] = []
-    if "anneal" in schemes:
-        active.append(OverlayAnnealing(target_density=plan))
-    if "cmr" in schemes:
-        active.append(CoMatrixDropout(p=0.5))
-    return active
 
 
 def run(name: str, dense: nn.Module, plan: Plan, train: Tensor, held: Tensor, steps: int,

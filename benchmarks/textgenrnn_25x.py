@@ -35,14 +35,14 @@ import kronc
 from kronc.plan import Plan
 from kronc.planning import uniform_plan
 from kronc.policies.model import Scope
-from kronc.recover.schemes import CoMatrixDropout, OverlayAnnealing, denser_plan
+from kronc.recover.schemes import denser_plan
 from kronc.tools.data import abc_news_text, kjv_text
 from kronc.tools.evaluate import bits_per_char, char_windows, encode_chars
 from kronc.tools.models.textgenrnn import CONTEXT
 from kronc.tools.zoo import load_textgenrnn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from timed_recovery import Clock, Marks, mark_steps, plot_curves, steps_for  # noqa: E402  (benchmarks/timed_recovery.py)
+from timed_recovery import Clock, Marks, make_schemes, mark_steps, plot_curves, steps_for  # noqa: E402  (benchmarks/timed_recovery.py)
 
 RESULTS = Path(__file__).parent / "results"
 BATCH = 64
@@ -76,15 +76,6 @@ def plans(dense: nn.Module) -> dict[str, Plan]:
         "magnitude": uniform_plan(sites, weights, "doped", 25),
         "lowrank": uniform_plan(sites, weights, "lowrank", 25),
     }
-
-
-def make_schemes(schemes: str, plan: Plan) -> list[Any]:
-    active: list[Any] = []
-    if "anneal" in schemes:
-        active.append(OverlayAnnealing(target_density=plan))
-    if "cmr" in schemes:
-        active.append(CoMatrixDropout(p=0.5))
-    return active
 
 
 def run(name: str, dense: nn.Module, vocab: dict[str, int], plan: Plan, steps: int, schemes: str, eval_text: str,

@@ -18,7 +18,8 @@ from typing import Any
 from torch import nn
 
 import kronc
-from kronc.recover.schemes import Scheme
+from kronc.plan import Plan
+from kronc.recover.schemes import CoMatrixDropout, OverlayAnnealing, Scheme
 
 Measure = Callable[[nn.Module], float]
 
@@ -112,3 +113,14 @@ def plot_curves(runs: list[dict[str, Any]], dense: float, path: Path, ylabel: st
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def make_schemes(schemes: str, plan: Plan) -> list[Any]:
+    """The training schemes a run's ``schemes`` label names: ``anneal`` (overlay annealing towards ``plan``'s
+    densities) and ``cmr`` (co-matrix dropout, p=0.5)."""
+    active: list[Any] = []
+    if "anneal" in schemes:
+        active.append(OverlayAnnealing(target_density=plan))
+    if "cmr" in schemes:
+        active.append(CoMatrixDropout(p=0.5))
+    return active

@@ -100,7 +100,23 @@ class Scope(_Model):
     """Sites matching any of these patterns are out of scope (stay dense, not in the budget)."""
 
 
-class Rule(_Model):
+class _Matching(_Model):
+    """A model whose ``match`` field holds one site-name pattern or a list of them."""
+
+    match: str | list[str]
+
+    @field_validator("match", mode="before")
+    @classmethod
+    def _patterns(cls, value: Any) -> Any:
+        return check_patterns(value)
+
+    @property
+    def patterns(self) -> tuple[str, ...]:
+        """The patterns as a tuple, whether written as one string or a list."""
+        return (self.match,) if isinstance(self.match, str) else tuple(self.match)
+
+
+class Rule(_Matching):
     """Which formats the sites matching a pattern may use."""
 
     match: str | list[str]
@@ -127,16 +143,6 @@ class Rule(_Model):
     rotated at run time by a fixed Hadamard transform): false forbids them (kernels that cannot rotate
     their input), true allows only them among the integer precisions. None: no limit. Applied like
     ``bits``."""
-
-    @field_validator("match", mode="before")
-    @classmethod
-    def _patterns(cls, value: Any) -> Any:
-        return check_patterns(value)
-
-    @property
-    def patterns(self) -> tuple[str, ...]:
-        """The patterns as a tuple, whether written as one string or a list."""
-        return (self.match,) if isinstance(self.match, str) else tuple(self.match)
 
     def limits(self) -> str:
         """``""`` or e.g. ``bits 4,8; groups 32,row``: the rule's limits in a short form (for ``explain``)."""
@@ -208,7 +214,7 @@ def _narrow(choice: Choice, allows: Callable[[Precision], bool]) -> Choice | Non
     return choice.model_copy(update=update)
 
 
-class Fixed(_Model):
+class Fixed(_Matching):
     """Sites stored dense at one given precision, *outside* the budget (see `Policy.fixed`)."""
 
     match: str | list[str]
@@ -222,15 +228,6 @@ class Fixed(_Model):
     gather, its product runs the packed int8/int4 kernels at decode sizes."""
     name: str | None = None
     """A label shown by ``explain`` and recorded in the plan (default ``fixed[i]``)."""
-
-    @field_validator("match", mode="before")
-    @classmethod
-    def _patterns(cls, value: Any) -> Any:
-        return check_patterns(value)
-
-    @property
-    def patterns(self) -> tuple[str, ...]:
-        return (self.match,) if isinstance(self.match, str) else tuple(self.match)
 
 
 class SolverOptions(_Model):
