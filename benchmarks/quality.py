@@ -131,9 +131,7 @@ def uniform_doped_kron(sites, weights, ratio: float, overlay_share: float = 0.25
         if best is None:
             raise kronc.BudgetError(f"{site.name}: no doped Kronecker fits {ratio}x")
         err, spec = best
-        decisions.append(Decision(site=site.name, shape=site.shape, spec=spec, bytes_before=site.nbytes,
-                                  bytes_after=spec.nbytes(site.shape, site.itemsize), params_after=spec.nparams(site.shape),
-                                  error=err, rule="uniform doped-kron"))
+        decisions.append(Decision.of(site, spec, error=err, rule="uniform doped-kron"))
     return Plan(decisions=decisions, budget=f"{ratio:g}x")
 
 

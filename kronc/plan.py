@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 from .budget import Budget
 from .formats import AnySpec
+from .sites import Site
 
 
 class Decision(BaseModel):
@@ -27,6 +29,12 @@ class Decision(BaseModel):
     rule: str | None = Field(default=None, description="The policy rule that allowed this format.")
     budgeted: bool = Field(default=True, description="Whether the site counts in the budget (false: a policy's "
                            "`fixed` entry stored it at a fixed precision outside it).")
+
+    @classmethod
+    def of(cls, site: Site, spec: AnySpec, **fields: Any) -> Decision:
+        """``site`` stored as ``spec``: its sizes (dense bytes, stored bytes and values) derived from the spec."""
+        return cls(site=site.name, shape=site.shape, spec=spec, bytes_before=site.nbytes,
+                   bytes_after=spec.nbytes(site.shape, site.itemsize), params_after=spec.nparams(site.shape), **fields)
 
     @model_serializer(mode="wrap")
     def _drop_default_budgeted(self, handler: SerializerFunctionWrapHandler) -> dict:

@@ -45,9 +45,7 @@ def fixed_decisions(sites: Sequence[Site], weights: Mapping[str, Tensor], fixed:
         precision, label = fixed[site.name]
         spec = fixed_spec(site, precision, label)
         error = float(SiteAnalysis(weights[site.name], None, options.damping).errors([spec])[0])
-        out.append(Decision(site=site.name, shape=site.shape, spec=spec, bytes_before=site.nbytes,
-                            bytes_after=spec.nbytes(site.shape, site.itemsize), params_after=spec.nparams(site.shape),
-                            error=error, rule=label, budgeted=False))
+        out.append(Decision.of(site, spec, error=error, rule=label, budgeted=False))
     return out
 
 

@@ -287,11 +287,7 @@ def uniform_plan(
         errors = SiteAnalysis(weight, h, options.damping).errors(specs)
         best = min(range(len(specs)), key=lambda i: (errors[i], specs[i].nbytes(site.shape, site.itemsize), i))
         spec = specs[best]
-        return Decision(
-            site=site.name, shape=site.shape, spec=spec, bytes_before=site.nbytes,
-            bytes_after=spec.nbytes(site.shape, site.itemsize), params_after=spec.nparams(site.shape),
-            error=float(errors[best]), rule=f"uniform {fmt}",
-        )
+        return Decision.of(site, spec, error=float(errors[best]), rule=f"uniform {fmt}")
 
     decisions = map_sites(decide, sites, options.worker_count(), f"kronc: uniform {fmt}", progress)
     return Plan(decisions=decisions, budget=budget, objective="data" if data else "weight")

@@ -40,10 +40,7 @@ def every_format_plan(captured: Captured, only: Callable[[Site], bool] = lambda 
             spec.check(site.shape)
         except ValueError:
             spec = LowRankSpec(rank=1)
-        decisions.append(Decision(
-            site=site.name, shape=site.shape, spec=spec, bytes_before=site.nbytes,
-            bytes_after=spec.nbytes(site.shape, site.itemsize), params_after=spec.nparams(site.shape),
-        ))
+        decisions.append(Decision.of(site, spec))
     return Plan(decisions=decisions, budget="2x")
 
 

@@ -219,8 +219,7 @@ def rotated_toy_plan(captured) -> Plan:  # type: ignore[no-untyped-def]
     decisions = []
     for i, site in enumerate(s for s in captured.sites if s.kind == "linear"):
         spec = specs[i % len(specs)]
-        decisions.append(Decision(site=site.name, shape=site.shape, spec=spec, bytes_before=site.nbytes,
-                                  bytes_after=spec.nbytes(site.shape, site.itemsize), params_after=spec.nparams(site.shape)))
+        decisions.append(Decision.of(site, spec))
     return Plan(decisions=decisions, budget="4x")
 
 
