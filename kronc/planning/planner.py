@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from typing import Literal, TypeVar
 
 import numpy as np
-import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -37,6 +36,7 @@ from ..budget import Budget, BudgetError
 from ..formats import FormatSpec
 from ..plan import Decision, Plan
 from ..sites import Site
+from ..values.threads import single_threaded
 from .candidates import Candidate, PlanningError, site_candidates
 from .estimate import SiteAnalysis
 from .families import FAMILIES, Choice, family
@@ -53,10 +53,7 @@ def map_sites(fn: Callable[[Site], T], sites: Sequence[Site], workers: int, desc
 
     See `SearchOptions.workers` for why torch runs single-threaded here.
     """
-    bar = tqdm(total=len(sites), desc=desc, unit="site", disable=not progress)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with tqdm(total=len(sites), desc=desc, unit="site", disable=not progress) as bar, single_threaded():
         if workers <= 1 or len(sites) <= 1:
             out = []
             for site in sites:
@@ -69,9 +66,6 @@ def map_sites(fn: Callable[[Site], T], sites: Sequence[Site], workers: int, desc
                 f.result()
                 bar.update()
             return [f.result() for f in futures]
-    finally:
-        torch.set_num_threads(threads)
-        bar.close()
 
 
 def _weight(weights: Mapping[str, Tensor], site: Site) -> Tensor:

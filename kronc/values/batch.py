@@ -24,6 +24,7 @@ from .gptq import gptq_batch, gptq_hinv
 from .grid import Levels
 from .precision import Precision
 from .rotation import rotate, rotate_gram
+from .threads import single_threaded
 
 BATCH_ELEMENTS = 1 << 25
 """At most this many weight values (float64) in one `gptq_batch` call (a few hundred MB of work space)."""
@@ -117,13 +118,8 @@ def _threads(workers: int) -> Iterator[Callable[[Callable[[T], R], Sequence[T]],
     if workers <= 1:
         yield lambda fn, xs: [fn(x) for x in xs]
         return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(workers) as pool:
-            yield lambda fn, xs: list(pool.map(fn, xs))
-    finally:
-        torch.set_num_threads(threads)
+    with single_threaded(), ThreadPoolExecutor(workers) as pool:
+        yield lambda fn, xs: list(pool.map(fn, xs))
 
 
 def _split(lv: Levels, p: Precision, idx: list[int], items: Sequence[Item], out: dict[int, Encoded],

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import torch
 from torch import Tensor
 
 from .grid import Levels, level_range, minmax_params
 from .precision import Precision, PrecisionError
+from .threads import single_threaded
 
 GPTQ_DAMPING = 0.1
 """GPTQ's damping, a share of the mean diagonal of ``H`` added to it. 10% rather than GPTQ's 1%: with a
@@ -39,18 +41,12 @@ def gptq_hinv(h: Tensor, damp: float = GPTQ_DAMPING) -> Tensor:
     Computed with torch single-threaded: CPU LAPACK's Cholesky inverse (``potri``) rounds differently
     with the thread count, and on 2 threads it took 10x as long as on one (1536x1536: 8.1 s against
     0.8 s on this project's shared 2-core machine); so the fit does not depend on the caller's threads."""
-    threads = torch.get_num_threads()
-    if threads != 1 and h.device.type == "cpu":
-        torch.set_num_threads(1)
-    try:
+    with single_threaded() if h.device.type == "cpu" else nullcontext():
         H = h.double().clone()
         dead = torch.diag(H) == 0
         H[dead, dead] = 1.0
         H += damp * torch.diag(H).mean() * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
         return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    finally:
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
 
 
 def _check(w: Tensor, members: Sequence[tuple[Precision, Tensor]]) -> tuple[int, int]:
