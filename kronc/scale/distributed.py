@@ -84,16 +84,31 @@ def joined_from_env() -> Iterator[bool]:
     """`init_from_env` for a command's whole run; on leaving, the group is destroyed. After a normal end every
     rank first waits for the others (rank 0 may still be saving): a rank that closed its connections while a
     peer was still using the group could take that peer down with it."""
+    global _left
     joined = init_from_env()
     try:
         yield joined
     except BaseException:
         if joined:
             torch.distributed.destroy_process_group()
+            _left = True
         raise
     if joined:
         barrier()
         torch.distributed.destroy_process_group()
+        _left = True
+
+
+_left = False
+"""Whether this process joined a torchrun group through `joined_from_env` and has left it."""
+
+
+def left_group() -> bool:
+    """Whether this process ran as a torchrun rank (`joined_from_env`) and has destroyed its group. Such a
+    process should leave with ``os._exit`` once its output is flushed: on gloo, torch's process-group threads
+    made the interpreter's normal teardown abort now and then ("terminate called without an active
+    exception", SIGABRT, after every rank had finished and destroyed the group)."""
+    return _left
 
 
 def broadcast(obj: T) -> T:

@@ -9,6 +9,7 @@ import traceback
 from collections.abc import Sequence
 from types import ModuleType
 
+from ...scale import distributed as scale_dist
 from . import compress, demo, explain, policy, report
 from . import eval as eval_command
 from . import plan as plan_command
@@ -42,7 +43,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``kronc`` command; returns the exit code."""
+    """Run the ``kronc`` command; returns the exit code. Run as a command (``argv`` None) by a torchrun rank, it
+    leaves the process at once with that code after flushing its output (see `kronc.scale.distributed.left_group`)."""
+    code = _run(argv)
+    if argv is None and scale_dist.left_group():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     if getattr(args, "func", None) is None:
