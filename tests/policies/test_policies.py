@@ -560,7 +560,7 @@ def test_rule_bits_and_group_sizes_narrow_every_format() -> None:
 
     rule = Rule(match="*", bits=[4, 8], group_sizes=[32, "row"], formats=[{"kind": "dense"}])
     (dense,) = rule.allowed_formats()
-    assert dense.precisions == ["keep", Precision(dtype="int8"), *[p for p in DEFAULT_PRECISIONS if p.bits == 4 and p.group_size == 32]]
+    assert dense.precisions == ["keep", Precision(dtype="int8"), *[p for p in DEFAULT_PRECISIONS if p.bits == 4 and p.group_size in (32, None)]]
     listed = Rule(match="*", bits=[3], formats=[
         {"kind": "dense", "precisions": ["keep", {"dtype": "int4", "group_size": 32}, {"dtype": "int3", "group_size": 64}]},
         {"kind": "quantlr", "bases": [{"dtype": "int3", "group_size": 64}, {"dtype": "int2", "group_size": 32}]},
